@@ -1,0 +1,1 @@
+"""Alpaca Agent Engine."""

@@ -1,0 +1,3 @@
+from alpaca_engine.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""Error codes shared by the runner, the API and the command line.
+
+One enum so that a code means the same thing in the journal, the audit log, HTTP problems
+and exit messages.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    # Refusals returned to the model as a structured tool result (it may recover).
+    UNKNOWN_TOOL = "unknown_tool"
+    PERMISSION_DENIED = "permission_denied"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    CIRCUIT_OPEN = "circuit_open"
+    INVALID_OUTPUT = "invalid_output"
+    TOOL_ERROR = "tool_error"
+    TOOL_TIMEOUT = "tool_timeout"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    DEPTH_EXCEEDED = "depth_exceeded"
+    CYCLE_DETECTED = "cycle_detected"
+    APPROVAL_REJECTED = "approval_rejected"
+    # Errors that end a run.
+    BUDGET_EXCEEDED = "budget_exceeded"
+    MAX_STEPS = "max_steps_exceeded"
+    MODEL_ERROR = "model_error"
+    MALFORMED_MODEL_OUTPUT = "malformed_model_output"
+    CANCELLED = "cancelled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    APPROVAL_EXPIRED = "approval_expired"
+    INTERNAL_ERROR = "internal_error"
+    LEASE_LOST = "lease_lost"
+    CONFIG_ERROR = "config_error"
+
+
+class AlpacaError(Exception):
+    """An error with a stable code and a human message."""
+
+    def __init__(self, code: ErrorCode, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": str(self.code), "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class LeaseLost(AlpacaError):
+    """The store refused a write because another worker now owns the run (stale epoch)."""
+
+    def __init__(self, run_id: str, epoch: int) -> None:
+        super().__init__(
+            ErrorCode.LEASE_LOST, f"run {run_id}: lease lost (epoch {epoch} is stale)"
+        )
+        self.run_id = run_id
+        self.epoch = epoch
+
+
+class NotFound(Exception):
+    """A run, approval or key that does not exist (or belongs to another tenant)."""

@@ -1,0 +1,48 @@
+"""Replay: rebuild a run's conversation and position from its journaled steps.
+
+Completed steps are answered from the journal and never executed again; a step left
+``started`` by a crash is executed again under the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .models.base import Message
+from .store.records import StepKind, StepRecord, StepStatus
+
+
+def conversation_digest(messages: Sequence[Message]) -> str:
+    """A fingerprint of what the model is sent, journaled to prove resumes are faithful."""
+    payload = json.dumps([m.model_dump(exclude_none=True) for m in messages], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def idempotency_key(run_id: str, seq: int) -> str:
+    return f"{run_id}:{seq}"
+
+
+def tool_message(call_id: str, name: str, result: Any) -> Message:
+    return Message(role="tool", tool_call_id=call_id, name=name,
+                   content=json.dumps(result, sort_keys=True, default=str))
+
+
+class Journal:
+    def __init__(self, steps: Iterable[StepRecord]) -> None:
+        self._steps = {s.seq: s for s in steps}
+
+    def get(self, seq: int) -> StepRecord | None:
+        return self._steps.get(seq)
+
+    def finished(self, seq: int, kind: StepKind) -> StepRecord | None:
+        """The recorded outcome of step ``seq`` if it finished, for replay."""
+        step = self._steps.get(seq)
+        if step is None or step.kind != kind or step.status == StepStatus.STARTED:
+            return None
+        return step
+
+    def __len__(self) -> int:
+        return len(self._steps)

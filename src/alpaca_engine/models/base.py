@@ -1,0 +1,83 @@
+"""The Model protocol and the messages that flow through it.
+
+Messages follow the chat-completions shape (system/user/assistant/tool) because every
+provider we target speaks it; tool-call arguments stay the raw string the model produced so
+that malformed JSON reaches the runner's input-contract gate instead of crashing an adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+
+class ToolCall(BaseModel):
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+        )
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class ModelResponse(BaseModel):
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    model: str | None = None
+    finish_reason: str | None = None
+
+    def as_message(self) -> Message:
+        return Message(role="assistant", content=self.content, tool_calls=self.tool_calls)
+
+
+class ToolSpec(BaseModel):
+    """What the model is shown of a tool: only permitted tools ever become a ToolSpec."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+
+class ModelError(Exception):
+    """A provider failure. ``transient`` errors (429, 5xx, timeouts) may be retried."""
+
+    def __init__(self, message: str, *, transient: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+
+
+@runtime_checkable
+class Model(Protocol):
+    """Anything that turns a conversation and a tool list into the next assistant turn."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def complete(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> ModelResponse: ...
+
+
+def model_turn_index(messages: Sequence[Message]) -> int:
+    """How many assistant turns precede this call: a replay-safe position in a script."""
+    return sum(1 for m in messages if m.role == "assistant")

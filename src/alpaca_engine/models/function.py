@@ -1,0 +1,35 @@
+"""A model whose next turn is decided by a Python function (sync or async)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from .base import Message, ModelResponse, ToolSpec, model_turn_index
+from .scripted import ScriptItem, to_response
+
+ModelFunction = Callable[
+    [Sequence[Message], Sequence[ToolSpec]], ScriptItem | Awaitable[ScriptItem]
+]
+
+
+class FunctionModel:
+    def __init__(self, fn: ModelFunction, name: str = "function") -> None:
+        self._fn = fn
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def complete(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> ModelResponse:
+        result: Any = self._fn(messages, tools)
+        if inspect.isawaitable(result):
+            result = await result
+        response = to_response(result, model_turn_index(messages))
+        if response.model is None:
+            response = response.model_copy(update={"model": self._name})
+        return response

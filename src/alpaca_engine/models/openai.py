@@ -1,0 +1,259 @@
+"""A Model backed by any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, ...).
+
+The SDK's own retries are switched off (``max_retries=0``): retrying is done by our
+``RetryPolicy`` through ``call_with_retry`` so every failed attempt is visible to ``on_retry``
+(journal, audit) and backoff runs on the injectable ``Clock``. Every SDK failure leaves this
+module as a ``ModelError`` whose ``transient`` flag drives that retry decision, and whose message
+is scrubbed of the API key because provider error bodies sometimes echo it back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any, cast
+
+import httpx
+import openai
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionMessageParam,
+    ChatCompletionToolUnionParam,
+)
+
+from ..clock import Clock
+from ..tools.retry import OnRetry, RetryPolicy, call_with_retry
+from .base import Message, ModelError, ModelResponse, ToolCall, ToolSpec, Usage, model_turn_index
+
+DEFAULT_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.5)
+
+# Statuses worth another attempt: the same set the SDK itself would retry.
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
+# Body keys owned by this adapter; letting ``settings`` override them would silently change
+# what the model is asked.
+_RESERVED_SETTINGS = frozenset({"model", "messages", "tools", "stream"})
+# Anything that looks like a bearer secret, in case a server echoes a key other than ours.
+_SECRET_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,})")
+_MAX_DETAIL = 500
+# Local servers (vLLM, Ollama, llama.cpp) ignore auth, but the SDK insists on some key.
+_NO_KEY_PLACEHOLDER = "unused"
+
+
+class OpenAIModel:
+    """The ``Model`` protocol on ``openai.AsyncOpenAI`` chat completions with function tools."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        settings: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        client: openai.AsyncOpenAI | None = None,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        reserved = _RESERVED_SETTINGS.intersection(settings or {})
+        if reserved:
+            raise ValueError(f"settings may not override {sorted(reserved)}")
+        self._model = model
+        self._settings = dict(settings or {})
+        self._retry = retry or DEFAULT_RETRY
+        self._clock = clock
+        self._on_retry = on_retry
+        self._timeout = timeout
+        self._secrets: list[str] = []
+
+        if client is not None:
+            # A caller-supplied client keeps its auth and URL; only its retries are taken away.
+            self._client = client.with_options(max_retries=0)
+            self._owns_client = False
+            self._remember_secret(getattr(client, "api_key", None))
+        else:
+            base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+            key = api_key or os.environ.get("OPENAI_API_KEY") or None
+            if key is None:
+                if base_url is None:
+                    raise ModelError(
+                        "no API key: pass api_key or set OPENAI_API_KEY", transient=False
+                    )
+                key = _NO_KEY_PLACEHOLDER
+            self._remember_secret(key)
+            # The SDK accepts a legacy ``httpx.AsyncClient`` at runtime; its stubs name httpx2.
+            self._client = openai.AsyncOpenAI(
+                api_key=key,
+                base_url=base_url,
+                timeout=timeout,
+                max_retries=0,
+                http_client=cast(Any, http_client),
+            )
+            self._owns_client = http_client is None
+
+    @property
+    def name(self) -> str:
+        return f"openai:{self._model}"
+
+    async def aclose(self) -> None:
+        """Close the connection pool, but only one this model created itself."""
+        if self._owns_client:
+            await self._client.close()
+
+    async def complete(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> ModelResponse:
+        request_messages = [_message_to_param(m) for m in messages]
+        request_tools = [_tool_to_param(t) for t in tools]
+
+        async def attempt(_: int) -> ChatCompletion:
+            return await self._create(request_messages, request_tools)
+
+        try:
+            completion = await call_with_retry(
+                attempt,
+                self._retry,
+                is_transient=_is_transient,
+                clock=self._clock,
+                on_retry=self._on_retry,
+            )
+        except TimeoutError as exc:  # RetryPolicy.attempt_timeout fired on the last attempt
+            raise ModelError(
+                f"{self.name}: attempt timed out after {self._retry.attempt_timeout}s",
+                transient=True,
+            ) from exc
+        return self._to_response(completion, model_turn_index(messages))
+
+    async def _create(
+        self,
+        request_messages: list[ChatCompletionMessageParam],
+        request_tools: list[ChatCompletionToolUnionParam],
+    ) -> ChatCompletion:
+        """One HTTP attempt; every SDK failure leaves as a key-free ``ModelError``."""
+        try:
+            return await self._client.chat.completions.create(
+                model=self._model,
+                messages=request_messages,
+                tools=request_tools if request_tools else openai.omit,
+                extra_body=self._settings or None,
+            )
+        except openai.APITimeoutError as exc:
+            raise ModelError(
+                f"{self.name}: request timed out after {self._timeout}s", transient=True
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise ModelError(
+                f"{self.name}: connection failed: {self._redact(exc.message)}", transient=True
+            ) from exc
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            transient = status in _TRANSIENT_STATUSES or status >= 500
+            # ``from None``: the SDK exception carries the raw body, which may echo the key.
+            raise ModelError(
+                f"{self.name}: HTTP {status}: {self._redact(exc.message)}",
+                transient=transient,
+                status=status,
+            ) from None
+        except openai.OpenAIError as exc:
+            raise ModelError(
+                f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}", transient=False
+            ) from None
+
+    def _to_response(self, completion: ChatCompletion, turn: int) -> ModelResponse:
+        choices = getattr(completion, "choices", None)
+        if not choices:
+            raise ModelError(f"{self.name}: response had no choices", transient=False)
+        choice = choices[0]
+        message = choice.message
+        calls: list[ToolCall] = []
+        for index, raw in enumerate(message.tool_calls or []):
+            function = getattr(raw, "function", None)
+            if function is None:
+                raise ModelError(
+                    f"{self.name}: unsupported tool call type {getattr(raw, 'type', None)!r}",
+                    transient=False,
+                )
+            calls.append(
+                ToolCall(
+                    # Some local servers omit ids; a deterministic one keeps replays stable.
+                    id=raw.id or f"call_{turn}_{index}",
+                    name=function.name,
+                    # Raw on purpose: malformed JSON is the runner's to reject, not ours.
+                    arguments=function.arguments if function.arguments is not None else "{}",
+                )
+            )
+        usage = Usage()
+        if completion.usage is not None:
+            usage = Usage(
+                input_tokens=completion.usage.prompt_tokens or 0,
+                output_tokens=completion.usage.completion_tokens or 0,
+            )
+        return ModelResponse(
+            content=message.content,
+            tool_calls=calls,
+            usage=usage,
+            model=completion.model or self._model,
+            finish_reason=choice.finish_reason,
+        )
+
+    def _remember_secret(self, key: object) -> None:
+        if isinstance(key, str) and key and key != _NO_KEY_PLACEHOLDER:
+            self._secrets.append(key)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        text = _SECRET_PATTERN.sub("***", text)
+        if len(text) > _MAX_DETAIL:
+            text = text[:_MAX_DETAIL] + "..."
+        return text
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ModelError):
+        return exc.transient
+    return isinstance(exc, TimeoutError)  # from RetryPolicy.attempt_timeout
+
+
+def _message_to_param(message: Message) -> ChatCompletionMessageParam:
+    """Our Message to the chat-completions wire shape."""
+    param: dict[str, Any]
+    if message.role == "tool":
+        if message.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        param = {
+            "role": "tool",
+            "tool_call_id": message.tool_call_id,
+            "content": message.content or "",
+        }
+    elif message.role == "assistant":
+        param = {"role": "assistant", "content": message.content}
+        if message.tool_calls:
+            param["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in message.tool_calls
+            ]
+        elif message.content is None:
+            param["content"] = ""
+    else:
+        param = {"role": message.role, "content": message.content or ""}
+    if message.name is not None and message.role != "tool":
+        param["name"] = message.name
+    return cast(ChatCompletionMessageParam, param)
+
+
+def _tool_to_param(tool: ToolSpec) -> ChatCompletionToolUnionParam:
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.parameters,
+        },
+    }

@@ -1,0 +1,90 @@
+"""The Store protocol: runs, steps, audit (and later approvals and keys) behind one interface.
+
+Every mutation of a leased run carries the lease epoch; a store refuses a write whose epoch
+is stale (``LeaseLost``), so a worker paused past its lease cannot write anything. Audit
+events passed with a write are appended in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..lifecycle import RunState
+from ..telemetry.audit import AuditRecord
+from .records import AuditEvent, RunRecord, StepRecord
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    async def create_run(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = ()
+    ) -> tuple[RunRecord, bool]:
+        """Insert a queued run; with an idempotency key already used by the tenant, return
+        the existing run and ``False``."""
+
+    async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
+        """Raise NotFound when absent or owned by another tenant."""
+
+    async def list_runs(
+        self,
+        *,
+        tenant: str | None = None,
+        state: RunState | None = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]: ...
+
+    async def claim_run(
+        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
+    ) -> RunRecord | None:
+        """Lease a queued run (or a running one whose lease expired, or any running one when
+        ``steal``); bump the epoch. ``None`` when it cannot be claimed."""
+
+    async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
+        """Lease the oldest queued run."""
+
+    async def renew_lease(
+        self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
+    ) -> None:
+        """Extend the lease; raise LeaseLost when the epoch is stale."""
+
+    async def transition(
+        self,
+        run_id: str,
+        to: RunState,
+        now: float,
+        *,
+        epoch: int | None = None,
+        output: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        usage: dict[str, Any] | None = None,
+        audit: Sequence[AuditEvent] = (),
+    ) -> RunRecord:
+        """Move a run along the lifecycle table. ``epoch=None`` is an actor without a lease
+        (cancel, reaper); it may not touch a running run's journal."""
+
+    async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
+        """Cancel a queued or waiting run now; flag a running one for its worker to stop."""
+
+    async def requeue_expired(self, now: float) -> list[str]:
+        """Reaper: running runs whose lease expired go back to queued (epoch bumped)."""
+
+    async def save_step(
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        """Insert or update step ``(run_id, seq)``; fenced by epoch."""
+
+    async def list_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    async def append_audit(
+        self, run_id: str, events: Sequence[AuditEvent], now: float, *, epoch: int | None = None
+    ) -> None: ...
+
+    async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]: ...

@@ -1,0 +1,65 @@
+"""Versioned schema migrations for the SQL stores. Append, never edit, a migration."""
+
+from __future__ import annotations
+
+SQLITE: list[str] = [
+    # 1: runs, steps, audit
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        input TEXT NOT NULL,
+        state TEXT NOT NULL,
+        output TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        parent_id TEXT,
+        root_id TEXT NOT NULL,
+        depth INTEGER NOT NULL DEFAULT 0,
+        ancestry TEXT NOT NULL DEFAULT '[]',
+        idempotency_key TEXT,
+        budget TEXT NOT NULL DEFAULT '{}',
+        usage TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        lease_owner TEXT,
+        lease_expires_at REAL,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_state ON runs(state, created_at);
+    CREATE INDEX runs_tenant ON runs(tenant, created_at);
+    CREATE INDEX runs_root ON runs(root_id);
+    CREATE INDEX runs_parent ON runs(parent_id);
+    CREATE UNIQUE INDEX runs_idem ON runs(tenant, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        input TEXT NOT NULL,
+        output TEXT,
+        error TEXT,
+        idempotency_key TEXT,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE audit (
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        seq INTEGER NOT NULL,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    """,
+]

@@ -1,0 +1,72 @@
+"""The records every store keeps: runs, steps and audit entries."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ..lifecycle import RunState
+
+
+class StepStatus(StrEnum):
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class StepKind(StrEnum):
+    MODEL = "model"
+    TOOL = "tool"
+    DELEGATION = "delegation"
+    APPROVAL = "approval"
+
+
+class RunRecord(BaseModel):
+    id: str
+    tenant: str = "local"
+    agent: str
+    workflow: str
+    """Where the agent definition comes from (a workflow file path or ``builtin:NAME``)."""
+    input: str
+    state: RunState = RunState.QUEUED
+    output: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    parent_id: str | None = None
+    root_id: str = ""
+    depth: int = 0
+    ancestry: list[str] = Field(default_factory=list)
+    idempotency_key: str | None = None
+    budget: dict[str, Any] = Field(default_factory=dict)
+    usage: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    epoch: int = 0
+    cancel_requested: bool = False
+
+
+class StepRecord(BaseModel):
+    run_id: str
+    seq: int
+    kind: StepKind
+    name: str
+    status: StepStatus = StepStatus.STARTED
+    input: dict[str, Any] = Field(default_factory=dict)
+    output: Any = None
+    error: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    attempts: int = 1
+    started_at: float = 0.0
+    finished_at: float | None = None
+
+
+class AuditEvent(BaseModel):
+    """An audit entry to append in the same transaction as the write it describes."""
+
+    kind: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    actor: str = "engine"

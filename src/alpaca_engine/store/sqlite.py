@@ -1,0 +1,362 @@
+"""The embedded default store: one SQLite file in WAL mode, safe across processes.
+
+Writes run in ``BEGIN IMMEDIATE`` transactions so the epoch check and the write it guards
+are atomic even when several processes share the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import LeaseLost, NotFound
+from ..lifecycle import RunState, check_transition
+from ..telemetry.audit import GENESIS, AuditRecord, next_record
+from .migrations import SQLITE as MIGRATIONS
+from .records import AuditEvent, RunRecord, StepRecord
+
+_JSON_RUN_FIELDS = ("ancestry", "budget", "usage")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def sqlite_path(url: str) -> str:
+    if url in ("sqlite://", "sqlite:///:memory:", ":memory:"):
+        return ":memory:"
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///") :]
+    raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///path/to/file.db)")
+
+
+class SQLiteStore:
+    def __init__(self, url: str = "sqlite:///./alpaca.db", audit_key: bytes | None = None):
+        self.url = url
+        self.path = sqlite_path(url)
+        self.audit_key = audit_key
+        self._db: sqlite3.Connection | None = None
+
+    # -- connection and schema -------------------------------------------------------------
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=30.0)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        self._db = db
+        self.upgrade()
+
+    def schema_version(self) -> int:
+        db = self._conn
+        db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+        row = db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def upgrade(self) -> list[int]:
+        """Apply pending migrations in order; return the versions applied."""
+        applied = []
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+            current = int(db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0]
+                          or 0)
+            for version, script in enumerate(MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_migrations(version) VALUES (?)", (version,))
+                applied.append(version)
+        return applied
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _run(row: sqlite3.Row) -> RunRecord:
+        data = dict(row)
+        for f in _JSON_RUN_FIELDS:
+            data[f] = json.loads(data[f])
+        data["cancel_requested"] = bool(data["cancel_requested"])
+        return RunRecord.model_validate(data)
+
+    @staticmethod
+    def _step(row: sqlite3.Row) -> StepRecord:
+        data = dict(row)
+        data["input"] = json.loads(data["input"])
+        data["output"] = json.loads(data["output"]) if data["output"] is not None else None
+        data["error"] = json.loads(data["error"]) if data["error"] is not None else None
+        return StepRecord.model_validate(data)
+
+    def _fetch_run(self, db: sqlite3.Connection, run_id: str) -> RunRecord:
+        row = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run {run_id} not found")
+        return self._run(row)
+
+    def _fence(self, db: sqlite3.Connection, run_id: str, epoch: int | None) -> RunRecord:
+        run = self._fetch_run(db, run_id)
+        if epoch is not None and run.epoch != epoch:
+            raise LeaseLost(run_id, epoch)
+        return run
+
+    def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
+               now: float) -> None:
+        if not events:
+            return
+        row = db.execute(
+            "SELECT seq, hash FROM audit WHERE run_id=? ORDER BY seq DESC LIMIT 1", (run_id,)
+        ).fetchone()
+        last_seq, last_hash = (row[0], row[1]) if row else (0, GENESIS)
+        for ev in events:
+            rec = next_record(run_id, last_seq, last_hash, ev.kind, ev.data, ev.actor,
+                              self.audit_key, iso(now))
+            db.execute(
+                "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
+                 json.dumps(rec.data, sort_keys=True), rec.prev_hash, rec.hash),
+            )
+            last_seq, last_hash = rec.seq, rec.hash
+
+    def _set_state(self, db: sqlite3.Connection, run: RunRecord, to: RunState, now: float,
+                   error_code: str | None, reason: str, actor: str = "engine") -> AuditEvent:
+        check_transition(run.id, run.state, to, error_code)
+        return AuditEvent(kind="state.changed", actor=actor,
+                          data={"from": str(run.state), "to": str(to), "reason": reason})
+
+    # -- runs ----------------------------------------------------------------------------------
+    async def create_run(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = ()
+    ) -> tuple[RunRecord, bool]:
+        with self._tx() as db:
+            if run.idempotency_key:
+                row = db.execute(
+                    "SELECT * FROM runs WHERE tenant=? AND idempotency_key=?",
+                    (run.tenant, run.idempotency_key),
+                ).fetchone()
+                if row is not None:
+                    return self._run(row), False
+            data = run.model_dump()
+            for f in _JSON_RUN_FIELDS:
+                data[f] = json.dumps(data[f])
+            data["state"] = str(run.state)
+            data["cancel_requested"] = int(run.cancel_requested)
+            cols = ", ".join(data)
+            db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(data))})",
+                       tuple(data.values()))
+            self._audit(db, run.id, audit, run.created_at)
+        return run, True
+
+    async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
+        run = self._fetch_run(self._conn, run_id)
+        if tenant is not None and run.tenant != tenant:
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    async def list_runs(
+        self,
+        *,
+        tenant: str | None = None,
+        state: RunState | None = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        where, args = [], []
+        for col, val in (("tenant", tenant), ("state", state), ("root_id", root_id),
+                         ("parent_id", parent_id)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(str(val))
+        sql = "SELECT * FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        rows = self._conn.execute(sql, (*args, limit)).fetchall()
+        return [self._run(r) for r in rows]
+
+    async def claim_run(
+        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
+    ) -> RunRecord | None:
+        with self._tx() as db:
+            run = self._fetch_run(db, run_id)
+            return self._claim(db, run, owner, lease_seconds, now, steal)
+
+    def _claim(self, db: sqlite3.Connection, run: RunRecord, owner: str, lease_seconds: float,
+               now: float, steal: bool) -> RunRecord | None:
+        events = []
+        if run.state == RunState.RUNNING:
+            expired = run.lease_expires_at is not None and run.lease_expires_at < now
+            if not (expired or steal):
+                return None
+            why = "lease expired" if expired else f"lease taken over from {run.lease_owner}"
+            events.append(self._set_state(db, run, RunState.QUEUED, now, None, why))
+            run = run.model_copy(update={"state": RunState.QUEUED})
+        if run.state != RunState.QUEUED:
+            return None
+        events.append(self._set_state(db, run, RunState.RUNNING, now, None, f"claimed by {owner}"))
+        epoch = run.epoch + 1
+        db.execute(
+            "UPDATE runs SET state=?, lease_owner=?, lease_expires_at=?, epoch=?, updated_at=? "
+            "WHERE id=?",
+            (str(RunState.RUNNING), owner, now + lease_seconds, epoch, now, run.id),
+        )
+        self._audit(db, run.id, events, now)
+        return self._fetch_run(db, run.id)
+
+    async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM runs WHERE state=? ORDER BY created_at, id LIMIT 1",
+                (str(RunState.QUEUED),),
+            ).fetchone()
+            if row is None:
+                return None
+            return self._claim(db, self._run(row), owner, lease_seconds, now, False)
+
+    async def renew_lease(
+        self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
+    ) -> None:
+        with self._tx() as db:
+            run = self._fence(db, run_id, epoch)
+            if run.state != RunState.RUNNING or run.lease_owner != owner:
+                raise LeaseLost(run_id, epoch)
+            db.execute("UPDATE runs SET lease_expires_at=? WHERE id=?",
+                       (now + lease_seconds, run_id))
+
+    async def transition(
+        self,
+        run_id: str,
+        to: RunState,
+        now: float,
+        *,
+        epoch: int | None = None,
+        output: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        usage: dict[str, Any] | None = None,
+        audit: Sequence[AuditEvent] = (),
+    ) -> RunRecord:
+        with self._tx() as db:
+            run = self._fence(db, run_id, epoch)
+            if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
+                raise LeaseLost(run_id, -1)
+            reason = error_message or ("finished" if to.terminal else str(to))
+            event = self._set_state(db, run, to, now, error_code, reason)
+            event.data.update({"error_code": error_code} if error_code else {})
+            keep_lease = to == RunState.RUNNING
+            epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+            db.execute(
+                "UPDATE runs SET state=?, output=COALESCE(?, output), error_code=?, "
+                "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
+                "lease_owner=CASE WHEN ? THEN lease_owner END, "
+                "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
+                (str(to), output, error_code, error_message,
+                 json.dumps(usage) if usage is not None else None, now, epoch_after,
+                 keep_lease, keep_lease, run_id),
+            )
+            self._audit(db, run_id, [*audit, event], now)
+            return self._fetch_run(db, run_id)
+
+    async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
+        run = await self.get_run(run_id, tenant)
+        if run.state.terminal:
+            return run
+        if run.state == RunState.RUNNING:
+            with self._tx() as db:
+                db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
+                self._audit(db, run_id, [AuditEvent(kind="cancel.requested", actor="user")],
+                            run.updated_at)
+            return await self.get_run(run_id)
+        return await self.transition(run_id, RunState.CANCELLED, run.updated_at,
+                                     error_code="cancelled", error_message="cancelled by user")
+
+    async def requeue_expired(self, now: float) -> list[str]:
+        ids = [r[0] for r in self._conn.execute(
+            "SELECT id FROM runs WHERE state=? AND lease_expires_at < ?",
+            (str(RunState.RUNNING), now)).fetchall()]
+        done = []
+        for run_id in ids:
+            with self._tx() as db:
+                run = self._fetch_run(db, run_id)
+                if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
+                    continue
+                event = self._set_state(db, run, RunState.QUEUED, now, None,
+                                        f"lease of {run.lease_owner} expired")
+                db.execute(
+                    "UPDATE runs SET state=?, lease_owner=NULL, lease_expires_at=NULL, "
+                    "epoch=epoch+1, updated_at=? WHERE id=?",
+                    (str(RunState.QUEUED), now, run_id))
+                self._audit(db, run_id, [event], now)
+                done.append(run_id)
+        return done
+
+    # -- steps and audit -------------------------------------------------------------------------
+    async def save_step(
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        with self._tx() as db:
+            self._fence(db, step.run_id, epoch)
+            db.execute(
+                "INSERT INTO steps(run_id, seq, kind, name, status, input, output, error, "
+                "idempotency_key, attempts, started_at, finished_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id, seq) DO UPDATE SET "
+                "status=excluded.status, output=excluded.output, error=excluded.error, "
+                "attempts=excluded.attempts, finished_at=excluded.finished_at",
+                (step.run_id, step.seq, str(step.kind), step.name, str(step.status),
+                 json.dumps(step.input), json.dumps(step.output) if step.output is not None
+                 else None, json.dumps(step.error) if step.error is not None else None,
+                 step.idempotency_key, step.attempts, step.started_at, step.finished_at),
+            )
+            self._audit(db, step.run_id, audit, step.finished_at or step.started_at)
+
+    async def list_steps(self, run_id: str) -> list[StepRecord]:
+        rows = self._conn.execute("SELECT * FROM steps WHERE run_id=? ORDER BY seq",
+                                  (run_id,)).fetchall()
+        return [self._step(r) for r in rows]
+
+    async def append_audit(
+        self, run_id: str, events: Sequence[AuditEvent], now: float, *, epoch: int | None = None
+    ) -> None:
+        with self._tx() as db:
+            self._fence(db, run_id, epoch)
+            self._audit(db, run_id, events, now)
+
+    async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]:
+        rows = self._conn.execute(
+            "SELECT * FROM audit WHERE run_id=? AND seq>? ORDER BY seq", (run_id, after_seq)
+        ).fetchall()
+        return [AuditRecord.from_dict({**dict(r), "data": json.loads(r["data"])}) for r in rows]

@@ -1,0 +1,42 @@
+"""Who may call what: allowlists (names and globs) and capabilities. Deny unless allowed.
+
+Pure functions returning a Decision that names the rule, so every allow and deny can be
+audited with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from .base import Tool
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str
+
+
+def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
+    for pattern in patterns:
+        if fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
+def check_tool(
+    tool: Tool, allowlist: Iterable[str], granted: frozenset[str] | None
+) -> Decision:
+    """``granted=None`` means the agent declares no capability limit."""
+    pattern = matching_pattern(tool.name, allowlist)
+    if pattern is None:
+        return Decision(False, f"tool {tool.name!r} is not in the agent's allowlist")
+    if granted is not None:
+        missing = sorted(tool.capabilities - granted)
+        if missing:
+            return Decision(
+                False, f"tool {tool.name!r} needs capabilities not granted: {', '.join(missing)}"
+            )
+    return Decision(True, f"allowlist pattern {pattern!r}, capabilities granted")

@@ -1,0 +1,86 @@
+"""Retry policies (DESIGN §6): attempts, exponential backoff with jitter, per-attempt timeout.
+
+Only transient errors are retried; contract and permission errors never are. The caller gets a
+callback per failed attempt so that each attempt is journaled and audited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..clock import Clock, SystemClock
+
+T = TypeVar("T")
+
+
+class TransientError(Exception):
+    """Raise from a tool to mark a failure worth retrying (a flaky upstream, a 503)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 1
+    initial_delay: float = 0.2
+    multiplier: float = 2.0
+    max_delay: float = 10.0
+    jitter: float = 0.1
+    attempt_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1 (the first try counts)")
+        if self.initial_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
+            raise ValueError("delays must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter is a fraction between 0 and 1")
+
+    def delay(self, failed_attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Delay before the attempt after ``failed_attempt`` (1-based)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempt - 1))
+        return max(0.0, base * (1 + self.jitter * (2 * rand() - 1)))
+
+
+NO_RETRY = RetryPolicy()
+
+
+def default_is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientError | TimeoutError | ConnectionError):
+        return True
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status == 429 or status >= 500
+    return bool(getattr(exc, "transient", False))
+
+
+OnRetry = Callable[[int, BaseException, float], Awaitable[None]]
+
+
+async def call_with_retry(
+    fn: Callable[[int], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    is_transient: Callable[[BaseException], bool] = default_is_transient,
+    clock: Clock | None = None,
+    on_retry: OnRetry | None = None,
+    rand: Callable[[], float] = random.random,
+) -> T:
+    """Call ``fn(attempt)`` until it succeeds, a permanent error occurs, or attempts run out."""
+    clock = clock or SystemClock()
+    attempt = 1
+    while True:
+        try:
+            if policy.attempt_timeout is not None:
+                return await asyncio.wait_for(fn(attempt), policy.attempt_timeout)
+            return await fn(attempt)
+        except Exception as exc:
+            if attempt >= policy.max_attempts or not is_transient(exc):
+                raise
+            delay = policy.delay(attempt, rand)
+            if on_retry is not None:
+                await on_retry(attempt, exc, delay)
+            await clock.sleep(delay)
+            attempt += 1
