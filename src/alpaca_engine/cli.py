@@ -1,1 +1,337 @@
-def main() -> None: ...
+"""The ``alpaca`` command line (Typer + Rich). Exit codes: 0 ok, 1 failed, 3 waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from . import doctor as doctor_mod
+from .config import Settings
+from .engine import Engine, RunBusy
+from .errors import NotFound
+from .lifecycle import RunState
+from .render import ProgressPrinter, run_summary, run_tree, runs_table, steps_table
+from .store.base import Store
+from .store.factory import make_store
+from .store.records import RunRecord
+from .worker import Worker
+from .workflows.loader import WorkflowError, load_workflow, resolve_workflow
+
+T = TypeVar("T")
+
+app = typer.Typer(help="Alpaca Agent Engine: run governed, durable, auditable AI agents.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+runs_app = typer.Typer(help="Inspect, resume and cancel runs.", no_args_is_help=True)
+tools_app = typer.Typer(help="Tools of a workflow.", no_args_is_help=True)
+agents_app = typer.Typer(help="Agents of a workflow.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(tools_app, name="tools")
+app.add_typer(agents_app, name="agents")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_WAITING = 0, 1, 3
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
+DbOpt = Annotated[str | None, typer.Option("--db", envvar="ALPACA_DATABASE_URL",
+                                           help="Database URL (default sqlite:///./alpaca.db).")]
+WorkflowOpt = Annotated[str, typer.Option("--workflow", "-w",
+                                          help="Workflow file (default: the bundled demo).")]
+
+
+def settings(db: str | None) -> Settings:
+    s = Settings()
+    if db:
+        s.database_url = db
+    return s
+
+
+@asynccontextmanager
+async def open_store(cfg: Settings) -> AsyncIterator[Store]:
+    store = make_store(cfg.database_url, cfg.audit_key_bytes())
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return asyncio.run(fn())  # type: ignore[arg-type]
+    except NotFound as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except WorkflowError as exc:
+        err_console.print(f"[red]workflow error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def dump(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def exit_code(run: RunRecord) -> int:
+    if run.state == RunState.SUCCEEDED:
+        return EXIT_OK
+    if run.state == RunState.WAITING:
+        return EXIT_WAITING
+    return EXIT_FAILED
+
+
+def workflow_ref(path: str) -> str:
+    return path if path.startswith("builtin:") else str(Path(path).resolve())
+
+
+async def _run_and_report(cfg: Settings, ref: str, agent: str, text: str, as_json: bool,
+                          budget: dict[str, Any]) -> int:
+    workflow = resolve_workflow(ref)
+    async with open_store(cfg) as store:
+        emit = (lambda e: None) if as_json else ProgressPrinter(console)
+        engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit)
+        run = await engine.submit(workflow, agent, text, budget=budget)
+        if not as_json:
+            console.print(f"[dim]run {run.id} · agent {agent} · {cfg.database_url}[/dim]")
+        final = await engine.execute(run.id) or await store.get_run(run.id)
+        if as_json:
+            dump(final.model_dump(mode="json"))
+        else:
+            console.print(run_summary(final))
+        return exit_code(final)
+
+
+@app.command()
+def demo(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Run the bundled example offline: an agent using local tools on a scripted model."""
+    cfg = settings(db)
+    code = run_async(lambda: _run_and_report(
+        cfg, "builtin:demo", "researcher",
+        "How many days are left in 2026 after the Alpaca 1.0 launch, and what did the launch "
+        "note say?", as_json, {}))
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Workflow YAML file.", exists=True,
+                                         dir_okay=False)],
+    agent: Annotated[str, typer.Option("--agent", "-a", help="Agent to run.")],
+    input: Annotated[str, typer.Option("--input", "-i", help="The user's input.")],
+    max_steps: Annotated[int | None, typer.Option(help="Budget: steps for the tree.")] = None,
+    max_tool_calls: Annotated[int | None, typer.Option(help="Budget: tool calls.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run AGENT of FILE on INPUT with live progress. Exit 0 succeeded, 3 waiting, 1 failed."""
+    cfg = settings(db)
+    budget = {k: v for k, v in (("max_steps", max_steps), ("max_tool_calls", max_tool_calls))
+              if v is not None}
+    try:
+        load_workflow(file).agent(agent)
+    except WorkflowError as exc:
+        err_console.print(f"[red]workflow error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except KeyError as exc:
+        err_console.print(f"[red]error:[/red] {exc.args[0]}")
+        raise typer.Exit(EXIT_FAILED) from None
+    code = run_async(lambda: _run_and_report(cfg, workflow_ref(str(file)), agent, input,
+                                             as_json, budget))
+    raise typer.Exit(code)
+
+
+@runs_app.command("list")
+def runs_list(
+    state: Annotated[RunState | None, typer.Option(help="Only runs in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many runs.")] = 50,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    async def go() -> list[RunRecord]:
+        async with open_store(settings(db)) as store:
+            return await store.list_runs(state=state, limit=limit)
+
+    runs = run_async(go)
+    if as_json:
+        dump([r.model_dump(mode="json") for r in runs])
+    else:
+        console.print(runs_table(runs))
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a run: its tree of sub-runs, its steps and its result."""
+    async def go() -> tuple[RunRecord, list[Any], list[RunRecord]]:
+        async with open_store(settings(db)) as store:
+            run = await store.get_run(run_id)
+            tree = await store.list_runs(root_id=run.root_id, limit=10_000)
+            return run, await store.list_steps(run_id), tree
+
+    run, steps, tree = run_async(go)
+    if as_json:
+        dump({"run": run.model_dump(mode="json"),
+              "steps": [s.model_dump(mode="json") for s in steps],
+              "tree": [r.model_dump(mode="json") for r in tree]})
+        return
+    children: dict[str, list[RunRecord]] = {}
+    for r in sorted(tree, key=lambda r: r.created_at):
+        if r.parent_id:
+            children.setdefault(r.parent_id, []).append(r)
+    root = next((r for r in tree if r.id == run.root_id), run)
+    console.print(run_tree(root, children))
+    console.print(steps_table(steps))
+    console.print(run_summary(run))
+
+
+@runs_app.command("resume")
+def runs_resume(
+    run_id: str,
+    force: Annotated[bool, typer.Option(help="Take the lease even if its owner may live.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resume a run from its journal (completed steps are not executed again)."""
+    cfg = settings(db)
+
+    async def go() -> RunRecord:
+        async with open_store(cfg) as store:
+            emit = (lambda e: None) if as_json else ProgressPrinter(console)
+            engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit)
+            return await engine.resume(run_id, force=force)
+
+    try:
+        final = run_async(go)
+    except RunBusy as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        dump(final.model_dump(mode="json"))
+    else:
+        console.print(run_summary(final))
+    raise typer.Exit(exit_code(final))
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Cancel a run (a running one stops at its next step)."""
+    async def go() -> RunRecord:
+        async with open_store(settings(db)) as store:
+            return await store.request_cancel(run_id)
+
+    run = run_async(go)
+    if as_json:
+        dump(run.model_dump(mode="json"))
+    else:
+        what = "cancel requested" if run.state == RunState.RUNNING else str(run.state)
+        console.print(f"{run.id}: {what}")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Runs executed at once.")] = None,
+    until_idle: Annotated[bool, typer.Option(help="Exit when no work is left.")] = False,
+    db: DbOpt = None,
+) -> None:
+    """Execute queued runs; resume runs whose worker died. SIGTERM drains and releases."""
+    cfg = settings(db)
+
+    async def go() -> int:
+        async with open_store(cfg) as store:
+            engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds)
+            w = Worker(engine, concurrency=concurrency or cfg.worker_concurrency,
+                       poll_interval=cfg.poll_interval)
+            w.install_signal_handlers()
+            err_console.print(f"worker {engine.owner} on {cfg.database_url}")
+            await w.run(until_idle=until_idle)
+            return w.completed
+
+    done = run_async(go)
+    err_console.print(f"worker stopped after {done} run(s)")
+
+
+def _workflow_for_listing(workflow: str) -> Any:
+    try:
+        return resolve_workflow(workflow_ref(workflow))
+    except WorkflowError as exc:
+        err_console.print(f"[red]workflow error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@tools_app.command("list")
+def tools_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False) -> None:
+    """Tools with their contracts, capabilities and policies."""
+    wf = _workflow_for_listing(workflow)
+    items = [t.describe() for t in wf.tools]
+    if as_json:
+        dump(items)
+        return
+    from rich.table import Table
+
+    table = Table("tool", "capabilities", "retry", "timeout", "approval", "inputs", box=None)
+    for t in items:
+        inputs = ", ".join(t["input_schema"].get("properties", {}))
+        table.add_row(t["name"], ", ".join(t["capabilities"]), str(t["retry"]["max_attempts"]),
+                      str(t["timeout"]), t["approval"], inputs)
+    console.print(table)
+
+
+@agents_app.command("list")
+def agents_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False) -> None:
+    """Agents with their model, allowlist and limits."""
+    wf = _workflow_for_listing(workflow)
+    items = [a.describe() for a in wf.agents.values()]
+    if as_json:
+        dump(items)
+        return
+    from rich.table import Table
+
+    table = Table("agent", "model", "tools", "delegates to", "max steps", box=None)
+    for a in items:
+        table.add_row(a["name"], a["model"], ", ".join(a["tools"]), ", ".join(a["delegates_to"]),
+                      str(a["max_steps"]))
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOpt = None) -> None:
+    """Apply pending schema migrations."""
+    cfg = settings(db)
+
+    async def go() -> int:
+        async with open_store(cfg) as store:
+            version: int = store.schema_version()  # type: ignore[attr-defined]
+            return version
+
+    console.print(f"{cfg.database_url}: schema at version {run_async(go)}")
+
+
+@app.command()
+def doctor(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Check the lifecycle invariant: exit 1 when any run is orphaned."""
+    cfg = settings(db)
+
+    async def go() -> doctor_mod.Report:
+        async with open_store(cfg) as store:
+            return await doctor_mod.check(store)
+
+    report = run_async(go)
+    if as_json:
+        dump(report.as_dict())
+    else:
+        for line in report.lines():
+            console.print(line)
+    raise typer.Exit(EXIT_FAILED if report.orphans else EXIT_OK)
+
+
+def main() -> None:
+    app()

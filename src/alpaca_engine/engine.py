@@ -185,4 +185,19 @@ class Engine:
                 if claimed is not None:
                     await self.release(run.id, claimed.epoch)
                     requeued.append(run.id)
+        requeued += await wake_finished_waiters(self.store, self.clock.now())
         return requeued
+
+
+async def wake_finished_waiters(store: Store, now: float) -> list[str]:
+    """Waiting runs whose children have all finished go back to the queue."""
+    woken = []
+    for run in await store.list_runs(state=RunState.WAITING, limit=10_000):
+        if run.budget.get("_pending_approval"):
+            continue
+        children = await store.list_runs(parent_id=run.id, limit=10_000)
+        if children and all(c.state.terminal for c in children):
+            await store.transition(run.id, RunState.QUEUED, now, audit=[AuditEvent(
+                kind="run.woken", data={"reason": "all child runs finished"})])
+            woken.append(run.id)
+    return woken

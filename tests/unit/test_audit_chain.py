@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -54,7 +55,7 @@ def test_chain_of_ten_verifies() -> None:
     assert result == VerifyResult(ok=True, count=10, first_bad_seq=None, reason=None)
     assert [r.seq for r in records] == list(range(1, 11))
     assert records[0].prev_hash == GENESIS
-    assert all(b.prev_hash == a.hash for a, b in zip(records, records[1:], strict=False))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
     assert records[0].hash == compute_hash(records[0].hash_fields(), None)
 
 
@@ -76,8 +77,10 @@ def test_store_style_continuation_with_next_record() -> None:
     """Stores read the head in their txn and call next_record; that equals appending."""
     whole = build(5)
     head = whole[2]
-    rest = [next_record("run-1", head.seq, head.hash, "step", r.data, "engine", None, T0)
-            for r in whole[3:4]]
+    rest = [
+        next_record("run-1", head.seq, head.hash, "step", r.data, "engine", None, T0)
+        for r in whole[3:4]
+    ]
     assert rest[0] == whole[3]
     resumed = AuditChain("run-1", last_seq=whole[3].seq, last_hash=whole[3].hash)
     assert resumed.append("step", whole[4].data, "engine", T0) == whole[4]
@@ -140,6 +143,14 @@ def test_swapped_records_are_detected() -> None:
     assert not result.ok
     assert result.first_bad_seq in (3, 4)
     assert result.reason == "seq out of order: expected 3, found 4 (records reordered)"
+
+
+def test_swapped_stored_rows_are_detected() -> None:
+    rows = [r.to_dict() for r in build()]
+    rows[6], rows[7] = rows[7], rows[6]
+    result = verify_chain([*rows, "junk"])  # type: ignore[list-item]
+    assert (result.ok, result.first_bad_seq) == (False, 7)
+    assert result.reason == "seq out of order: expected 7, found 8 (records reordered)"
 
 
 def test_swapped_renumbered_and_rehashed_records_break_the_next_link() -> None:
@@ -208,6 +219,8 @@ def test_malformed_rows_fail_verification_without_crashing() -> None:
     result = verify_chain(bad_seq)
     assert (result.ok, result.first_bad_seq) == (False, 2)
     assert result.reason is not None and result.reason.startswith("malformed record: seq")
+    bad_run = [{**rows[0], "run_id": 1}]
+    assert verify_chain(bad_run).reason == "malformed record: run_id must be a string, got int"
     bad_data = [{**rows[0], "data": "{}"}]
     assert "data must be a JSON object" in (verify_chain(bad_data).reason or "")
     nan_data = [{**rows[0], "data": {"x": math.nan}}]
@@ -306,12 +319,17 @@ def test_compute_hash_refuses_fields_with_hash() -> None:
 
 def test_next_record_validates_inputs() -> None:
     ok: dict[str, Any] = {
-        "run_id": "r", "last_seq": 0, "last_hash": GENESIS, "kind": "k", "data": {},
-        "actor": "engine", "time": T0,
+        "run_id": "r",
+        "last_seq": 0,
+        "last_hash": GENESIS,
+        "kind": "k",
+        "data": {},
+        "actor": "engine",
+        "time": T0,
     }
     next_record(**ok)
     next_record(**{**ok, "time": "2026-11-26T15:10:54+00:00"})
-    for change, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"run_id": ""}, "run_id"),
         ({"actor": 3}, "actor"),
         ({"last_seq": -1}, "last_seq"),
@@ -325,7 +343,8 @@ def test_next_record_validates_inputs() -> None:
         ({"time": "2026-11-26T15:10:54"}, "not UTC"),
         ({"time": "2026-11-26T15:10:54+02:00"}, "not UTC"),
         ({"time": 1.5}, "ISO-8601 UTC string"),
-    ]:
+    ]
+    for change, message in cases:
         with pytest.raises(AuditError, match=message):
             next_record(**{**ok, **change})
     with pytest.raises(AuditError, match="last_hash"):
@@ -383,8 +402,18 @@ def test_redact_nested_dicts_and_lists() -> None:
 
 
 def test_redact_secret_keys_case_insensitive() -> None:
-    for name in ["authorization", "API_KEY", "apikey", "Token", "SECRET", "Password",
-                 "webhook_url", "x-api-key", "client_secret", "slack-webhook-url"]:
+    for name in [
+        "authorization",
+        "API_KEY",
+        "apikey",
+        "Token",
+        "SECRET",
+        "Password",
+        "webhook_url",
+        "x-api-key",
+        "client_secret",
+        "slack-webhook-url",
+    ]:
         assert is_secret_key(name), name
     for name in ["max_tokens", "tokens", "secretary", "kind", "url"]:
         assert not is_secret_key(name), name
@@ -400,12 +429,18 @@ def test_redact_overlapping_secrets_leave_no_fragment() -> None:
 
 # --------------------------------------------------------------------------- properties
 
-json_leaf = st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text(max_size=12) | (
-    st.floats(allow_nan=False, allow_infinity=False)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.text(max_size=12)
+    | (st.floats(allow_nan=False, allow_infinity=False))
 )
 json_value = st.recursive(
     json_leaf,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 data_dict = st.builds(

@@ -399,9 +399,7 @@ def verify_chain(
                     f"seq out of order: expected {expected_seq}, found {record.seq} "
                     "(records reordered)"
                 )
-            return bad(
-                f"seq gap: expected {expected_seq}, found {record.seq} (record removed)"
-            )
+            return bad(f"seq gap: expected {expected_seq}, found {record.seq} (record removed)")
         if record.seq < expected_seq:
             return bad(
                 f"seq out of order: expected {expected_seq}, found {record.seq} "

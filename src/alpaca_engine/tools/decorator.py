@@ -79,7 +79,7 @@ def make_tool(
         else:
             result = await asyncio.to_thread(functools.partial(fn, **kwargs))
         if output_adapter is not None:
-            return output_adapter.dump_python(result, mode="json")
+            return output_adapter.dump_python(result, mode="json", warnings=False)
         return result
 
     return Tool(

@@ -1,0 +1,276 @@
+"""Per-step engine overhead of a long tool loop.
+
+An agent whose ScriptedModel calls a trivial tool ``steps - 1`` times and then answers: with
+the default ``--steps 50`` that is 50 model turns and 49 tool calls, i.e. 99 journaled steps.
+The model and the tool do no work, so the time measured is the engine's own cost: journaling
+(started/finished records with audit entries), the interrupt check before each turn, the
+conversation digest, governance checks, argument/output validation and the store round trips.
+
+Each repetition uses a fresh store and a fresh agent; opening the store (schema migrations) and
+creating the temp file are outside the timed region. The timed region is one
+``await engine.run(...)`` call: submit, claim, the whole loop and the final transition.
+
+Run::
+
+    uv run python bench/step_overhead.py
+    uv run python bench/step_overhead.py --repeat 30 --steps 100 --backend sqlite --json
+    uv run python bench/step_overhead.py --postgres-url postgresql://localhost/alpaca
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from alpaca_engine.agents import Agent
+from alpaca_engine.engine import Engine
+from alpaca_engine.lifecycle import RunState
+from alpaca_engine.models.scripted import ScriptedModel, ScriptItem
+from alpaca_engine.store.base import Store
+from alpaca_engine.store.sqlite import SQLiteStore
+from alpaca_engine.tools.base import Tool
+from alpaca_engine.tools.decorator import tool
+from alpaca_engine.tools.registry import ToolRegistry
+from alpaca_engine.workflow import Workflow
+
+BACKENDS = ("memory", "sqlite")
+
+
+@tool
+async def noop(x: int) -> int:
+    """Return the argument unchanged (async: runs on the event loop)."""
+    return x
+
+
+@tool(name="noop")
+def noop_sync(x: int) -> int:
+    """Return the argument unchanged (sync: runs via asyncio.to_thread)."""
+    return x
+
+
+@dataclass
+class Row:
+    backend: str
+    tool: str
+    repeat: int
+    model_turns: int
+    tool_calls: int
+    journaled_steps: int
+    run_ms_median: float
+    run_ms_p90: float
+    run_ms_min: float
+    us_per_step_median: float
+    us_per_step_p90: float
+    us_per_step_min: float
+    us_per_iteration_median: float
+    us_per_iteration_p90: float
+    us_per_iteration_min: float
+
+
+@dataclass
+class Unavailable:
+    backend: str
+    reason: str
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def make_workflow(steps: int, trivial: Tool) -> Workflow:
+    script: list[ScriptItem] = [{"tool": "noop", "args": {"x": i}} for i in range(steps - 1)]
+    script.append("done")
+    agent = Agent(name="looper", model=ScriptedModel(script), tools=["noop"],
+                  max_steps=steps + 5)
+    return Workflow(ref="bench:step_overhead", agents={"looper": agent},
+                    tools=ToolRegistry([trivial]))
+
+
+StoreFactory = Callable[[Path], Store]
+
+
+async def one_run(make: StoreFactory, steps: int, trivial: Tool,
+                  workdir: Path) -> tuple[float, int]:
+    """Time one run on a fresh store; return (seconds, journaled steps)."""
+    store = make(workdir)
+    await store.open()
+    try:
+        workflow = make_workflow(steps, trivial)
+        engine = Engine(store, lambda ref: workflow)
+        gc.collect()
+        t0 = time.perf_counter()
+        record = await engine.run(workflow, "looper", "loop")
+        elapsed = time.perf_counter() - t0
+        if record.state != RunState.SUCCEEDED:
+            raise RuntimeError(f"run ended {record.state}: {record.error_code} "
+                               f"{record.error_message}")
+        journaled = len(await store.list_steps(record.id))
+        return elapsed, journaled
+    finally:
+        await store.close()
+
+
+async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
+                  steps: int, repeat: int, warmup: int) -> Row:
+    times: list[float] = []
+    journaled = 0
+    with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
+        for i in range(warmup + repeat):
+            workdir = Path(tmp) / f"rep{i}"
+            elapsed, journaled = await one_run(make, steps, trivial, workdir)
+            if i >= warmup:
+                times.append(elapsed)
+    expected = 2 * steps - 1
+    if journaled != expected:
+        print(f"warning: {name}: expected {expected} journaled steps, found {journaled}",
+              file=sys.stderr)
+    per_step = [t / journaled * 1e6 for t in times]
+    per_iter = [t / steps * 1e6 for t in times]
+    return Row(
+        backend=name, tool=tool_kind, repeat=repeat, model_turns=steps,
+        tool_calls=steps - 1, journaled_steps=journaled,
+        run_ms_median=statistics.median(times) * 1e3,
+        run_ms_p90=percentile(times, 90) * 1e3,
+        run_ms_min=min(times) * 1e3,
+        us_per_step_median=statistics.median(per_step),
+        us_per_step_p90=percentile(per_step, 90),
+        us_per_step_min=min(per_step),
+        us_per_iteration_median=statistics.median(per_iter),
+        us_per_iteration_p90=percentile(per_iter, 90),
+        us_per_iteration_min=min(per_iter),
+    )
+
+
+def store_factory(backend: str, postgres_url: str | None) -> StoreFactory:
+    if backend == "memory":
+        return lambda _workdir: SQLiteStore("sqlite:///:memory:")
+    if backend == "sqlite":
+        return lambda workdir: SQLiteStore(f"sqlite:///{workdir / 'bench.db'}")
+    if backend == "postgresql":
+        from alpaca_engine.store.factory import make_store
+
+        assert postgres_url is not None
+        url = postgres_url
+        return lambda _workdir: make_store(url)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+async def probe_postgres(url: str) -> str | None:
+    """None when a store can be built and opened for ``url``; otherwise the reason."""
+    try:
+        from alpaca_engine.store.factory import make_store
+
+        store = make_store(url)
+        await store.open()
+        await store.close()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None:
+    print(f"step overhead: {steps} model turns + {steps - 1} tool calls per run "
+          f"({2 * steps - 1} journaled steps); times are per run")
+    header = (f"{'backend':<11} {'tool':<5} {'n':>3} {'run ms':>8} "
+              f"{'us/step med':>11} {'p90':>7} {'min':>7} "
+              f"{'us/iter med':>11} {'p90':>7} {'min':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.backend:<11} {r.tool:<5} {r.repeat:>3} {r.run_ms_median:>8.1f} "
+              f"{r.us_per_step_median:>11.0f} {r.us_per_step_p90:>7.0f} "
+              f"{r.us_per_step_min:>7.0f} "
+              f"{r.us_per_iteration_median:>11.0f} {r.us_per_iteration_p90:>7.0f} "
+              f"{r.us_per_iteration_min:>7.0f}")
+    for m in missing:
+        print(f"{m.backend}: not available ({m.reason})")
+    print("us/step = run time / journaled steps; us/iter = run time / model turns "
+          "(one iteration = model turn + tool call)")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            print(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})", file=sys.stderr)
+            return 2
+    if args.steps < 2:
+        print("--steps must be at least 2", file=sys.stderr)
+        return 2
+    plan: list[tuple[str, Tool, str]] = [(b, noop, "async") for b in backends]
+    if args.sync_tool == "all":
+        plan += [(b, noop_sync, "sync") for b in backends]
+    elif args.sync_tool == "first" and backends:
+        plan.append((backends[0], noop_sync, "sync"))
+    missing: list[Unavailable] = []
+    if args.postgres_url:
+        reason = await probe_postgres(args.postgres_url)
+        if reason is None:
+            plan.append(("postgresql", noop, "async"))
+        else:
+            missing.append(Unavailable("postgresql", reason))
+
+    rows: list[Row] = []
+    for backend, trivial, kind in plan:
+        make = store_factory(backend, args.postgres_url)
+        try:
+            rows.append(await measure(backend, make, trivial, kind, args.steps, args.repeat,
+                                      args.warmup))
+        except Exception as exc:
+            if backend != "postgresql":
+                raise
+            missing.append(Unavailable(backend, f"{type(exc).__name__}: {exc}"))
+
+    if args.json:
+        out: dict[str, Any] = {
+            "benchmark": "step_overhead",
+            "python": sys.version.split()[0],
+            "steps": args.steps, "repeat": args.repeat, "warmup": args.warmup,
+            "rows": [asdict(r) for r in rows],
+            "unavailable": [asdict(m) for m in missing],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(rows, missing, args.steps)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--repeat", type=int, default=15, help="timed repetitions (default 15)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="model turns per run; the model calls the tool steps-1 times (default 50)")
+    p.add_argument("--backend", default="memory,sqlite",
+                   help="comma-separated: memory,sqlite (default both)")
+    p.add_argument("--sync-tool", choices=("first", "all", "none"), default="first",
+                   help="add sync-tool rows (asyncio.to_thread) for the first backend, "
+                        "all backends, or none (default first)")
+    p.add_argument("--postgres-url", default=None,
+                   help="also measure a store built by store.factory.make_store(URL)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Workflows bundled with the engine (``builtin:NAME``), used by ``alpaca demo``."""

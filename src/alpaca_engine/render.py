@@ -1,0 +1,117 @@
+"""Terminal rendering of live progress and of runs, with Rich."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.tree import Tree
+
+from .events import Event
+from .store.records import RunRecord, StepRecord
+
+STATE_STYLE = {
+    "queued": "cyan", "running": "yellow", "waiting": "magenta", "succeeded": "green",
+    "failed": "red", "cancelled": "bright_black", "timed_out": "red",
+}
+
+
+def short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class ProgressPrinter:
+    """An EventSink that prints one line per finished step as it happens."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def __call__(self, event: Event) -> None:
+        kind = event["type"]
+        if kind != "step.completed":
+            return
+        seq = f"[bold]{event['seq']:>3}[/bold]"
+        ms = f"[dim]{event['ms']:.1f} ms[/dim]"
+        if event["kind"] == "model":
+            if event["tool_calls"]:
+                what = "calls " + ", ".join(f"[cyan]{n}[/cyan]" for n in event["tool_calls"])
+            else:
+                what = "answers"
+            self.console.print(f"{seq} model [magenta]{event['name']}[/magenta] {what}  {ms}")
+        else:
+            if event.get("error"):
+                err = event["error"]
+                outcome = f"[red]✗ {err['code']}[/red]: {short(err['message'], 70)}"
+            else:
+                outcome = f"[green]→[/green] {short(event['result'])}"
+            self.console.print(
+                f"{seq} tool  [cyan]{event['name']}[/cyan]({short(event['arguments'], 50)}) "
+                f"{outcome}  {ms}")
+
+
+def run_summary(run: RunRecord) -> Panel:
+    style = STATE_STYLE.get(str(run.state), "white")
+    if run.state == "succeeded":
+        body = run.output or ""
+    elif run.error_code:
+        body = f"[red]{run.error_code}[/red]: {run.error_message}"
+    else:
+        body = f"run is {run.state}"
+    usage = run.usage
+    subtitle = (f"{usage.get('steps', 0)} steps · {usage.get('tool_calls', 0)} tool calls · "
+                f"{usage.get('input_tokens', 0)}+{usage.get('output_tokens', 0)} tokens"
+                if usage else None)
+    return Panel(body, title=f"[{style}]{run.state}[/{style}] {run.id}", subtitle=subtitle,
+                 title_align="left")
+
+
+def runs_table(runs: list[RunRecord]) -> Table:
+    table = Table("id", "agent", "state", "depth", "created", "error", box=None)
+    for r in runs:
+        style = STATE_STYLE.get(str(r.state), "white")
+        table.add_row(r.id, r.agent, f"[{style}]{r.state}[/{style}]", str(r.depth),
+                      when(r.created_at), r.error_code or "")
+    return table
+
+
+def steps_table(steps: list[StepRecord]) -> Table:
+    table = Table("#", "kind", "name", "status", "attempts", "ms", "result", box=None)
+    for s in steps:
+        ms = f"{(s.finished_at - s.started_at) * 1000:.1f}" if s.finished_at else "-"
+        if s.error:
+            result = f"[red]{s.error.get('code')}[/red]: {short(s.error.get('message', ''), 60)}"
+        elif s.kind == "model" and isinstance(s.output, dict):
+            calls = [c["name"] for c in s.output.get("tool_calls", [])]
+            result = ("calls " + ", ".join(calls)) if calls else short(s.output.get("content"))
+        else:
+            result = short(s.output)
+        table.add_row(str(s.seq), str(s.kind), s.name, str(s.status), str(s.attempts), ms,
+                      result)
+    return table
+
+
+def run_tree(root: RunRecord, children: dict[str, list[RunRecord]]) -> Tree:
+    def label(r: RunRecord) -> str:
+        style = STATE_STYLE.get(str(r.state), "white")
+        return f"{r.agent} [dim]{r.id}[/dim] [{style}]{r.state}[/{style}]"
+
+    tree = Tree(label(root))
+
+    def add(node: Tree, run: RunRecord) -> None:
+        for child in children.get(run.id, []):
+            add(node.add(label(child)), child)
+
+    add(tree, root)
+    return tree

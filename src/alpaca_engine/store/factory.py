@@ -1,0 +1,13 @@
+"""Pick the store implementation from the database URL."""
+
+from __future__ import annotations
+
+from .base import Store
+from .sqlite import SQLiteStore
+
+
+def make_store(url: str, audit_key: bytes | None = None) -> Store:
+    if url.startswith("sqlite:") or url == ":memory:":
+        return SQLiteStore(url, audit_key=audit_key)
+    scheme = url.split(":", 1)[0]
+    raise ValueError(f"unsupported database URL scheme {scheme!r} (supported: sqlite)")

@@ -1,0 +1,86 @@
+"""``alpaca worker``: claim queued runs, resume crashed ones, drain on SIGTERM.
+
+On start (and periodically) the reaper requeues runs whose lease expired or whose owner
+process on this host is gone, so a crashed run resumes without anyone asking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from .engine import Engine
+
+log = logging.getLogger("alpaca.worker")
+
+
+class Worker:
+    def __init__(self, engine: Engine, *, concurrency: int = 8, poll_interval: float = 0.5,
+                 reap_interval: float = 5.0, drain_timeout: float = 10.0) -> None:
+        self.engine = engine
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.reap_interval = reap_interval
+        self.drain_timeout = drain_timeout
+        self._stopping = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[object]] = {}
+        self.completed = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Work until stopped (or, with ``until_idle``, until nothing is left to do)."""
+        last_reap = -1e18
+        while not self._stopping.is_set():
+            now = self.engine.clock.now()
+            if now - last_reap >= self.reap_interval:
+                requeued = await self.engine.reap()
+                if requeued:
+                    log.info("requeued %d run(s): %s", len(requeued), ", ".join(requeued))
+                last_reap = now
+            claimed = False
+            while len(self._tasks) < self.concurrency and not self._stopping.is_set():
+                run = await self.engine.store.claim_next(
+                    self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                if run is None:
+                    break
+                claimed = True
+                task = asyncio.create_task(self.engine._drive(run))
+                self._tasks[run.id] = task
+                task.add_done_callback(lambda t, rid=run.id: self._done(rid, t))
+            if until_idle and not claimed and not self._tasks:
+                return
+            if not claimed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+        await self._drain()
+
+    def _done(self, run_id: str, task: asyncio.Task[object]) -> None:
+        self._tasks.pop(run_id, None)
+        self.completed += 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("run %s crashed the worker task: %r", run_id, task.exception())
+
+    async def _drain(self) -> None:
+        """Let in-flight runs finish for a while, then hand the rest back to the queue."""
+        if not self._tasks:
+            return
+        log.info("draining %d run(s)", len(self._tasks))
+        _done, pending = await asyncio.wait(list(self._tasks.values()),
+                                            timeout=self.drain_timeout)
+        unfinished = [rid for rid, t in self._tasks.items() if t in pending]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for run_id in unfinished:
+            run = await self.engine.store.get_run(run_id)
+            if run.lease_owner == self.engine.owner and not run.state.terminal:
+                await self.engine.release(run_id, run.epoch)

@@ -1,0 +1,152 @@
+"""The shared store conformance suite. Each backend subclasses ``StoreConformance`` and
+provides a ``store`` fixture yielding an open, empty store."""
+
+from __future__ import annotations
+
+import pytest
+
+from alpaca_engine.errors import LeaseLost, NotFound
+from alpaca_engine.lifecycle import IllegalTransition, RunState
+from alpaca_engine.store.records import AuditEvent, RunRecord, StepRecord
+from alpaca_engine.telemetry.audit import verify_chain
+
+
+def new_run(rid: str, *, tenant: str = "t1", key: str | None = None, parent: str | None = None,
+            at: float = 100.0) -> RunRecord:
+    return RunRecord(id=rid, tenant=tenant, agent="a", workflow="w", input="hello",
+                     root_id=rid if parent is None else "root", parent_id=parent,
+                     idempotency_key=key, created_at=at, updated_at=at,
+                     ancestry=["a"], budget={"max_steps": 5})
+
+
+class StoreConformance:
+    async def test_create_and_get_round_trip(self, store):
+        run, created = await store.create_run(new_run("r1"), [AuditEvent(kind="run.created")])
+        assert created
+        got = await store.get_run("r1")
+        assert got.model_dump() == run.model_dump()
+        assert got.state == RunState.QUEUED and got.budget == {"max_steps": 5}
+
+    async def test_tenant_isolation_answers_not_found(self, store):
+        await store.create_run(new_run("r1", tenant="t1"))
+        with pytest.raises(NotFound):
+            await store.get_run("r1", tenant="t2")
+        with pytest.raises(NotFound):
+            await store.get_run("nope")
+        assert [r.id for r in await store.list_runs(tenant="t2")] == []
+
+    async def test_idempotency_key_returns_the_same_run(self, store):
+        first, c1 = await store.create_run(new_run("r1", key="k"))
+        second, c2 = await store.create_run(new_run("r2", key="k"))
+        other, c3 = await store.create_run(new_run("r3", key="k", tenant="t2"))
+        assert (c1, c2, c3) == (True, False, True)
+        assert second.id == "r1" and other.id == "r3"
+
+    async def test_list_filters_and_order(self, store):
+        await store.create_run(new_run("a", at=1))
+        await store.create_run(new_run("b", at=2))
+        await store.create_run(new_run("c", parent="a", at=3))
+        assert [r.id for r in await store.list_runs()] == ["c", "b", "a"]
+        assert [r.id for r in await store.list_runs(parent_id="a")] == ["c"]
+        assert [r.id for r in await store.list_runs(limit=1)] == ["c"]
+        await store.claim_run("a", "w", 10, 5)
+        assert [r.id for r in await store.list_runs(state=RunState.RUNNING)] == ["a"]
+
+    async def test_claim_bumps_epoch_and_only_once(self, store):
+        await store.create_run(new_run("r1"))
+        claimed = await store.claim_run("r1", "w1", 10, 100)
+        assert claimed and claimed.state == RunState.RUNNING and claimed.epoch == 1
+        assert claimed.lease_owner == "w1" and claimed.lease_expires_at == 110
+        assert await store.claim_run("r1", "w2", 10, 105) is None
+        stolen = await store.claim_run("r1", "w2", 10, 111)  # lease expired
+        assert stolen and stolen.epoch == 2 and stolen.lease_owner == "w2"
+
+    async def test_claim_next_takes_oldest_queued(self, store):
+        await store.create_run(new_run("new", at=2))
+        await store.create_run(new_run("old", at=1))
+        first = await store.claim_next("w", 10, 5)
+        second = await store.claim_next("w", 10, 5)
+        assert (first.id, second.id) == ("old", "new")
+        assert await store.claim_next("w", 10, 5) is None
+
+    async def test_fencing_refuses_stale_epochs(self, store):
+        await store.create_run(new_run("r1"))
+        old = await store.claim_run("r1", "w1", 10, 100)
+        new = await store.claim_run("r1", "w2", 10, 100, steal=True)
+        step = StepRecord(run_id="r1", seq=1, kind="tool", name="t")
+        with pytest.raises(LeaseLost):
+            await store.save_step(step, old.epoch)
+        with pytest.raises(LeaseLost):
+            await store.transition("r1", RunState.SUCCEEDED, 101, epoch=old.epoch)
+        with pytest.raises(LeaseLost):
+            await store.renew_lease("r1", "w1", old.epoch, 10, 101)
+        with pytest.raises(LeaseLost):
+            await store.append_audit("r1", [AuditEvent(kind="x")], 101, epoch=old.epoch)
+        await store.save_step(step, new.epoch)
+        await store.renew_lease("r1", "w2", new.epoch, 10, 101)
+        assert (await store.get_run("r1")).lease_expires_at == 111
+
+    async def test_steps_upsert_and_order(self, store):
+        await store.create_run(new_run("r1"))
+        run = await store.claim_run("r1", "w", 10, 100)
+        for seq in (2, 1):
+            await store.save_step(StepRecord(run_id="r1", seq=seq, kind="model", name="m",
+                                             input={"n": seq}, started_at=100), run.epoch)
+        done = StepRecord(run_id="r1", seq=1, kind="model", name="m", status="completed",
+                          input={"n": 1}, output={"content": "hi", "list": [1, 2]},
+                          attempts=2, started_at=100, finished_at=101)
+        await store.save_step(done, run.epoch)
+        steps = await store.list_steps("r1")
+        assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "started")]
+        assert steps[0].output == {"content": "hi", "list": [1, 2]} and steps[0].attempts == 2
+
+    async def test_transitions_follow_the_table(self, store):
+        await store.create_run(new_run("r1"))
+        with pytest.raises(IllegalTransition):
+            await store.transition("r1", RunState.SUCCEEDED, 100)
+        run = await store.claim_run("r1", "w", 10, 100)
+        done = await store.transition("r1", RunState.FAILED, 101, epoch=run.epoch,
+                                      error_code="tool_error", error_message="boom",
+                                      usage={"steps": 3})
+        assert done.state == RunState.FAILED and done.error_code == "tool_error"
+        assert done.usage == {"steps": 3} and done.lease_owner is None
+        with pytest.raises(IllegalTransition):
+            await store.transition("r1", RunState.QUEUED, 102, epoch=run.epoch)
+
+    async def test_cancel(self, store):
+        await store.create_run(new_run("q"))
+        await store.create_run(new_run("r"))
+        assert (await store.request_cancel("q")).state == RunState.CANCELLED
+        await store.claim_run("r", "w", 10, 100)
+        flagged = await store.request_cancel("r")
+        assert flagged.state == RunState.RUNNING and flagged.cancel_requested
+        with pytest.raises(NotFound):
+            await store.request_cancel("q", tenant="other")
+
+    async def test_requeue_expired_leases(self, store):
+        await store.create_run(new_run("r1"))
+        run = await store.claim_run("r1", "w", 10, 100)
+        assert await store.requeue_expired(105) == []
+        assert await store.requeue_expired(111) == ["r1"]
+        requeued = await store.get_run("r1")
+        assert requeued.state == RunState.QUEUED and requeued.epoch > run.epoch
+
+    async def test_audit_chain_is_written_with_the_change_and_verifies(self, store):
+        await store.create_run(new_run("r1"), [AuditEvent(kind="run.created", data={"x": 1})])
+        run = await store.claim_run("r1", "w", 10, 100)
+        await store.save_step(StepRecord(run_id="r1", seq=1, kind="tool", name="t"), run.epoch,
+                              [AuditEvent(kind="tool.chosen", data={"tool": "t"})])
+        await store.transition("r1", RunState.SUCCEEDED, 102, epoch=run.epoch)
+        records = await store.list_audit("r1")
+        assert [r.kind for r in records] == [
+            "run.created", "state.changed", "tool.chosen", "state.changed"]
+        assert [r.seq for r in records] == [1, 2, 3, 4]
+        assert verify_chain(records, key=store.audit_key).ok
+        assert [r.seq for r in await store.list_audit("r1", after_seq=2)] == [3, 4]
+
+    async def test_failed_write_leaves_no_audit(self, store):
+        await store.create_run(new_run("r1"))
+        with pytest.raises(IllegalTransition):
+            await store.transition("r1", RunState.SUCCEEDED, 100,
+                                   audit=[AuditEvent(kind="should.not.exist")])
+        assert "should.not.exist" not in [r.kind for r in await store.list_audit("r1")]

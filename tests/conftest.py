@@ -1,0 +1,16 @@
+"""Shared fixtures. Service-backed tests fail (not skip) under CI=true when unreachable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def service_unavailable(what: str, reason: str) -> None:
+    """Skip locally, fail loudly in CI: a missing service must never pass silently there."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but unreachable: {reason}", pytrace=False)
+    pytest.skip(f"{what} unreachable: {reason}")
