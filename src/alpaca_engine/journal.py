@@ -15,10 +15,34 @@ from .models.base import Message
 from .store.records import StepKind, StepRecord, StepStatus
 
 
+def _message_bytes(message: Message) -> bytes:
+    return json.dumps(message.model_dump(exclude_none=True), sort_keys=True).encode() + b"\n"
+
+
 def conversation_digest(messages: Sequence[Message]) -> str:
     """A fingerprint of what the model is sent, journaled to prove resumes are faithful."""
-    payload = json.dumps([m.model_dump(exclude_none=True) for m in messages], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    h = hashlib.sha256()
+    for m in messages:
+        h.update(_message_bytes(m))
+    return h.hexdigest()
+
+
+class Conversation:
+    """The messages of a run with a running digest: O(1) per turn instead of rehashing all."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self._hash = hashlib.sha256()
+
+    def append(self, message: Message) -> None:
+        self.messages.append(message)
+        self._hash.update(_message_bytes(message))
+
+    def digest(self) -> str:
+        return self._hash.copy().hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.messages)
 
 
 def idempotency_key(run_id: str, seq: int) -> str:

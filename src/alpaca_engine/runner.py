@@ -9,6 +9,7 @@ every exit path ends in a recorded run state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .agents import Agent
 from .clock import Clock, SystemClock
 from .errors import AlpacaError, ErrorCode, LeaseLost
 from .events import EventSink, discard
-from .journal import Journal, conversation_digest, idempotency_key, tool_message
+from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import RunState
 from .models.base import Message, ModelError, ModelResponse, ToolCall, ToolSpec
 from .store.base import Store
@@ -31,6 +32,8 @@ from .tools.contracts import DEFAULT_MAX_PAYLOAD_BYTES, parse_arguments, payload
 from .tools.governance import check_tool
 from .tools.retry import call_with_retry, default_is_transient
 from .workflow import Workflow
+
+log = logging.getLogger("alpaca.runner")
 
 
 @dataclass
@@ -94,15 +97,25 @@ class StepRunner:
         self.epoch = run.epoch
         self.clock = clock or SystemClock()
         self.breakers = breakers or Breakers(self.clock)
-        self.emit = emit
+        self._sink = emit
         self.max_payload_bytes = max_payload_bytes
         self.usage = Usage()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Progress displays must never break a run."""
+        try:
+            self._sink(event)
+        except Exception:
+            log.exception("event sink failed on %s", event.get("type"))
 
     # -- public --------------------------------------------------------------------------------
     async def run(self) -> RunRecord:
         """Drive the run to a recorded state. Only LeaseLost escapes: the new owner decides."""
         try:
-            agent = self.workflow.agent(self.run_record.agent)
+            try:
+                agent = self.workflow.agent(self.run_record.agent)
+            except KeyError as exc:
+                raise AlpacaError(ErrorCode.CONFIG_ERROR, str(exc.args[0])) from None
             return await self._loop(agent)
         except LeaseLost:
             raise
@@ -112,10 +125,6 @@ class StepRunner:
             return await self._finish(RunState.FAILED, error=exc)
         except asyncio.CancelledError:
             raise
-        except KeyError as exc:
-            return await self._finish(
-                RunState.FAILED, error=AlpacaError(ErrorCode.CONFIG_ERROR, str(exc.args[0]))
-            )
         except Exception as exc:
             return await self._finish(
                 RunState.FAILED,
@@ -126,7 +135,7 @@ class StepRunner:
     async def _loop(self, agent: Agent) -> RunRecord:
         run = self.run_record
         journal = Journal(await self.store.list_steps(run.id))
-        messages: list[Message] = []
+        messages = Conversation()
         if agent.instructions:
             messages.append(Message(role="system", content=agent.instructions))
         messages.append(Message(role="user", content=run.input))
@@ -186,10 +195,10 @@ class StepRunner:
 
     # -- model steps ---------------------------------------------------------------------------
     async def _model_step(
-        self, agent: Agent, seq: int, messages: list[Message], specs: list[ToolSpec],
+        self, agent: Agent, seq: int, messages: Conversation, specs: list[ToolSpec],
         journal: Journal,
     ) -> ModelResponse:
-        digest = conversation_digest(messages)
+        digest = messages.digest()
         done = journal.finished(seq, StepKind.MODEL)
         if done is not None:
             if done.input.get("digest") != digest:
@@ -211,7 +220,7 @@ class StepRunner:
                    "name": step.name})
         t0 = time.perf_counter()
         try:
-            response = await agent.model.complete(messages, specs)
+            response = await agent.model.complete(list(messages.messages), specs)
         except ModelError as exc:
             error = _err(ErrorCode.MODEL_ERROR, str(exc), transient=exc.transient)
             await self._save_finished(step, StepStatus.FAILED, None, error, 1, [
@@ -267,7 +276,8 @@ class StepRunner:
         await self._save_finished(step, status, outcome.result, outcome.error, outcome.attempts,
                                   outcome.audit)
         self.emit({"type": "step.completed", "run_id": step.run_id, "seq": seq, "kind": "tool",
-                   "name": call.name, "error": outcome.error, "result": outcome.result,
+                   "name": call.name, "arguments": call.arguments, "error": outcome.error,
+                   "result": outcome.result,
                    "ms": round((time.perf_counter() - t0) * 1000, 2)})
         return {"error": outcome.error} if outcome.error else outcome.result
 

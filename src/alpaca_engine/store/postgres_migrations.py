@@ -1,0 +1,81 @@
+"""Versioned schema migrations for the PostgreSQL store. Append, never edit, a migration.
+
+Each entry is one script run in the migration transaction (several statements are fine: the
+script is sent without parameters). Table names are unqualified so they land in the schema the
+store's ``search_path`` selects.
+
+Choices that keep the semantics of the SQLite store:
+
+* ids are ``COLLATE "C"`` so ``ORDER BY id`` compares bytes, like SQLite's BINARY collation;
+* times are ``DOUBLE PRECISION`` (a Python float round-trips exactly);
+* integers are ``BIGINT`` (SQLite integers are 64-bit);
+* ``audit.data`` is ``JSON``, not ``JSONB``: the audit hash covers the data, and JSONB rewrites
+  numbers (``1e20`` comes back as the integer ``100000000000000000000``), which would change the
+  canonical JSON and break ``verify_chain``. JSON keeps the text exactly as written.
+"""
+
+from __future__ import annotations
+
+POSTGRES: list[str] = [
+    # 1: runs, steps, audit
+    """
+    CREATE TABLE runs (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        input TEXT NOT NULL,
+        state TEXT NOT NULL,
+        output TEXT,
+        error_code TEXT,
+        error_message TEXT,
+        parent_id TEXT COLLATE "C",
+        root_id TEXT COLLATE "C" NOT NULL,
+        depth BIGINT NOT NULL DEFAULT 0,
+        ancestry JSONB NOT NULL DEFAULT '[]',
+        idempotency_key TEXT,
+        budget JSONB NOT NULL DEFAULT '{}',
+        usage JSONB NOT NULL DEFAULT '{}',
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        lease_owner TEXT,
+        lease_expires_at DOUBLE PRECISION,
+        epoch BIGINT NOT NULL DEFAULT 0,
+        cancel_requested BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX runs_state ON runs(state, created_at, id);
+    CREATE INDEX runs_queued ON runs(created_at, id) WHERE state = 'queued';
+    CREATE INDEX runs_leases ON runs(lease_expires_at) WHERE state = 'running';
+    CREATE INDEX runs_tenant ON runs(tenant, created_at);
+    CREATE INDEX runs_root ON runs(root_id);
+    CREATE INDEX runs_parent ON runs(parent_id);
+    CREATE UNIQUE INDEX runs_idem ON runs(tenant, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE steps (
+        run_id TEXT COLLATE "C" NOT NULL REFERENCES runs(id),
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        input JSONB NOT NULL,
+        output JSONB,
+        error JSONB,
+        idempotency_key TEXT,
+        attempts BIGINT NOT NULL DEFAULT 1,
+        started_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE audit (
+        run_id TEXT COLLATE "C" NOT NULL REFERENCES runs(id),
+        seq BIGINT NOT NULL,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data JSON NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    """,
+]

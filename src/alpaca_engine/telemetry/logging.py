@@ -1,0 +1,272 @@
+"""Structured JSON logs that carry run, step and trace ids, and never carry secrets.
+
+One JSON object per line so log pipelines can index by ``run_id`` and jump from a line to its
+trace. Ids come from contextvars (:func:`bind`) and the current OpenTelemetry span, so call
+sites need not pass them. Redaction runs in a handler filter *before* formatting: the message
+is rendered with its args, then every registered secret (:func:`register_secret`) and every
+string shaped like an API key (``sk-...``) or bearer token is replaced by ``***`` in the
+message, the exception text, the stack and the extra fields (values under secret-looking keys
+such as ``api_key`` are masked whole).
+"""
+
+from __future__ import annotations
+
+import json as _json
+import logging
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from opentelemetry import trace
+
+from .audit import REDACTED, is_secret_key, redact
+
+__all__ = [
+    "MIN_SECRET_LENGTH",
+    "JsonFormatter",
+    "RedactingFilter",
+    "bind",
+    "clear_secrets",
+    "configure_logging",
+    "current_fields",
+    "redact_text",
+    "redact_value",
+    "register_secret",
+]
+
+MIN_SECRET_LENGTH = 4
+"""Shorter values are not registered: masking every "ab" would wreck the logs for no gain."""
+
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # The look-behind keeps words such as "task-12345678" intact.
+    (re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{8,}"), REDACTED),
+    # Real tokens are long; the minimum keeps prose such as "bearer of" readable.
+    (re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE), r"\1 " + REDACTED),
+)
+
+_secrets_lock = threading.Lock()
+_secrets: tuple[str, ...] = ()
+
+_run_id: ContextVar[str | None] = ContextVar("alpaca_log_run_id", default=None)
+_step: ContextVar[int | str | None] = ContextVar("alpaca_log_step", default=None)
+_fields: ContextVar[Mapping[str, Any] | None] = ContextVar("alpaca_log_fields", default=None)
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+_CONTEXT_ATTRS = ("run_id", "step", "trace_id", "span_id")
+_HANDLER_MARK = "_alpaca_handler"
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def register_secret(value: str | None) -> None:
+    """Mask ``value`` wherever it appears in later log lines (API keys, webhook URLs...)."""
+    global _secrets
+    if not value or len(value.strip()) < MIN_SECRET_LENGTH:
+        return
+    with _secrets_lock:
+        if value not in _secrets:
+            # Longest first is what audit.redact expects for overlapping secrets anyway.
+            _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
+
+
+def clear_secrets() -> None:
+    """Forget registered secrets (tests; a process normally keeps them for its lifetime)."""
+    global _secrets
+    with _secrets_lock:
+        _secrets = ()
+
+
+def redact_text(text: str) -> str:
+    """``text`` with registered secrets, ``sk-...`` keys and bearer tokens replaced by ``***``."""
+    secrets = _secrets
+    if secrets:
+        text = redact(text, secrets)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_value(value: Any) -> Any:
+    """A JSON-friendly, secret-free copy of ``value``; other objects become redacted text.
+
+    Values under secret-looking keys (``api_key``, ``Authorization``...) are masked whole.
+    """
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = redact_text(str(key))
+            out[name] = REDACTED if is_secret_key(str(key)) else redact_value(item)
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact_value(item) for item in value]
+    return redact_text(str(value))
+
+
+# --------------------------------------------------------------------------- context
+
+
+@contextmanager
+def bind(
+    *, run_id: str | None = None, step: int | str | None = None, **fields: Any
+) -> Iterator[None]:
+    """Attach ``run_id``/``step`` (and any extra fields) to every log line in this context.
+
+    Contextvars follow asyncio tasks, so concurrent runs in one process keep their own ids.
+    ``None`` keeps the outer value, so a nested ``bind(step=3)`` keeps the run id.
+    """
+    run_token = _run_id.set(run_id) if run_id is not None else None
+    step_token = _step.set(step) if step is not None else None
+    fields_token = _fields.set({**(_fields.get() or {}), **fields}) if fields else None
+    try:
+        yield
+    finally:
+        if fields_token is not None:
+            _fields.reset(fields_token)
+        if step_token is not None:
+            _step.reset(step_token)
+        if run_token is not None:
+            _run_id.reset(run_token)
+
+
+def current_fields() -> dict[str, Any]:
+    """The ids a log line written now would carry (also handy for error reports)."""
+    out: dict[str, Any] = {"run_id": _run_id.get(), "step": _step.get()}
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        out["trace_id"] = format(ctx.trace_id, "032x")
+        out["span_id"] = format(ctx.span_id, "016x")
+    else:
+        out["trace_id"] = None
+        out["span_id"] = None
+    return out
+
+
+# --------------------------------------------------------------------------- filter/formatter
+
+
+class RedactingFilter(logging.Filter):
+    """Stamp context ids on the record and scrub secrets before any formatter sees it.
+
+    It renders ``msg % args`` itself (then drops ``args``) so a secret inside an argument of
+    any type is caught, and pre-renders the exception text so the traceback is scrubbed too.
+    Attach it to a handler: logger-level filters do not see records from child loggers.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self._stamp(record)
+        if getattr(record, "_alpaca_redacted", False):
+            return True  # a second handler with this filter: already clean
+        record.msg = redact_text(self._message(record))
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if key in _STANDARD_ATTRS or key.startswith("_alpaca"):
+                continue
+            setattr(record, key, REDACTED if is_secret_key(key) else redact_value(value))
+        setattr(record, "_alpaca_redacted", True)  # noqa: B010 - not a declared attribute
+        return True
+
+    @staticmethod
+    def _stamp(record: logging.LogRecord) -> None:
+        """Ids from the context; an explicit ``extra={"run_id": ...}`` wins."""
+        for key, value in current_fields().items():
+            if getattr(record, key, None) is None:
+                setattr(record, key, value)
+        for key, value in (_fields.get() or {}).items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+
+    @staticmethod
+    def _message(record: logging.LogRecord) -> str:
+        """Render like ``getMessage`` but never fail: a bad format must not leak raw args.
+
+        (``Handler.handleError`` would print the unredacted args to stderr.)
+        """
+        try:
+            return record.getMessage()
+        except Exception:
+            return f"{record.msg!s} (unformattable args: {record.args!r})"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, ids, extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not getattr(record, "_alpaca_redacted", False):
+            RedactingFilter().filter(record)  # used without the filter: still never leak
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in _CONTEXT_ATTRS:
+            out[key] = getattr(record, key, None)
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and key not in out and not key.startswith("_alpaca"):
+                out[key] = value
+        if record.exc_text:
+            out["exc"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        line = _json.dumps(out, ensure_ascii=False, default=str)
+        return redact_text(line)  # belt and braces: anything that slipped past the filter
+
+
+class _TextFormatter(logging.Formatter):
+    """Human-readable lines for local runs, with the same ids and the same redaction."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s "
+            "[run=%(run_id)s step=%(step)s trace=%(trace_id)s] %(message)s"
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not getattr(record, "_alpaca_redacted", False):
+            RedactingFilter().filter(record)
+        return redact_text(super().format(record))
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def configure_logging(
+    level: int | str = "INFO", json: bool = True, stream: TextIO | None = None
+) -> logging.Handler:
+    """Install one redacting handler on the root logger; calling again replaces it.
+
+    ``stream`` defaults to the *current* ``sys.stderr`` (resolved at call time so test capture
+    and reassigned streams are honoured). Returns the handler so callers can remove it.
+    """
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonFormatter() if json else _TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler

@@ -1,0 +1,485 @@
+"""Load a workflow file (YAML, version 1) into a ``Workflow``.
+
+Errors name the file, the line and the field: the document is composed into a node tree first
+(with the safe loader, so no tag can run code), and every error location, from pydantic or from
+the checks made here, is walked down that tree to the node it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import importlib.resources
+import importlib.util
+import inspect
+import re
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from ..agents import Agent
+from ..tools.base import Tool
+from ..tools.decorator import make_tool
+from ..tools.registry import ToolRegistry
+from ..tools.retry import NO_RETRY
+from ..workflow import Workflow
+from .models import build_model
+from .schema import (
+    TAG_PREFIX,
+    AgentSpec,
+    Loc,
+    SpecError,
+    ToolEntry,
+    WorkflowError,
+    WorkflowSpec,
+    fields_at,
+)
+
+__all__ = ["WorkflowError", "load_workflow", "load_workflow_text", "resolve_workflow"]
+
+BUILTIN_PACKAGE = "alpaca_engine.examples_builtin"
+BUILTIN_PREFIX = "builtin:"
+_BUILTIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_GLOB_CHARS = frozenset("*?[")
+
+
+# -- public API --------------------------------------------------------------------------------
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    """Load a workflow file; its ``ref`` is the absolute path, so other processes find it."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkflowError(str(path), None, "", f"cannot read the file: {exc}") from None
+    absolute = file.resolve()
+    return load_workflow_text(text, source=str(path), base_dir=absolute.parent, ref=str(absolute))
+
+
+def load_workflow_text(
+    text: str,
+    *,
+    source: str = "<string>",
+    base_dir: Path | None = None,
+    ref: str | None = None,
+) -> Workflow:
+    """Load a workflow from YAML text; ``base_dir`` is where ``module:attr`` looks first."""
+    return _Loader(source, _Importer(base_dir=base_dir)).load(text, ref or source)
+
+
+_cache: dict[str, tuple[int, Workflow]] = {}
+_cache_lock = threading.Lock()
+
+
+def resolve_workflow(ref: str) -> Workflow:
+    """The workflow a ``ref`` names: a file path (cached until it changes) or ``builtin:NAME``."""
+    if ref.startswith(BUILTIN_PREFIX):
+        key, stamp = ref, 0  # builtins ship with the package and do not change under us
+    else:
+        path = Path(ref).resolve()
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError as exc:
+            raise WorkflowError(ref, None, "", f"cannot read the file: {exc}") from None
+        key = str(path)
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    workflow = _load_builtin(ref) if ref.startswith(BUILTIN_PREFIX) else load_workflow(ref)
+    with _cache_lock:
+        _cache[key] = (stamp, workflow)
+    return workflow
+
+
+def _load_builtin(ref: str) -> Workflow:
+    name = ref[len(BUILTIN_PREFIX):]
+    if not _BUILTIN_NAME.match(name):
+        raise WorkflowError(ref, None, "", "a builtin name is letters, digits, '-' and '_'")
+    try:
+        package = importlib.resources.files(BUILTIN_PACKAGE)
+    except ModuleNotFoundError:
+        raise WorkflowError(
+            ref, None, "", f"no builtin workflows are installed (package {BUILTIN_PACKAGE})"
+        ) from None
+    resource = package / f"{name}.yaml"
+    if not resource.is_file():
+        known = sorted(
+            entry.name.removesuffix(".yaml")
+            for entry in package.iterdir()
+            if entry.name.endswith(".yaml")
+        )
+        raise WorkflowError(
+            ref, None, "", f"no builtin workflow {name!r} (known: {', '.join(known) or 'none'})"
+        )
+    text = resource.read_text(encoding="utf-8")
+    # Modules named in a builtin resolve inside the package, never through sys.path.
+    loader = _Loader(f"{BUILTIN_PREFIX}{name}.yaml", _Importer(package=BUILTIN_PACKAGE))
+    return loader.load(text, ref)
+
+
+# -- importing module:attribute ----------------------------------------------------------------
+
+
+class _Importer:
+    """Resolves ``module:attribute`` next to the workflow first, then on the normal path."""
+
+    def __init__(self, *, base_dir: Path | None = None, package: str | None = None) -> None:
+        self.base_dir = base_dir.resolve() if base_dir is not None else None
+        self.package = package
+
+    def resolve(self, target: str) -> Any:
+        module_name, _, attr_path = target.partition(":")
+        obj: Any = self._module(module_name)
+        for part in attr_path.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise SpecError((), f"module {module_name!r} has no attribute {attr_path!r}") \
+                    from None
+        return obj
+
+    def _module(self, name: str) -> ModuleType:
+        if self.package is not None:
+            qualified = f"{self.package}.{name}"
+            if _find_spec(qualified) is not None:
+                return _import(qualified)
+        if self.base_dir is not None and self._is_local(name):
+            return self._local(name)
+        return _import(name)
+
+    def _is_local(self, name: str) -> bool:
+        assert self.base_dir is not None
+        top = name.split(".")[0]
+        return (self.base_dir / f"{top}.py").is_file() or (
+            self.base_dir / top / "__init__.py"
+        ).is_file()
+
+    def _local(self, name: str) -> ModuleType:
+        assert self.base_dir is not None
+        directory = str(self.base_dir)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        module = _import(name)
+        if _defined_under(module, self.base_dir):
+            return module
+        # The name is taken by another module (an earlier workflow's ``tools.py``, a stdlib
+        # module): load the file next to this workflow under a private name instead.
+        file = self.base_dir / f"{name}.py"
+        if "." in name or not file.is_file():
+            raise SpecError(
+                (), f"module {name!r} is already imported from {module.__file__}; "
+                "rename the module next to the workflow",
+            )
+        return _import_file(file, name)
+
+
+def _find_spec(name: str) -> Any:
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def _import(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        raise SpecError((), f"cannot import module {name!r}: {type(exc).__name__}: {exc}") \
+            from None
+
+
+def _defined_under(module: ModuleType, directory: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return file is not None and Path(file).resolve().is_relative_to(directory)
+
+
+def _import_file(file: Path, name: str) -> ModuleType:
+    digest = hashlib.sha1(str(file).encode(), usedforsecurity=False).hexdigest()[:12]
+    private = f"_alpaca_workflow_{digest}_{name}"
+    if private in sys.modules:
+        return sys.modules[private]
+    spec = importlib.util.spec_from_file_location(private, file)
+    if spec is None or spec.loader is None:
+        raise SpecError((), f"cannot import module {name!r} from {file}")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running it: dataclasses and get_type_hints look the module up by name.
+    sys.modules[private] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[private]
+        raise SpecError((), f"cannot import module {name!r}: {type(exc).__name__}: {exc}") \
+            from None
+    return module
+
+
+# -- the loader --------------------------------------------------------------------------------
+
+
+class _Loader:
+    def __init__(self, source: str, importer: _Importer) -> None:
+        self.source = source
+        self.importer = importer
+        self.root: yaml.Node | None = None
+
+    def load(self, text: str, ref: str) -> Workflow:
+        data = self._parse(text)
+        spec = self._validate(data)
+        try:
+            tools = self._tools(spec)
+            agents = self._agents(spec, tools)
+        except SpecError as exc:
+            raise self._error(exc.loc, exc.message) from None
+        budget = spec.defaults.budget.model_dump(exclude_none=True)
+        return Workflow(ref=ref, agents=agents, tools=tools,
+                        max_depth=spec.defaults.max_depth, budget=budget)
+
+    # -- parsing and validation ----------------------------------------------------------------
+
+    def _parse(self, text: str) -> Any:
+        loader = yaml.SafeLoader(text)
+        try:
+            self.root = loader.get_single_node()
+            if self.root is None:
+                raise WorkflowError(self.source, None, "", "the workflow is empty")
+            _check_duplicate_keys(self.root, (), self)
+            return loader.construct_document(self.root)
+        except yaml.MarkedYAMLError as exc:
+            raise self._yaml_error(exc) from None
+        except yaml.YAMLError as exc:
+            raise WorkflowError(self.source, None, "", f"invalid YAML: {exc}") from None
+        finally:
+            loader.dispose()
+
+    def _yaml_error(self, exc: yaml.MarkedYAMLError) -> WorkflowError:
+        mark = exc.problem_mark or exc.context_mark
+        message = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            message += f" ({exc.context} on line {exc.context_mark.line + 1})"
+        return WorkflowError(self.source, mark.line + 1 if mark else None, "",
+                             f"invalid YAML: {message}")
+
+    def _validate(self, data: Any) -> WorkflowSpec:
+        try:
+            return WorkflowSpec.model_validate(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        first = _most_telling(errors)
+        message = _message(first)
+        if len(errors) > 1:
+            others = len(errors) - 1
+            message += f" (and {others} more error{'s' if others > 1 else ''})"
+        loc: Loc = tuple(first["loc"])
+        if first["type"] == "invalid_provider" and isinstance(first["input"], dict):
+            loc = (*loc, "provider")  # the model is a mapping: the provider key is what is wrong
+        raise self._error(loc, message) from None
+
+    def _error(self, loc: Loc, message: str) -> WorkflowError:
+        field, line = locate(self.root, loc)
+        return WorkflowError(self.source, line, field, message)
+
+    # -- building ------------------------------------------------------------------------------
+
+    def _tools(self, spec: WorkflowSpec) -> ToolRegistry:
+        registry = ToolRegistry()
+        first_at: dict[str, int] = {}
+        for index, entry in enumerate(spec.tools):
+            try:
+                tool = self._tool(entry)
+            except SpecError as exc:
+                raise exc.within("tools", index) from None
+            if tool.name in first_at:
+                where = "name" if "name" in entry.model_fields_set else "python"
+                first_line = locate(self.root, ("tools", first_at[tool.name]))[1]
+                raise SpecError(("tools", index, where),
+                                f"duplicate tool name {tool.name!r} (first defined on line "
+                                f"{first_line})")
+            first_at[tool.name] = index
+            registry.register(tool)
+        return registry
+
+    def _tool(self, entry: ToolEntry) -> Tool:
+        try:
+            target = self.importer.resolve(entry.python)
+        except SpecError as exc:
+            raise exc.within("python") from None
+        overrides = _overrides(entry)
+        if isinstance(target, Tool):
+            # YAML wins over what @tool said, field by field; the rest is kept.
+            return dataclasses.replace(target, **overrides)
+        if inspect.isclass(target) or not callable(target):
+            raise SpecError(("python",), f"{entry.python!r} is neither a Tool nor a function")
+        try:
+            return make_tool(target, **overrides)
+        except Exception as exc:
+            raise SpecError(("python",), f"cannot derive a tool from {entry.python!r}: "
+                                         f"{type(exc).__name__}: {exc}") from None
+
+    def _agents(self, spec: WorkflowSpec, tools: ToolRegistry) -> dict[str, Agent]:
+        names: dict[str, int] = {}
+        for index, agent in enumerate(spec.agents):
+            if agent.name in names:
+                first_line = locate(self.root, ("agents", names[agent.name]))[1]
+                raise SpecError(("agents", index, "name"),
+                                f"duplicate agent name {agent.name!r} (first defined on line "
+                                f"{first_line})")
+            names[agent.name] = index
+        agents: dict[str, Agent] = {}
+        for index, agent_spec in enumerate(spec.agents):
+            try:
+                agents[agent_spec.name] = self._agent(agent_spec, tools, names)
+            except SpecError as exc:
+                raise exc.within("agents", index) from None
+        return agents
+
+    def _agent(self, spec: AgentSpec, tools: ToolRegistry, agents: dict[str, int]) -> Agent:
+        for index, name in enumerate(spec.tools):
+            # A glob may match nothing yet; an exact name that matches nothing is a typo.
+            if not _GLOB_CHARS.intersection(name) and name not in tools:
+                raise SpecError(("tools", index),
+                                f"unknown tool {name!r}{_suggest(name, tools.names())}")
+        for index, name in enumerate(spec.delegates_to):
+            if name not in agents:
+                raise SpecError(("delegates_to", index),
+                                f"unknown agent {name!r}{_suggest(name, list(agents))}")
+        try:
+            model = build_model(spec.model, self.importer.resolve)
+        except SpecError as exc:
+            raise exc.within("model") from None
+        return Agent(
+            name=spec.name,
+            model=model,
+            instructions=spec.instructions,
+            tools=list(spec.tools),
+            capabilities=frozenset(spec.capabilities) if spec.capabilities is not None else None,
+            delegates_to=list(spec.delegates_to),
+            max_steps=spec.limits.max_steps,
+            description=spec.description,
+        )
+
+
+# -- mapping locations onto the YAML node tree -------------------------------------------------
+
+
+def locate(root: yaml.Node | None, loc: Loc) -> tuple[str, int | None]:
+    """The dotted field and 1-based line for ``loc``, as deep as the document goes.
+
+    Lines are those of mapping keys and list items, so an error about a whole block points at
+    the line that names it. A last key missing from its mapping (a required field) is still
+    named, at the line of that mapping.
+    """
+    node = root
+    line = root.start_mark.line + 1 if root is not None else None
+    path: list[str | int] = []
+    parts = [p for p in loc if not (isinstance(p, str) and p.startswith(TAG_PREFIX))]
+    for position, part in enumerate(parts):
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            found = _lookup(node, part)
+            if found is not None:
+                key, node = found
+                path.append(part)
+                line = key.start_mark.line + 1
+                continue
+            if position == len(parts) - 1:
+                path.append(part)
+        elif (isinstance(node, yaml.SequenceNode) and isinstance(part, int)
+              and 0 <= part < len(node.value)):
+            node = node.value[part]
+            path.append(part)
+            line = node.start_mark.line + 1
+            continue
+        break
+    return _dotted(path), line
+
+
+def _lookup(node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            return key_node, value_node
+    return None
+
+
+def _dotted(path: list[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(root)"
+
+
+def _check_duplicate_keys(node: yaml.Node, loc: Loc, loader: _Loader) -> None:
+    """PyYAML keeps the last of two equal keys silently; a workflow file should not."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if isinstance(key, str):
+                line = key_node.start_mark.line + 1
+                if key in seen and key != "<<":
+                    raise WorkflowError(loader.source, line, _dotted([*loc, key]),
+                                        f"duplicate key {key!r} (first on line {seen[key]})")
+                seen[key] = line
+                _check_duplicate_keys(value_node, (*loc, key), loader)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, (*loc, index), loader)
+
+
+def _overrides(entry: ToolEntry) -> dict[str, Any]:
+    """The Tool fields this entry sets; ``null`` means "none" where the field allows it."""
+    out: dict[str, Any] = {}
+    fields = entry.model_fields_set
+    for name in ("name", "description", "approval"):
+        if name in fields and getattr(entry, name) is not None:
+            out[name] = getattr(entry, name)
+    if "capabilities" in fields:
+        out["capabilities"] = frozenset(entry.capabilities or ())
+    if "retry" in fields:
+        out["retry"] = entry.retry.to_policy() if entry.retry is not None else NO_RETRY
+    if "breaker" in fields:
+        out["breaker"] = entry.breaker.to_policy() if entry.breaker is not None else None
+    if "timeout" in fields:
+        out["timeout"] = entry.timeout
+    return out
+
+
+def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The first error, unless it is a missing field next to an unknown one: a typo is the
+    likelier cause (``modle:`` both leaves ``model`` out and adds a field), so name that."""
+    first = errors[0]
+    if first["type"] == "missing":
+        parent = first["loc"][:-1]
+        for error in errors:
+            if error["type"] == "extra_forbidden" and error["loc"][:-1] == parent:
+                return error
+    return first
+
+
+def _message(error: ErrorDetails) -> str:
+    kind = error["type"]
+    loc = error["loc"]
+    if kind == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        known = fields_at(tuple(loc[:-1]))
+        hint = _suggest(loc[-1], known) if known is not None else ""
+        return f"unknown field {loc[-1]!r}{hint}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("model_type", "dict_type"):
+        return "expected a mapping"
+    if kind == "list_type":
+        return "expected a list"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
