@@ -347,7 +347,7 @@ class StepRunner:
         try:
             result = await call_with_retry(attempt, tool.retry, clock=self.clock,
                                            is_transient=default_is_transient, on_retry=on_retry)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return self._tool_failed(tool, breaker, audit, seq, attempts, _err(
                 ErrorCode.TOOL_TIMEOUT, f"tool {tool.name!r} timed out after {tool.timeout}s"))
         except ValidationError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 
@@ -55,7 +56,7 @@ class Worker:
                 claimed = True
                 task = asyncio.create_task(self.engine._drive(run))
                 self._tasks[run.id] = task
-                task.add_done_callback(lambda t, rid=run.id: self._done(rid, t))
+                task.add_done_callback(functools.partial(self._done, run.id))
             if until_idle and not claimed and not self._tasks:
                 return
             if not claimed:

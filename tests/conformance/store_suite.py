@@ -36,7 +36,7 @@ class StoreConformance:
         assert [r.id for r in await store.list_runs(tenant="t2")] == []
 
     async def test_idempotency_key_returns_the_same_run(self, store):
-        first, c1 = await store.create_run(new_run("r1", key="k"))
+        _first, c1 = await store.create_run(new_run("r1", key="k"))
         second, c2 = await store.create_run(new_run("r2", key="k"))
         other, c3 = await store.create_run(new_run("r3", key="k", tenant="t2"))
         assert (c1, c2, c3) == (True, False, True)

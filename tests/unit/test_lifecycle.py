@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -97,11 +98,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         if run.state != RunState.RUNNING:
             return
         code = None if state == RunState.SUCCEEDED else "some_error"
-        try:
+        with contextlib.suppress(LeaseLost):
             self.do(self.store.transition(run.id, state, self.now, epoch=run.epoch,
                                           error_code=code, error_message=code))
-        except LeaseLost:
-            pass
 
     @precondition(lambda self: self.runs)
     @rule(data=st.data())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_engine.models.base import Message, ToolSpec
+from alpaca_engine.models.base import Message, ModelError, ToolSpec
 from alpaca_engine.models.function import FunctionModel
 from alpaca_engine.models.openai import OpenAIModel
 from alpaca_engine.models.scripted import ScriptedModel
@@ -211,10 +212,12 @@ def test_openai_custom_key_variable_never_falls_back_to_the_openai_key(
     assert model._client.api_key == "local-key"
 
 
-def test_openai_without_key_or_base_url_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_openai_without_key_loads_but_its_runs_fail_clearly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    err = error_of("""
+    wf = load("""
         version: 1
         agents:
           - name: a
@@ -222,8 +225,11 @@ def test_openai_without_key_or_base_url_is_an_error(monkeypatch: pytest.MonkeyPa
               provider: openai
               model: gpt-4o-mini
     """)
-    assert (err.line, err.field) == (4, "agents[0].model.api_key_env")
-    assert "OPENAI_API_KEY is not set" in err.message
+    model = wf.agent("a").model
+    assert model.name == "openai:gpt-4o-mini"
+    with pytest.raises(ModelError, match="OPENAI_API_KEY is not set") as info:
+        await model.complete([], [])
+    assert not info.value.transient
 
 
 # -- errors: file, line, field -----------------------------------------------------------------
@@ -502,6 +508,9 @@ def test_error_string_and_count_of_other_errors() -> None:
     no_field = WorkflowError("f.yaml", 3, "", "invalid YAML: boom")
     assert str(no_field) == "f.yaml:3: invalid YAML: boom"
     assert str(WorkflowError("f.yaml", None, "x", "m")) == "f.yaml: x: m"
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.source, copy.line, copy.field, copy.message) == (
+        err.source, err.line, err.field, err.message)
 
 
 def test_api_key_env_that_looks_like_a_key_is_refused_without_echoing_it() -> None:
@@ -637,3 +646,72 @@ async def test_resolve_builtin_loads_from_the_package(
     with pytest.raises(WorkflowError) as info:
         resolve_workflow("builtin:broken")
     assert info.value.source == "builtin:broken.yaml" and info.value.line == 3
+
+
+# -- hostile or odd documents ------------------------------------------------------------------
+
+
+def test_alias_bomb_is_refused_before_validation() -> None:
+    lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    err = error_of("\n".join(lines) + "\n")
+    assert "expands to more than" in err.message
+    assert err.line is not None and err.line <= 9
+
+
+def test_recursive_alias_is_an_error_not_a_hang() -> None:
+    err = error_of("""
+        version: 1
+        agents: &loop
+          - *loop
+    """)
+    assert err.field.startswith("agents[0]")
+
+
+def test_yaml_errors_without_a_position_and_deep_nesting() -> None:
+    err = error_of("version: 1\x07\n")
+    assert err.line is None and "invalid YAML" in err.message
+    err = error_of("version: 1\nagents: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert err.message == "the document is nested too deeply"
+
+
+def test_a_list_field_given_a_scalar() -> None:
+    err = error_of("""
+        version: 1
+        tools: wf_tools:add
+    """)
+    assert (err.line, err.field, err.message) == (2, "tools", "expected a list (and 1 more error)")
+
+
+def test_function_that_cannot_become_a_tool(tmp_path: Path) -> None:
+    (tmp_path / "tools.py").write_text(
+        "def odd(x: 'Undefined') -> int:  # noqa: F821\n    return 1\n"
+        "def boom() -> None:\n    pass\n")
+    (tmp_path / "boom.py").write_text("raise RuntimeError('import-time failure')\n")
+    text = doc("""
+        version: 1
+        tools:
+          - python: "tools:odd"
+        """) + AGENT
+    with pytest.raises(WorkflowError) as info:
+        load_workflow_text(text, source="t.yaml", base_dir=tmp_path)
+    assert (info.value.line, info.value.field) == (3, "tools[0].python")
+    assert "cannot derive a tool from 'tools:odd': NameError" in info.value.message
+
+    with pytest.raises(WorkflowError) as info:
+        load_workflow_text(text.replace("tools:odd", "boom:x"), source="t.yaml",
+                           base_dir=tmp_path)
+    assert info.value.message == (
+        "cannot import module 'boom': RuntimeError: import-time failure")
+
+
+def test_a_shadowed_module_is_loaded_once_under_its_private_name(tmp_path: Path) -> None:
+    load_workflow(_workflow_dir(tmp_path, "one", "first"))
+    private = {n for n in sys.modules if n.startswith("_alpaca_workflow_")}
+    second = _workflow_dir(tmp_path, "two", "second")
+    a, b = load_workflow(second), load_workflow(second)
+    pick_a, pick_b = a.tools.get("pick"), b.tools.get("pick")
+    assert pick_a is not None and pick_b is not None
+    assert pick_a.invoke is not pick_b.invoke  # distinct Tools ...
+    added = {n for n in sys.modules if n.startswith("_alpaca_workflow_")} - private
+    assert len(added) <= 1  # ... at most one more module (none if "tools" was free)

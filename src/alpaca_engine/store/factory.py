@@ -10,4 +10,8 @@ def make_store(url: str, audit_key: bytes | None = None) -> Store:
     if url.startswith("sqlite:") or url == ":memory:":
         return SQLiteStore(url, audit_key=audit_key)
     scheme = url.split(":", 1)[0]
-    raise ValueError(f"unsupported database URL scheme {scheme!r} (supported: sqlite)")
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore  # lazy: SQLite users never load psycopg
+
+        return PostgresStore(url, audit_key=audit_key)
+    raise ValueError(f"unsupported database URL scheme {scheme!r} (supported: sqlite, postgresql)")

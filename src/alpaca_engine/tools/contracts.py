@@ -46,7 +46,8 @@ def parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         value = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as exc:
-        return None, f"arguments are not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        where = f"line {exc.lineno} column {exc.colno}"
+        return None, f"arguments are not valid JSON: {exc.msg} at {where}"
     if not isinstance(value, dict):
         return None, f"arguments must be a JSON object, got {type(value).__name__}"
     return value, None

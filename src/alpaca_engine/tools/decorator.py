@@ -25,7 +25,9 @@ def _description(fn: Callable[..., Any]) -> str:
     return doc.split("\n\n")[0].replace("\n", " ").strip()
 
 
-def _input_model(fn: Callable[..., Any], hints: dict[str, Any]) -> tuple[type[BaseModel], str | None]:
+def _input_model(
+    fn: Callable[..., Any], hints: dict[str, Any]
+) -> tuple[type[BaseModel], str | None]:
     fields: dict[str, Any] = {}
     ctx_param = None
     for pname, param in inspect.signature(fn).parameters.items():
@@ -35,7 +37,7 @@ def _input_model(fn: Callable[..., Any], hints: dict[str, Any]) -> tuple[type[Ba
             continue
         default = ... if param.default is inspect.Parameter.empty else param.default
         fields[pname] = (annotation, default)
-    model = create_model(  # type: ignore[call-overload]
+    model = create_model(
         f"{fn.__name__}_input", __config__=ConfigDict(extra="forbid"), **fields
     )
     return model, ctx_param

@@ -49,6 +49,7 @@ BUILTIN_PACKAGE = "alpaca_engine.examples_builtin"
 BUILTIN_PREFIX = "builtin:"
 _BUILTIN_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _GLOB_CHARS = frozenset("*?[")
+_MAX_NODES = 100_000
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def resolve_workflow(ref: str) -> Workflow:
 
 def _load_builtin(ref: str) -> Workflow:
     name = ref[len(BUILTIN_PREFIX):]
-    if not _BUILTIN_NAME.match(name):
+    if not _BUILTIN_NAME.fullmatch(name):
         raise WorkflowError(ref, None, "", "a builtin name is letters, digits, '-' and '_'")
     try:
         package = importlib.resources.files(BUILTIN_PACKAGE)
@@ -247,19 +248,24 @@ class _Loader:
     # -- parsing and validation ----------------------------------------------------------------
 
     def _parse(self, text: str) -> Any:
-        loader = yaml.SafeLoader(text)
+        loader: yaml.SafeLoader | None = None
         try:
+            loader = yaml.SafeLoader(text)  # the reader already refuses control characters
             self.root = loader.get_single_node()
             if self.root is None:
                 raise WorkflowError(self.source, None, "", "the workflow is empty")
-            _check_duplicate_keys(self.root, (), self)
+            _check_tree(self.root, self.source)
             return loader.construct_document(self.root)
         except yaml.MarkedYAMLError as exc:
             raise self._yaml_error(exc) from None
         except yaml.YAMLError as exc:
             raise WorkflowError(self.source, None, "", f"invalid YAML: {exc}") from None
+        except RecursionError:
+            raise WorkflowError(self.source, None, "", "the document is nested too deeply") \
+                from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def _yaml_error(self, exc: yaml.MarkedYAMLError) -> WorkflowError:
         mark = exc.problem_mark or exc.context_mark
@@ -416,22 +422,39 @@ def _dotted(path: list[str | int]) -> str:
     return out or "(root)"
 
 
-def _check_duplicate_keys(node: yaml.Node, loc: Loc, loader: _Loader) -> None:
-    """PyYAML keeps the last of two equal keys silently; a workflow file should not."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if isinstance(key, str):
+def _check_tree(root: yaml.Node, source: str) -> None:
+    """Refuse duplicate keys, which PyYAML would resolve silently by keeping the last, and
+    alias bombs, which would expand into more data than any workflow needs."""
+    sizes: dict[int, int] = {}
+
+    def walk(node: yaml.Node, loc: Loc) -> int:
+        known = sizes.get(id(node))
+        if known is not None:  # an alias: checked already, counts at its full size
+            return known
+        sizes[id(node)] = 1  # provisional, so a recursive alias ends the walk
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
                 line = key_node.start_mark.line + 1
-                if key in seen and key != "<<":
-                    raise WorkflowError(loader.source, line, _dotted([*loc, key]),
+                if isinstance(key, str) and key in seen and key != "<<":
+                    raise WorkflowError(source, line, _dotted([*loc, key]),
                                         f"duplicate key {key!r} (first on line {seen[key]})")
-                seen[key] = line
-                _check_duplicate_keys(value_node, (*loc, key), loader)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _check_duplicate_keys(item, (*loc, index), loader)
+                if isinstance(key, str):
+                    seen[key] = line
+                size += 1 + walk(value_node, (*loc, key) if isinstance(key, str) else loc)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                size += walk(item, (*loc, index))
+        if size > _MAX_NODES:
+            raise WorkflowError(source, node.start_mark.line + 1, _dotted(list(loc)),
+                                f"the document expands to more than {_MAX_NODES} values "
+                                "(through YAML aliases?)")
+        sizes[id(node)] = size
+        return size
+
+    walk(root, ())
 
 
 def _overrides(entry: ToolEntry) -> dict[str, Any]:

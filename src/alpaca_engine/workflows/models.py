@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..models.base import Model, ModelError
+from ..models.base import Message, Model, ModelError, ModelResponse, ToolSpec
 from ..models.function import FunctionModel
 from ..models.openai import OpenAIModel
 from ..models.scripted import ScriptedModel
@@ -56,13 +56,34 @@ def _function(spec: FunctionModelSpec, resolve: Resolver) -> FunctionModel:
     return FunctionModel(fn, name=spec.name or "function")
 
 
-def _openai(spec: OpenAIModelSpec) -> OpenAIModel:
+class UnconfiguredModel:
+    """Stands in for a provider whose credentials are missing.
+
+    Loading a workflow must not need every agent's API key (the offline agents of the same
+    file still run); a run of this agent fails at its first model step with a clear reason.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self._name = name
+        self.reason = reason
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def complete(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> ModelResponse:
+        raise ModelError(self.reason, transient=False)
+
+
+def _openai(spec: OpenAIModelSpec) -> Model:
     key = os.environ.get(spec.api_key_env) or None
     base_url = spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
     if key is None:
         if base_url is None:
-            raise SpecError(
-                ("api_key_env",),
+            return UnconfiguredModel(
+                f"openai:{spec.model}",
                 f"environment variable {spec.api_key_env} is not set (needed without base_url)",
             )
         # Pass the placeholder rather than None: OpenAIModel would otherwise fall back on

@@ -51,6 +51,10 @@ class WorkflowError(Exception):
         self.message = message
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type[WorkflowError], tuple[str, int | None, str, str]]:
+        # Keeps the fields when the error crosses a process boundary (worker pools).
+        return (type(self), (self.source, self.line, self.field, self.message))
+
     def __str__(self) -> str:
         where = self.source if self.line is None else f"{self.source}:{self.line}"
         if not self.field:
@@ -78,14 +82,14 @@ class SpecError(Exception):
 
 
 def _import_path(value: str) -> str:
-    if not _IMPORT_PATH.match(value):
+    if not _IMPORT_PATH.fullmatch(value):
         raise ValueError("expected 'module:attribute' (for example 'tools:add')")
     return value
 
 
 def _env_name(value: str) -> str:
     # Never echo the value: someone may have pasted the key itself here.
-    if not _ENV_NAME.match(value):
+    if not _ENV_NAME.fullmatch(value):
         raise ValueError(
             "must be the NAME of an environment variable (e.g. OPENAI_API_KEY), never the key"
         )
@@ -112,7 +116,7 @@ def _version(value: int) -> int:
 
 
 def _name(value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError("a name is 1-64 letters, digits, '_' or '-'")
     return value
 

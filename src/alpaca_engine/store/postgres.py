@@ -1,0 +1,540 @@
+"""The server store: PostgreSQL through psycopg 3 (async pool), safe for many workers and hosts.
+
+Same semantics as :mod:`.sqlite`, with row locks instead of SQLite's file lock: every fenced
+write reads the run row ``FOR UPDATE`` in the transaction that does the write, so the epoch
+check, the write and the audit append (which reads the chain head under that same lock) are
+atomic across processes; ``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers
+never wait on, or double-claim, the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Json, Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from ..errors import LeaseLost, NotFound
+from ..lifecycle import RunState, check_transition
+from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
+from .postgres_migrations import POSTGRES as MIGRATIONS
+from .records import AuditEvent, RunRecord, StepRecord
+
+_JSON_RUN_FIELDS = ("ancestry", "budget", "usage")
+
+Cursor = AsyncCursor[DictRow]
+Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
+
+
+def _lock_key(schema: str) -> int:
+    """A stable 64-bit advisory-lock key per schema: migrations of different schemas don't wait
+    on each other, concurrent openers of one schema do."""
+    digest = hashlib.sha256(f"alpaca_engine.migrate:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _jsonb(value: Any) -> Jsonb | None:
+    """SQL NULL for None (as SQLite stores it), JSONB otherwise."""
+    return None if value is None else Jsonb(value)
+
+
+class PostgresStore:
+    """The :class:`~.base.Store` on PostgreSQL; ``schema`` isolates tenants of one database
+    (tests use a fresh one each), ``pool_size`` caps this process's connections."""
+
+    def __init__(
+        self,
+        url: str,
+        audit_key: bytes | None = None,
+        *,
+        schema: str | None = None,
+        pool_size: int = 10,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.audit_key = audit_key
+        self.schema = schema
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self._pool: Pool | None = None
+
+    # -- connection and schema -------------------------------------------------------------
+    async def _configure(self, conn: AsyncConnection[DictRow]) -> None:
+        """Point every pooled connection at the store's schema (autocommit: no open txn)."""
+        if self.schema is not None:
+            await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool: Pool = AsyncConnectionPool(
+            self.url,
+            connection_class=AsyncConnection[DictRow],
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            min_size=1,
+            max_size=max(1, self.pool_size),
+            configure=self._configure,
+            check=AsyncConnectionPool.check_connection,
+            timeout=self.connect_timeout,
+            open=False,
+        )
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        try:
+            await self.upgrade()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def schema_version(self) -> int:
+        async with self._read() as cur:
+            await cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL AS present")
+            row = await cur.fetchone()
+            if row is None or not row["present"]:
+                return 0
+            await cur.execute("SELECT MAX(version) AS v FROM schema_migrations")
+            row = await cur.fetchone()
+            return int(row["v"] or 0) if row else 0
+
+    async def upgrade(self) -> list[int]:
+        """Apply pending migrations in order under an advisory lock; return the versions applied.
+
+        The lock is transaction-scoped, so concurrent openers queue behind the first and then
+        see its committed ``schema_migrations`` rows (READ COMMITTED re-reads per statement).
+        """
+        applied: list[int] = []
+        async with self._tx() as cur:
+            target = self.schema
+            if target is None:
+                await cur.execute("SELECT current_schema() AS s")
+                row = await cur.fetchone()
+                target = (row["s"] if row else None) or ""
+            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(target),))
+            if self.schema is not None:
+                await cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,))
+                if await cur.fetchone() is None:
+                    await cur.execute(
+                        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema))
+                    )
+            await cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)"
+            )
+            await cur.execute("SELECT MAX(version) AS v FROM schema_migrations")
+            row = await cur.fetchone()
+            current = int(row["v"] or 0) if row else 0
+            for version, script in enumerate(MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                await cur.execute(script)
+                await cur.execute("INSERT INTO schema_migrations(version) VALUES (%s)", (version,))
+                applied.append(version)
+        return applied
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def _conns(self) -> Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Cursor]:
+        """One transaction on one pooled connection; rolled back on any exception."""
+        async with self._conns.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Cursor]:
+        """A cursor for plain reads (autocommit: each statement sees the latest commits)."""
+        async with self._conns.connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _run(row: DictRow) -> RunRecord:
+        return RunRecord.model_validate(row)
+
+    @staticmethod
+    def _step(row: DictRow) -> StepRecord:
+        return StepRecord.model_validate(row)
+
+    async def _fetch_run(self, cur: Cursor, run_id: str, *, lock: bool = False) -> RunRecord:
+        query = (
+            "SELECT * FROM runs WHERE id=%s FOR UPDATE"
+            if lock
+            else "SELECT * FROM runs WHERE id=%s"
+        )
+        await cur.execute(query, (run_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"run {run_id} not found")
+        return self._run(row)
+
+    async def _fence(self, cur: Cursor, run_id: str, epoch: int | None) -> RunRecord:
+        """Lock the run row for the rest of the transaction, then check the epoch: a claim or
+        steal by another worker either commits before (we see its epoch) or waits for us."""
+        run = await self._fetch_run(cur, run_id, lock=True)
+        if epoch is not None and run.epoch != epoch:
+            raise LeaseLost(run_id, epoch)
+        return run
+
+    async def _audit(
+        self, cur: Cursor, run_id: str, events: Sequence[AuditEvent], now: float
+    ) -> None:
+        """Append to the run's chain; callers hold the run row lock (or just inserted the run),
+        so the head read here cannot be raced and seq/hash never fork."""
+        if not events:
+            return
+        await cur.execute(
+            "SELECT seq, hash FROM audit WHERE run_id=%s ORDER BY seq DESC LIMIT 1", (run_id,)
+        )
+        row = await cur.fetchone()
+        last_seq, last_hash = (int(row["seq"]), str(row["hash"])) if row else (0, GENESIS)
+        for ev in events:
+            rec = next_record(
+                run_id,
+                last_seq,
+                last_hash,
+                ev.kind,
+                ev.data,
+                ev.actor,
+                self.audit_key,
+                iso_utc(now),
+            )
+            await cur.execute(
+                "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                (
+                    rec.run_id,
+                    rec.seq,
+                    rec.time,
+                    rec.actor,
+                    rec.kind,
+                    Json(rec.data),
+                    rec.prev_hash,
+                    rec.hash,
+                ),
+            )
+            last_seq, last_hash = rec.seq, rec.hash
+
+    @staticmethod
+    def _set_state(
+        run: RunRecord, to: RunState, error_code: str | None, reason: str, actor: str = "engine"
+    ) -> AuditEvent:
+        check_transition(run.id, run.state, to, error_code)
+        return AuditEvent(
+            kind="state.changed",
+            actor=actor,
+            data={"from": str(run.state), "to": str(to), "reason": reason},
+        )
+
+    # -- runs ----------------------------------------------------------------------------------
+    async def create_run(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = ()
+    ) -> tuple[RunRecord, bool]:
+        data = run.model_dump()
+        for f in _JSON_RUN_FIELDS:
+            data[f] = Jsonb(data[f])
+        data["state"] = str(run.state)
+        query = sql.SQL(
+            "INSERT INTO runs ({cols}) VALUES ({vals}) ON CONFLICT (tenant, idempotency_key) "
+            "WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+        ).format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, data)),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(data)),
+        )
+        async with self._tx() as cur:
+            await cur.execute(query, tuple(data.values()))
+            if await cur.fetchone() is None:  # the tenant already used this idempotency key
+                await cur.execute(
+                    "SELECT * FROM runs WHERE tenant=%s AND idempotency_key=%s",
+                    (run.tenant, run.idempotency_key),
+                )
+                row = await cur.fetchone()
+                if row is None:  # pragma: no cover - the conflicting row is committed
+                    raise NotFound(f"run with idempotency key {run.idempotency_key} vanished")
+                return self._run(row), False
+            await self._audit(cur, run.id, audit, run.created_at)
+        return run, True
+
+    async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
+        async with self._read() as cur:
+            run = await self._fetch_run(cur, run_id)
+        if tenant is not None and run.tenant != tenant:
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    async def list_runs(
+        self,
+        *,
+        tenant: str | None = None,
+        state: RunState | None = None,
+        root_id: str | None = None,
+        parent_id: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        where: list[sql.Composable] = []
+        args: list[Any] = []
+        for col, val in (
+            ("tenant", tenant),
+            ("state", state),
+            ("root_id", root_id),
+            ("parent_id", parent_id),
+        ):
+            if val is not None:
+                where.append(sql.SQL("{}=%s").format(sql.Identifier(col)))
+                args.append(str(val))
+        query: sql.Composable = sql.SQL("SELECT * FROM runs")
+        if where:
+            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+        query += sql.SQL(" ORDER BY created_at DESC, id DESC LIMIT %s")
+        async with self._read() as cur:
+            # A negative limit means "no limit", as in SQLite (LIMIT NULL in PostgreSQL).
+            await cur.execute(query, (*args, None if limit < 0 else limit))
+            rows = await cur.fetchall()
+        return [self._run(r) for r in rows]
+
+    async def claim_run(
+        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
+    ) -> RunRecord | None:
+        async with self._tx() as cur:
+            run = await self._fetch_run(cur, run_id, lock=True)
+            return await self._claim(cur, run, owner, lease_seconds, now, steal)
+
+    async def _claim(
+        self, cur: Cursor, run: RunRecord, owner: str, lease_seconds: float, now: float, steal: bool
+    ) -> RunRecord | None:
+        """Lease a run whose row this transaction has locked."""
+        events = []
+        if run.state == RunState.RUNNING:
+            expired = run.lease_expires_at is not None and run.lease_expires_at < now
+            if not (expired or steal):
+                return None
+            why = "lease expired" if expired else f"lease taken over from {run.lease_owner}"
+            events.append(self._set_state(run, RunState.QUEUED, None, why))
+            run = run.model_copy(update={"state": RunState.QUEUED})
+        if run.state != RunState.QUEUED:
+            return None
+        events.append(self._set_state(run, RunState.RUNNING, None, f"claimed by {owner}"))
+        await cur.execute(
+            "UPDATE runs SET state=%s, lease_owner=%s, lease_expires_at=%s, epoch=%s, "
+            "updated_at=%s WHERE id=%s RETURNING *",
+            (str(RunState.RUNNING), owner, now + lease_seconds, run.epoch + 1, now, run.id),
+        )
+        row = await cur.fetchone()
+        await self._audit(cur, run.id, events, now)
+        return self._run(row) if row else None
+
+    async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
+        async with self._tx() as cur:
+            await cur.execute(
+                "SELECT * FROM runs WHERE state=%s ORDER BY created_at, id LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED",
+                (str(RunState.QUEUED),),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            return await self._claim(cur, self._run(row), owner, lease_seconds, now, False)
+
+    async def renew_lease(
+        self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
+    ) -> None:
+        async with self._tx() as cur:
+            run = await self._fence(cur, run_id, epoch)
+            if run.state != RunState.RUNNING or run.lease_owner != owner:
+                raise LeaseLost(run_id, epoch)
+            await cur.execute(
+                "UPDATE runs SET lease_expires_at=%s WHERE id=%s", (now + lease_seconds, run_id)
+            )
+
+    async def transition(
+        self,
+        run_id: str,
+        to: RunState,
+        now: float,
+        *,
+        epoch: int | None = None,
+        output: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        usage: dict[str, Any] | None = None,
+        audit: Sequence[AuditEvent] = (),
+    ) -> RunRecord:
+        async with self._tx() as cur:
+            run = await self._fence(cur, run_id, epoch)
+            return await self._transition(
+                cur,
+                run,
+                to,
+                now,
+                epoch=epoch,
+                output=output,
+                error_code=error_code,
+                error_message=error_message,
+                usage=usage,
+                audit=audit,
+            )
+
+    async def _transition(
+        self,
+        cur: Cursor,
+        run: RunRecord,
+        to: RunState,
+        now: float,
+        *,
+        epoch: int | None,
+        output: str | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        usage: dict[str, Any] | None = None,
+        audit: Sequence[AuditEvent] = (),
+    ) -> RunRecord:
+        """The body of :meth:`transition` for a run row already fenced in this transaction."""
+        if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
+            raise LeaseLost(run.id, -1)
+        reason = error_message or ("finished" if to.terminal else str(to))
+        event = self._set_state(run, to, error_code, reason)
+        event.data.update({"error_code": error_code} if error_code else {})
+        keep_lease = to == RunState.RUNNING
+        epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        await cur.execute(
+            "UPDATE runs SET state=%s, output=COALESCE(%s, output), error_code=%s, "
+            "error_message=%s, usage=COALESCE(%s, usage), updated_at=%s, epoch=%s, "
+            "lease_owner=CASE WHEN %s THEN lease_owner END, "
+            "lease_expires_at=CASE WHEN %s THEN lease_expires_at END WHERE id=%s RETURNING *",
+            (
+                str(to),
+                output,
+                error_code,
+                error_message,
+                _jsonb(usage),
+                now,
+                epoch_after,
+                keep_lease,
+                keep_lease,
+                run.id,
+            ),
+        )
+        row = await cur.fetchone()
+        await self._audit(cur, run.id, [*audit, event], now)
+        if row is None:  # pragma: no cover - the row is locked by this transaction
+            raise NotFound(f"run {run.id} not found")
+        return self._run(row)
+
+    async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
+        """As SQLite, but decided under the row lock so a concurrent claim cannot interleave."""
+        async with self._tx() as cur:
+            run = await self._fence(cur, run_id, None)
+            if tenant is not None and run.tenant != tenant:
+                raise NotFound(f"run {run_id} not found")
+            if run.state.terminal:
+                return run
+            if run.state == RunState.RUNNING:
+                await cur.execute(
+                    "UPDATE runs SET cancel_requested=TRUE WHERE id=%s RETURNING *", (run_id,)
+                )
+                row = await cur.fetchone()
+                await self._audit(
+                    cur, run_id, [AuditEvent(kind="cancel.requested", actor="user")], run.updated_at
+                )
+                return self._run(row) if row else run
+            return await self._transition(
+                cur,
+                run,
+                RunState.CANCELLED,
+                run.updated_at,
+                epoch=None,
+                error_code="cancelled",
+                error_message="cancelled by user",
+            )
+
+    async def requeue_expired(self, now: float) -> list[str]:
+        async with self._read() as cur:
+            await cur.execute(
+                "SELECT id FROM runs WHERE state=%s AND lease_expires_at < %s "
+                "ORDER BY created_at, id",
+                (str(RunState.RUNNING), now),
+            )
+            ids = [str(r["id"]) for r in await cur.fetchall()]
+        done = []
+        for run_id in ids:
+            async with self._tx() as cur:
+                run = await self._fetch_run(cur, run_id, lock=True)
+                if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
+                    continue
+                event = self._set_state(
+                    run, RunState.QUEUED, None, f"lease of {run.lease_owner} expired"
+                )
+                await cur.execute(
+                    "UPDATE runs SET state=%s, lease_owner=NULL, lease_expires_at=NULL, "
+                    "epoch=epoch+1, updated_at=%s WHERE id=%s",
+                    (str(RunState.QUEUED), now, run_id),
+                )
+                await self._audit(cur, run_id, [event], now)
+                done.append(run_id)
+        return done
+
+    # -- steps and audit -------------------------------------------------------------------------
+    async def save_step(
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+    ) -> None:
+        async with self._tx() as cur:
+            await self._fence(cur, step.run_id, epoch)
+            await cur.execute(
+                "INSERT INTO steps(run_id, seq, kind, name, status, input, output, error, "
+                "idempotency_key, attempts, started_at, finished_at) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (run_id, seq) "
+                "DO UPDATE SET status=excluded.status, output=excluded.output, "
+                "error=excluded.error, attempts=excluded.attempts, "
+                "finished_at=excluded.finished_at",
+                (
+                    step.run_id,
+                    step.seq,
+                    str(step.kind),
+                    step.name,
+                    str(step.status),
+                    Jsonb(step.input),
+                    _jsonb(step.output),
+                    _jsonb(step.error),
+                    step.idempotency_key,
+                    step.attempts,
+                    step.started_at,
+                    step.finished_at,
+                ),
+            )
+            await self._audit(cur, step.run_id, audit, step.finished_at or step.started_at)
+
+    async def list_steps(self, run_id: str) -> list[StepRecord]:
+        async with self._read() as cur:
+            await cur.execute("SELECT * FROM steps WHERE run_id=%s ORDER BY seq", (run_id,))
+            rows = await cur.fetchall()
+        return [self._step(r) for r in rows]
+
+    async def append_audit(
+        self, run_id: str, events: Sequence[AuditEvent], now: float, *, epoch: int | None = None
+    ) -> None:
+        async with self._tx() as cur:
+            await self._fence(cur, run_id, epoch)
+            await self._audit(cur, run_id, events, now)
+
+    async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]:
+        async with self._read() as cur:
+            await cur.execute(
+                "SELECT * FROM audit WHERE run_id=%s AND seq>%s ORDER BY seq", (run_id, after_seq)
+            )
+            rows = await cur.fetchall()
+        return [AuditRecord.from_dict(r) for r in rows]

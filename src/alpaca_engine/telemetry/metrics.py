@@ -1,0 +1,228 @@
+"""Prometheus metrics for the engine: runs by state, step latency, tool health, budgets.
+
+Each :class:`Metrics` owns its own ``CollectorRegistry`` (not the global one), so tests and
+several engines in one process never collide on metric names. Values that live in the store
+(runs per state, orphaned runs) are *read at scrape time* through callables, never pushed, so
+a restarted process reports the truth at once. Those callables run inside the scrape: they
+must be cheap and must not block (an async store should hand in a cached value).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "BREAKER_STATE_VALUES",
+    "BUDGET_RESOURCES",
+    "METRICS",
+    "STEP_BUCKETS",
+    "Metrics",
+]
+
+log = logging.getLogger("alpaca.telemetry")
+
+BREAKER_STATE_VALUES: Mapping[str, int] = {"closed": 0, "half_open": 1, "open": 2}
+"""Gauge encoding of breaker states: ordered by severity so ``max()`` alerts make sense."""
+
+BUDGET_RESOURCES = frozenset({"steps", "tool_calls", "input_tokens", "output_tokens", "cost"})
+"""Fixed label values: an open set would let a typo create a new series."""
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+"""Model steps take seconds to minutes, so the defaults (which stop at 10 s) are too short."""
+
+StateCounts = Callable[[], Mapping[str, int]]
+OrphanCount = Callable[[], int]
+
+
+class _ScrapeTimeCollector(Collector):
+    """Reads store-backed gauges when Prometheus scrapes, never from a stale copy."""
+
+    def __init__(self, owner: Metrics) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterable[Metric]:
+        # One broken source must not take the whole scrape (and every other metric) down.
+        states = self._owner._state_counts
+        if states is not None:
+            family = GaugeMetricFamily(
+                "alpaca_runs_in_state", "Runs currently in each state.", labels=["state"]
+            )
+            try:
+                for state, count in sorted(states().items()):
+                    family.add_metric([str(state)], float(count))
+            except Exception:
+                log.exception("metrics: the runs-by-state source failed; series omitted")
+            else:
+                yield family
+        orphans = self._owner._orphan_count
+        if orphans is not None:
+            try:
+                value = float(orphans())
+            except Exception:
+                log.exception("metrics: the orphan-count source failed; series omitted")
+            else:
+                yield GaugeMetricFamily(
+                    "alpaca_orphaned_runs",
+                    "Runs whose worker lease expired and that no worker has reclaimed yet.",
+                    value=value,
+                )
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing up front: stops the registry from calling ``collect`` at registration."""
+        return []
+
+
+class Metrics:
+    """The engine's metrics, on a private registry; expose them with :meth:`render`."""
+
+    def __init__(
+        self,
+        orphan_count: OrphanCount | None = None,
+        state_counts: StateCounts | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._orphan_count = orphan_count
+        self._state_counts = state_counts
+        self._breaker_lock = threading.Lock()
+        self._breaker_last: dict[str, str] = {}
+        reg = self.registry
+        self.runs_total = Counter(
+            "alpaca_runs",
+            "Runs entering each state (terminal states count finished runs).",
+            ["state"],
+            registry=reg,
+        )
+        self.step_seconds = Histogram(
+            "alpaca_step_duration_seconds",
+            "Wall time of one journal step, by step kind.",
+            ["kind"],
+            buckets=STEP_BUCKETS,
+            registry=reg,
+        )
+        self.tool_errors_total = Counter(
+            "alpaca_tool_errors",
+            "Tool calls that ended in an error, by error code.",
+            ["tool", "code"],
+            registry=reg,
+        )
+        self.retries_total = Counter(
+            "alpaca_tool_retries",
+            "Tool call attempts beyond the first.",
+            ["tool"],
+            registry=reg,
+        )
+        self.breaker_state = Gauge(
+            "alpaca_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
+            ["tool"],
+            registry=reg,
+        )
+        self.breaker_transitions_total = Counter(
+            "alpaca_breaker_transitions",
+            "Circuit breaker state changes, by new state.",
+            ["tool", "to"],
+            registry=reg,
+        )
+        self.budget_used = Counter(
+            "alpaca_budget_used",
+            "Budget consumed by runs (steps, tool calls, tokens, cost).",
+            ["resource"],
+            registry=reg,
+        )
+        reg.register(_ScrapeTimeCollector(self))
+
+    # ------------------------------------------------------------------ scrape-time sources
+
+    def set_orphan_source(self, orphan_count: OrphanCount | None) -> None:
+        """Attach (or detach) the orphan-count source later, e.g. to the module-level METRICS."""
+        self._orphan_count = orphan_count
+
+    def set_state_source(self, state_counts: StateCounts | None) -> None:
+        """Attach (or detach) the runs-per-state source read at scrape time."""
+        self._state_counts = state_counts
+
+    # ------------------------------------------------------------------ recording
+
+    def run_state(self, state: str) -> None:
+        """Count a run entering ``state`` (a ``RunState`` works: it is a str)."""
+        self.runs_total.labels(state=str(state)).inc()
+
+    def observe_step(self, kind: str, seconds: float) -> None:
+        """Record how long one step of ``kind`` (model, tool, delegation...) took."""
+        self.step_seconds.labels(kind=str(kind)).observe(seconds)
+
+    @contextmanager
+    def time_step(self, kind: str) -> Iterator[None]:
+        """Time the block as one step of ``kind``, failed or not (a monotonic clock)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.observe_step(kind, time.perf_counter() - start)
+
+    def tool_error(self, tool: str, code: str) -> None:
+        """Count a failed tool call with the engine's error code."""
+        self.tool_errors_total.labels(tool=tool, code=str(code)).inc()
+
+    def retry(self, tool: str, count: int = 1) -> None:
+        """Count retries (attempts after the first) of ``tool``."""
+        self.retries_total.labels(tool=tool).inc(count)
+
+    def breaker(self, tool: str, state: str) -> None:
+        """Report ``tool``'s breaker state; a change from the last report counts a transition.
+
+        The first report of a tool only sets the gauge: a breaker starting closed has not
+        transitioned.
+        """
+        key = str(state)
+        if key not in BREAKER_STATE_VALUES:
+            raise ValueError(f"unknown breaker state {key!r}")
+        with self._breaker_lock:
+            previous = self._breaker_last.get(tool)
+            self._breaker_last[tool] = key
+        self.breaker_state.labels(tool=tool).set(BREAKER_STATE_VALUES[key])
+        if previous is not None and previous != key:
+            self.breaker_transitions_total.labels(tool=tool, to=key).inc()
+
+    def breaker_transition(self, tool: str, to_state: str) -> None:
+        """Count an explicit transition (e.g. from a breaker ``Transition``) and set the gauge."""
+        key = str(to_state)
+        if key not in BREAKER_STATE_VALUES:
+            raise ValueError(f"unknown breaker state {key!r}")
+        with self._breaker_lock:
+            self._breaker_last[tool] = key
+        self.breaker_state.labels(tool=tool).set(BREAKER_STATE_VALUES[key])
+        self.breaker_transitions_total.labels(tool=tool, to=key).inc()
+
+    def budget(self, resource: str, amount: float = 1) -> None:
+        """Add ``amount`` of ``resource`` (one of BUDGET_RESOURCES) to the budget counter."""
+        if resource not in BUDGET_RESOURCES:
+            raise ValueError(f"unknown budget resource {resource!r}")
+        if amount:
+            self.budget_used.labels(resource=resource).inc(amount)
+
+    # ------------------------------------------------------------------ exposition
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type, for a ``/metrics`` endpoint."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+METRICS = Metrics()
+"""Process-wide default; attach store-backed sources with ``set_*_source`` at startup."""

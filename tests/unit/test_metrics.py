@@ -1,0 +1,141 @@
+"""Prometheus metrics: private registry, exposition, scrape-time gauges, breaker encoding."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from alpaca_engine.lifecycle import RunState
+from alpaca_engine.telemetry.metrics import METRICS, Metrics
+from alpaca_engine.tools.breaker import BreakerState
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    body, content_type = metrics.render()
+    assert content_type == CONTENT_TYPE_LATEST
+    out: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_counters_and_histogram_render() -> None:
+    m = Metrics()
+    m.run_state(RunState.RUNNING)
+    m.run_state("running")
+    m.run_state(RunState.SUCCEEDED)
+    m.observe_step("model", 0.7)
+    with m.time_step("tool"):
+        pass
+    m.tool_error("search", "tool_timeout")
+    m.retry("search")
+    m.retry("search", 2)
+    m.budget("input_tokens", 120)
+    m.budget("cost", 0.25)
+    m.budget("steps")
+    m.budget("tool_calls", 0)  # nothing spent: no series
+
+    s = scrape(m)
+    assert s[("alpaca_runs_total", (("state", "running"),))] == 2
+    assert s[("alpaca_runs_total", (("state", "succeeded"),))] == 1
+    assert s[("alpaca_step_duration_seconds_count", (("kind", "model"),))] == 1
+    assert s[("alpaca_step_duration_seconds_sum", (("kind", "model"),))] == pytest.approx(0.7)
+    assert s[("alpaca_step_duration_seconds_bucket", (("kind", "model"), ("le", "1.0")))] == 1
+    assert s[("alpaca_step_duration_seconds_bucket", (("kind", "model"), ("le", "0.5")))] == 0
+    assert s[("alpaca_step_duration_seconds_count", (("kind", "tool"),))] == 1
+    assert s[("alpaca_tool_errors_total", (("code", "tool_timeout"), ("tool", "search")))] == 1
+    assert s[("alpaca_tool_retries_total", (("tool", "search"),))] == 3
+    assert s[("alpaca_budget_used_total", (("resource", "input_tokens"),))] == 120
+    assert s[("alpaca_budget_used_total", (("resource", "cost"),))] == pytest.approx(0.25)
+    assert s[("alpaca_budget_used_total", (("resource", "steps"),))] == 1
+    assert ("alpaca_budget_used_total", (("resource", "tool_calls"),)) not in s
+
+
+def test_instances_do_not_share_a_registry() -> None:
+    a, b = Metrics(), Metrics()
+    a.run_state("failed")
+    assert ("alpaca_runs_total", (("state", "failed"),)) in scrape(a)
+    assert ("alpaca_runs_total", (("state", "failed"),)) not in scrape(b)
+    assert METRICS.registry is not a.registry
+
+
+def test_orphan_gauge_is_read_at_scrape_time() -> None:
+    count = 0
+    calls = 0
+
+    def orphans() -> int:
+        nonlocal calls
+        calls += 1
+        return count
+
+    m = Metrics(orphan_count=orphans)
+    assert calls == 0  # registering must not evaluate it
+    assert scrape(m)[("alpaca_orphaned_runs", ())] == 0
+    count = 3
+    assert scrape(m)[("alpaca_orphaned_runs", ())] == 3
+    assert calls == 2
+
+
+def test_orphan_and_state_sources_can_be_attached_later() -> None:
+    m = Metrics()
+    assert ("alpaca_orphaned_runs", ()) not in scrape(m)
+    m.set_orphan_source(lambda: 7)
+    m.set_state_source(lambda: {RunState.QUEUED: 4, RunState.RUNNING: 1})
+    s = scrape(m)
+    assert s[("alpaca_orphaned_runs", ())] == 7
+    assert s[("alpaca_runs_in_state", (("state", "queued"),))] == 4
+    assert s[("alpaca_runs_in_state", (("state", "running"),))] == 1
+
+
+def test_failing_source_does_not_break_the_scrape(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> int:
+        raise RuntimeError("store down")
+
+    m = Metrics(orphan_count=broken, state_counts=lambda: {"queued": 1})
+    m.run_state("queued")
+    with caplog.at_level(logging.ERROR, logger="alpaca.telemetry"):
+        s = scrape(m)
+    assert ("alpaca_orphaned_runs", ()) not in s
+    assert s[("alpaca_runs_in_state", (("state", "queued"),))] == 1
+    assert s[("alpaca_runs_total", (("state", "queued"),))] == 1
+    assert "orphan-count source failed" in caplog.text
+
+
+def test_breaker_gauge_values_and_transitions() -> None:
+    m = Metrics()
+    m.breaker("pay", BreakerState.CLOSED)  # first report: no transition
+    s = scrape(m)
+    assert s[("alpaca_breaker_state", (("tool", "pay"),))] == 0
+    assert not any(name == "alpaca_breaker_transitions_total" for name, _ in s)
+
+    m.breaker("pay", BreakerState.OPEN)
+    assert scrape(m)[("alpaca_breaker_state", (("tool", "pay"),))] == 2
+    m.breaker("pay", BreakerState.OPEN)  # same state again: not a transition
+    m.breaker("pay", "half_open")
+    s = scrape(m)
+    assert s[("alpaca_breaker_state", (("tool", "pay"),))] == 1
+    m.breaker_transition("pay", BreakerState.CLOSED)
+    s = scrape(m)
+    assert s[("alpaca_breaker_state", (("tool", "pay"),))] == 0
+    assert s[("alpaca_breaker_transitions_total", (("to", "open"), ("tool", "pay")))] == 1
+    assert s[("alpaca_breaker_transitions_total", (("to", "half_open"), ("tool", "pay")))] == 1
+    assert s[("alpaca_breaker_transitions_total", (("to", "closed"), ("tool", "pay")))] == 1
+    m.breaker("pay", "closed")  # already reported by breaker_transition: not counted again
+    s = scrape(m)
+    assert s[("alpaca_breaker_transitions_total", (("to", "closed"), ("tool", "pay")))] == 1
+
+
+def test_unknown_labels_are_rejected() -> None:
+    m = Metrics()
+    with pytest.raises(ValueError, match="breaker state"):
+        m.breaker("pay", "ajar")
+    with pytest.raises(ValueError, match="breaker state"):
+        m.breaker_transition("pay", "ajar")
+    with pytest.raises(ValueError, match="budget resource"):
+        m.budget("tokens", 1)
