@@ -3,8 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
 
 from .models.base import Model
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """Which of an agent's actions wait for a supervisor (DESIGN §5)."""
+
+    tools: tuple[str, ...] = ()
+    """Tool names or globs that always need approval (besides tools marked ``required``)."""
+    capabilities: tuple[str, ...] = ()
+    """Any tool holding one of these capabilities needs approval."""
+    delegations: tuple[str, ...] = ()
+    """Delegating to these agents needs approval."""
+    cost_above: float | None = None
+    """A tool call whose declared cost is above this (USD) needs approval."""
+    on_reject: Literal["return", "fail"] = "return"
+    expires_after: float | None = 24 * 3600.0
+    on_expiry: Literal["deny", "approve"] = "deny"
+
+    def reason_for_tool(self, name: str, capabilities: frozenset[str], cost: float,
+                        tool_requires: bool) -> str | None:
+        if tool_requires:
+            return f"tool {name!r} requires approval"
+        for pattern in self.tools:
+            if fnmatchcase(name, pattern):
+                return f"policy: tools matching {pattern!r} need approval"
+        gated = sorted(capabilities & set(self.capabilities))
+        if gated:
+            return f"policy: capability {gated[0]!r} needs approval"
+        if self.cost_above is not None and cost > self.cost_above:
+            return f"policy: cost {cost:g} above {self.cost_above:g}"
+        return None
+
+    def reason_for_delegation(self, target: str) -> str | None:
+        if target in self.delegations:
+            return f"policy: delegating to {target!r} needs approval"
+        return None
 
 
 @dataclass
@@ -20,6 +58,11 @@ class Agent:
     max_steps: int = 25
     """Most model turns this agent may take in one run."""
     description: str = ""
+    approval: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    budget: dict[str, float] = field(default_factory=dict)
+    """Sub-limits (``max_tool_calls`` …) for this agent's subtree when it is delegated to."""
+    max_output_tokens: int = 1024
+    """Reserved from the token budget for each model call (the provider's cap)."""
 
     def describe(self) -> dict[str, object]:
         return {
@@ -30,4 +73,24 @@ class Agent:
             "capabilities": sorted(self.capabilities) if self.capabilities is not None else None,
             "delegates_to": list(self.delegates_to),
             "max_steps": self.max_steps,
+            "budget": dict(self.budget),
+            "approval": {
+                "tools": list(self.approval.tools),
+                "capabilities": list(self.approval.capabilities),
+                "delegations": list(self.approval.delegations),
+                "cost_above": self.approval.cost_above,
+                "on_reject": self.approval.on_reject,
+                "on_expiry": self.approval.on_expiry,
+            },
         }
+
+
+def effective_capabilities(
+    parent: frozenset[str] | None, own: frozenset[str] | None
+) -> frozenset[str] | None:
+    """Attenuation: a child holds its own capabilities ∩ its parent's (``None`` = no limit)."""
+    if parent is None:
+        return own
+    if own is None:
+        return parent
+    return own & parent

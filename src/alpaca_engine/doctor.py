@@ -13,7 +13,7 @@ from typing import Any
 from .engine import owner_is_dead_here
 from .lifecycle import RunState
 from .store.base import Store
-from .store.records import RunRecord
+from .store.records import ApprovalStatus, RunRecord
 
 
 @dataclass
@@ -40,7 +40,8 @@ class Report:
         return out
 
 
-def orphan_reason(run: RunRecord, children: list[RunRecord], now: float) -> str | None:
+def orphan_reason(run: RunRecord, children: list[RunRecord], now: float,
+                  pending_approvals: int = 0) -> str | None:
     if run.state == RunState.RUNNING:
         if run.lease_expires_at is None or run.lease_expires_at < now:
             return "running with an expired lease"
@@ -48,7 +49,7 @@ def orphan_reason(run: RunRecord, children: list[RunRecord], now: float) -> str 
             return f"running, but its worker {run.lease_owner} is gone"
     if run.state == RunState.WAITING:
         waiting_on_child = any(not c.state.terminal for c in children)
-        waiting_on_approval = bool(run.budget.get("_pending_approval"))
+        waiting_on_approval = pending_approvals > 0
         if not (waiting_on_child or waiting_on_approval):
             return "waiting on nothing (no pending approval, no unfinished child)"
     return None
@@ -64,7 +65,11 @@ async def check(store: Store, now: float | None = None) -> Report:
         report.counts[str(state)] = len(runs)
         for run in runs:
             children = await store.list_runs(parent_id=run.id, limit=10_000)
-            reason = orphan_reason(run, children, now)
+            pending = 0
+            if run.state == RunState.WAITING:
+                pending = len(await store.list_approvals(
+                    run_id=run.id, status=ApprovalStatus.PENDING, limit=1))
+            reason = orphan_reason(run, children, now, pending)
             if reason:
                 report.orphans.append(Orphan(run.id, str(state), reason))
     return report

@@ -15,13 +15,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .budget import limits_from_budget
 from .clock import Clock, SystemClock
-from .errors import LeaseLost
+from .errors import LeaseLost, NotFound
 from .events import EventSink, discard
 from .lifecycle import RunState
 from .runner import Breakers, StepRunner
 from .store.base import Store
-from .store.records import AuditEvent, RunRecord
+from .store.records import ApprovalStatus, AuditEvent, LedgerRecord, RunRecord
+from .telemetry import tracing
 from .workflow import Workflow
 
 log = logging.getLogger("alpaca.engine")
@@ -96,22 +98,54 @@ class Engine:
         workflow.agent(agent)  # unknown agents are refused before anything is stored
         now = self.clock.now()
         run_id = f"run_{uuid.uuid4().hex[:16]}"
+        merged = {**workflow.budget, **(budget or {})}
+        if merged.get("deadline_seconds") is not None and "deadline" not in merged:
+            merged["deadline"] = now + float(merged["deadline_seconds"])
+        ledger = LedgerRecord(id=run_id, limits=limits_from_budget(merged))
         run = RunRecord(
             id=run_id, tenant=tenant, agent=agent, workflow=workflow.ref, input=input,
             root_id=run_id, ancestry=[agent], idempotency_key=idempotency_key,
-            budget={**workflow.budget, **(budget or {})}, created_at=now, updated_at=now,
+            budget=merged, created_at=now, updated_at=now, ledgers=[run_id],
         )
         record, _created = await self.store.create_run(run, [AuditEvent(
             kind="run.created", actor=f"tenant:{tenant}",
             data={"agent": agent, "workflow": workflow.ref, "input": input,
-                  "budget": run.budget})])
+                  "budget": merged})], ledger=ledger)
         return record
 
     async def run(self, workflow: Workflow, agent: str, input: str, **kw: Any) -> RunRecord:
-        """Submit and execute in this process (the embedded default)."""
+        """Submit and execute the whole tree in this process (the embedded default)."""
         record = await self.submit(workflow, agent, input, **kw)
-        result = await self.execute(record.id)
-        return result or await self.store.get_run(record.id)
+        return await self.run_tree(record.id)
+
+    async def run_tree(self, root_id: str) -> RunRecord:
+        """Execute queued runs of one tree, deepest first, until the root is terminal or
+        waits on something no run here can finish (an approval)."""
+        while True:
+            queued = await self.store.list_runs(root_id=root_id, state=RunState.QUEUED,
+                                                limit=1000)
+            if not queued:
+                return await self.store.get_run(root_id)
+            for run in sorted(queued, key=lambda r: (-r.depth, r.created_at)):
+                await self.execute(run.id)
+
+    async def cancel(self, run_id: str, tenant: str | None = None) -> list[RunRecord]:
+        """Cancel a run and its whole subtree (children first)."""
+        run = await self.store.get_run(run_id, tenant)
+        tree = await self.store.list_runs(root_id=run.root_id, limit=100_000)
+        children: dict[str, list[RunRecord]] = {}
+        for r in tree:
+            if r.parent_id:
+                children.setdefault(r.parent_id, []).append(r)
+        order: list[RunRecord] = []
+
+        def walk(r: RunRecord) -> None:
+            for c in children.get(r.id, []):
+                walk(c)
+            order.append(r)
+
+        walk(run)
+        return [await self.store.request_cancel(r.id) for r in order]
 
     async def resume(self, run_id: str, *, force: bool = False) -> RunRecord:
         """Continue a run from its journal, taking over a dead local worker's lease."""
@@ -141,10 +175,15 @@ class Engine:
         workflow = self.resolve(run.workflow)
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
                             breakers=self.breakers, emit=self.emit)
-        task = asyncio.ensure_future(runner.run())
+        with tracing.run_span(run.id, run.agent, tenant=run.tenant,
+                              parent_traceparent=run.traceparent):
+            task = asyncio.ensure_future(runner.run())
         beat = asyncio.ensure_future(self._heartbeat(run, task))
         try:
-            return await task
+            record = await task
+            if record.parent_id and record.state.terminal:
+                await self.wake_parent(record.parent_id)
+            return record
         except LeaseLost:
             log.warning("run %s: lease lost, another worker owns it now", run.id)
             return await self.store.get_run(run.id)
@@ -156,6 +195,12 @@ class Engine:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await beat
+
+    async def wake_parent(self, parent_id: str) -> None:
+        """A finished child requeues its waiting parent (the reaper is the safety net)."""
+        with contextlib.suppress(NotFound, LeaseLost):
+            await wake_if_ready(self.store, await self.store.get_run(parent_id),
+                                self.clock.now())
 
     async def _heartbeat(self, run: RunRecord, task: asyncio.Future[RunRecord]) -> None:
         interval = max(self.lease_seconds / 3, 0.05)
@@ -185,19 +230,31 @@ class Engine:
                 if claimed is not None:
                     await self.release(run.id, claimed.epoch)
                     requeued.append(run.id)
+        for approval in await self.store.expire_approvals(self.clock.now()):
+            requeued.append(approval.run_id)
         requeued += await wake_finished_waiters(self.store, self.clock.now())
         return requeued
 
 
+async def wake_if_ready(store: Store, run: RunRecord, now: float) -> bool:
+    """Requeue a waiting run whose children all finished and that awaits no approval."""
+    if run.state != RunState.WAITING:
+        return False
+    if await store.list_approvals(run_id=run.id, status=ApprovalStatus.PENDING, limit=1):
+        return False
+    children = await store.list_runs(parent_id=run.id, limit=10_000)
+    if not children or not all(c.state.terminal for c in children):
+        return False
+    await store.transition(run.id, RunState.QUEUED, now, audit=[AuditEvent(
+        kind="run.woken", data={"reason": "all child runs finished"})])
+    return True
+
+
 async def wake_finished_waiters(store: Store, now: float) -> list[str]:
-    """Waiting runs whose children have all finished go back to the queue."""
+    """Reaper: waiting runs whose children have all finished go back to the queue."""
     woken = []
     for run in await store.list_runs(state=RunState.WAITING, limit=10_000):
-        if run.budget.get("_pending_approval"):
-            continue
-        children = await store.list_runs(parent_id=run.id, limit=10_000)
-        if children and all(c.state.terminal for c in children):
-            await store.transition(run.id, RunState.QUEUED, now, audit=[AuditEvent(
-                kind="run.woken", data={"reason": "all child runs finished"})])
-            woken.append(run.id)
+        with contextlib.suppress(Exception):
+            if await wake_if_ready(store, run, now):
+                woken.append(run.id)
     return woken

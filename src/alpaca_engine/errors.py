@@ -65,3 +65,7 @@ class LeaseLost(AlpacaError):
 
 class NotFound(Exception):
     """A run, approval or key that does not exist (or belongs to another tenant)."""
+
+
+class ApprovalConflict(Exception):
+    """The approval was already decided (or expired): decisions are final."""

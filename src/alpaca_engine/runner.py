@@ -2,8 +2,9 @@
 
 Ask the model, execute its tool calls one at a time in the order given, feed results back,
 repeat. Every tool call passes the same gate (lookup, permission, input contract, budget,
-breaker, execute with retry, output contract); each outcome is journaled and audited, and
-every exit path ends in a recorded run state.
+approval, breaker, execute with retry, output contract); each outcome is journaled and
+audited, and every exit path ends in a recorded run state (terminal, or waiting on an
+approval or a child run).
 """
 
 from __future__ import annotations
@@ -11,21 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from . import budget as ledger_logic
+from . import delegation
 from .agents import Agent
 from .clock import Clock, SystemClock
-from .errors import AlpacaError, ErrorCode, LeaseLost
+from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import RunState
 from .models.base import Message, ModelError, ModelResponse, ToolCall, ToolSpec
 from .store.base import Store
-from .store.records import AuditEvent, RunRecord, StepKind, StepRecord, StepStatus
+from .store.records import (
+    ApprovalRecord,
+    ApprovalStatus,
+    AuditEvent,
+    LedgerRecord,
+    RunRecord,
+    StepKind,
+    StepRecord,
+    StepStatus,
+)
+from .telemetry import tracing
+from .telemetry.metrics import METRICS, Metrics
 from .tools.base import Tool, ToolContext
 from .tools.breaker import CircuitBreaker
 from .tools.contracts import DEFAULT_MAX_PAYLOAD_BYTES, parse_arguments, payload_size
@@ -42,9 +56,10 @@ class Usage:
     tool_calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cost: float = 0.0
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if k != "cost" or v}
 
 
 class Breakers:
@@ -68,15 +83,45 @@ class Breakers:
 
 
 @dataclass
-class _ToolOutcome:
+class _Outcome:
     result: Any
     error: dict[str, Any] | None = None
     attempts: int = 1
     audit: list[AuditEvent] = field(default_factory=list)
+    settle: dict[str, float] | None = None
+
+
+class _Wait(Exception):
+    """The run pauses: an approval is pending or a child run has not finished."""
+
+    def __init__(self, reason: str, child_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.child_id = child_id
+
+
+class _Stop(AlpacaError):
+    """Ends the run in a state other than ``failed`` (cancelled, timed out)."""
+
+    def __init__(self, state: RunState, error: AlpacaError) -> None:
+        super().__init__(error.code, error.message)
+        self.state = state
 
 
 def _err(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
     return {"code": str(code), "message": message, **extra}
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _estimate_tokens(messages: list[Message]) -> int:
+    """A cheap upper-ish estimate (4 characters a token) for the budget reservation."""
+    chars = sum(len(m.content or "") + sum(len(c.arguments) + len(c.name)
+                                           for c in m.tool_calls) for m in messages)
+    return chars // 4 + 4 * len(messages)
 
 
 class StepRunner:
@@ -90,6 +135,7 @@ class StepRunner:
         breakers: Breakers | None = None,
         emit: EventSink = discard,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        metrics: Metrics = METRICS,
     ) -> None:
         self.run_record = run
         self.workflow = workflow
@@ -99,6 +145,7 @@ class StepRunner:
         self.breakers = breakers or Breakers(self.clock)
         self._sink = emit
         self.max_payload_bytes = max_payload_bytes
+        self.metrics = metrics
         self.usage = Usage()
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -117,21 +164,26 @@ class StepRunner:
             except KeyError as exc:
                 raise AlpacaError(ErrorCode.CONFIG_ERROR, str(exc.args[0])) from None
             return await self._loop(agent)
-        except LeaseLost:
+        except (LeaseLost, asyncio.CancelledError):
             raise
+        except _Wait as wait:
+            return await self._pause(wait)
         except _Stop as stop:
             return await self._finish(stop.state, error=stop)
         except AlpacaError as exc:
             return await self._finish(RunState.FAILED, error=exc)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
+            log.exception("run %s: unexpected error", self.run_record.id)
             return await self._finish(
                 RunState.FAILED,
-                error=AlpacaError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"),
+                error=AlpacaError(ErrorCode.INTERNAL_ERROR, _describe(exc)),
             )
 
     # -- the loop ------------------------------------------------------------------------------
+    def capabilities(self, agent: Agent) -> frozenset[str] | None:
+        caps = self.run_record.capabilities
+        return frozenset(caps) if caps is not None else agent.capabilities
+
     async def _loop(self, agent: Agent) -> RunRecord:
         run = self.run_record
         journal = Journal(await self.store.list_steps(run.id))
@@ -161,16 +213,13 @@ class StepRunner:
 
     def _visible_tools(self, agent: Agent) -> list[ToolSpec]:
         """The model only ever sees tools it is permitted to call."""
-        specs = []
-        for t in self.workflow.tools:
-            if check_tool(t, agent.tools, agent.capabilities).allowed:
-                specs.append(ToolSpec(name=t.name, description=t.description,
-                                      parameters=t.input_schema))
-        return specs
+        caps = self.capabilities(agent)
+        specs = [ToolSpec(name=t.name, description=t.description, parameters=t.input_schema)
+                 for t in self.workflow.tools if check_tool(t, agent.tools, caps).allowed]
+        return specs + delegation.specs(agent, self.workflow.agents)
 
     async def _check_interrupts(self) -> None:
-        budget = self.run_record.budget
-        deadline = budget.get("deadline")
+        deadline = self.run_record.budget.get("deadline")
         if deadline is not None and self.clock.now() > float(deadline):
             raise _Stop(RunState.TIMED_OUT, AlpacaError(
                 ErrorCode.DEADLINE_EXCEEDED, "the run's wall-clock deadline passed"))
@@ -179,19 +228,6 @@ class StepRunner:
             raise LeaseLost(current.id, self.epoch)
         if current.cancel_requested:
             raise _Stop(RunState.CANCELLED, AlpacaError(ErrorCode.CANCELLED, "cancelled by user"))
-
-    def _check_budget(self, kind: StepKind) -> None:
-        budget = self.run_record.budget
-        checks = [("max_steps", self.usage.steps + 1)]
-        if kind == StepKind.TOOL:
-            checks.append(("max_tool_calls", self.usage.tool_calls + 1))
-        else:
-            checks.append(("max_tokens", self.usage.input_tokens + self.usage.output_tokens))
-        for key, needed in checks:
-            limit = budget.get(key)
-            if limit is not None and needed > int(limit):
-                raise AlpacaError(ErrorCode.BUDGET_EXCEEDED,
-                                  f"budget {key}={limit} exhausted", usage=self.usage.as_dict())
 
     # -- model steps ---------------------------------------------------------------------------
     async def _model_step(
@@ -207,127 +243,203 @@ class StepRunner:
             if done.status == StepStatus.FAILED:
                 raise AlpacaError(ErrorCode.MODEL_ERROR, (done.error or {}).get("message", ""))
             response = ModelResponse.model_validate(done.output)
-            self._count(StepKind.MODEL, response)
+            self._count(StepKind.MODEL, response, agent)
             return response
-        self._check_budget(StepKind.MODEL)
+        model_name = agent.model.name
+        estimate_in = _estimate_tokens(messages.messages)
+        reserve = {"steps": 1.0, "tokens": float(estimate_in + agent.max_output_tokens),
+                   "cost": self._price(model_name, estimate_in, agent.max_output_tokens)}
         step = StepRecord(run_id=self.run_record.id, seq=seq, kind=StepKind.MODEL,
-                          name=agent.model.name, input={"digest": digest,
-                                                        "messages": len(messages)},
+                          name=model_name, input={"digest": digest, "messages": len(messages)},
                           started_at=self.clock.now())
-        if journal.get(seq) is None:
-            await self.store.save_step(step, self.epoch)
+        await self._save_started(step, reserve, [AuditEvent(kind="budget.reserved", data={
+            "step": seq, **reserve})])
         self.emit({"type": "step.started", "run_id": step.run_id, "seq": seq, "kind": "model",
-                   "name": step.name})
+                   "name": model_name})
         t0 = time.perf_counter()
-        try:
-            response = await agent.model.complete(list(messages.messages), specs)
-        except ModelError as exc:
-            error = _err(ErrorCode.MODEL_ERROR, str(exc), transient=exc.transient)
-            await self._save_finished(step, StepStatus.FAILED, None, error, 1, [
-                AuditEvent(kind="model.error", data=error)])
-            raise AlpacaError(ErrorCode.MODEL_ERROR, f"model {agent.model.name}: {exc}") from exc
-        self._count(StepKind.MODEL, response)
+        provider = model_name.split(":", 1)[0] if ":" in model_name else model_name
+        with tracing.model_span(model_name, provider=provider, step=seq) as span:
+            try:
+                response = await agent.model.complete(list(messages.messages), specs)
+            except ModelError as exc:
+                tracing.mark_error(span, str(ErrorCode.MODEL_ERROR), str(exc))
+                error = _err(ErrorCode.MODEL_ERROR, str(exc), transient=exc.transient)
+                await self._save_finished(step, StepStatus.FAILED, None, error, 1,
+                                          [AuditEvent(kind="model.error", data=error)],
+                                          settle=self._unreserve(step))
+                raise AlpacaError(ErrorCode.MODEL_ERROR, f"model {model_name}: {exc}") from exc
+            tracing.record_model_response(span, response.model, response.usage.input_tokens,
+                                          response.usage.output_tokens, response.finish_reason)
+        self._count(StepKind.MODEL, response, agent)
+        actual_cost = self._price(model_name, response.usage.input_tokens,
+                                  response.usage.output_tokens)
+        settle = {"tokens": response.usage.input_tokens + response.usage.output_tokens
+                  - reserve["tokens"], "cost": actual_cost - reserve["cost"]}
         audit = [AuditEvent(kind="model.output", data={
-            "step": seq, "model": response.model or agent.model.name,
+            "step": seq, "model": response.model or model_name,
             "content": response.content,
             "tool_calls": [c.model_dump() for c in response.tool_calls],
-            "usage": response.usage.model_dump()})]
+            "usage": response.usage.model_dump(), "cost": actual_cost})]
         await self._save_finished(step, StepStatus.COMPLETED, response.model_dump(), None, 1,
-                                  audit)
+                                  audit, settle=settle)
+        elapsed = time.perf_counter() - t0
+        self.metrics.observe_step("model", elapsed)
+        self.metrics.budget("input_tokens", response.usage.input_tokens)
+        self.metrics.budget("output_tokens", response.usage.output_tokens)
         self.emit({"type": "step.completed", "run_id": step.run_id, "seq": seq, "kind": "model",
-                   "name": step.name, "content": response.content,
+                   "name": model_name, "content": response.content,
                    "tool_calls": [c.name for c in response.tool_calls],
-                   "ms": round((time.perf_counter() - t0) * 1000, 2)})
+                   "ms": round(elapsed * 1000, 2)})
         return response
 
-    def _count(self, kind: StepKind, response: ModelResponse | None = None) -> None:
+    def _price(self, model: str, input_tokens: int, output_tokens: int) -> float:
+        return ledger_logic.price_of(model, input_tokens, output_tokens, self.workflow.prices)
+
+    @staticmethod
+    def _unreserve(step: StepRecord) -> dict[str, float] | None:
+        """A step that consumed nothing gives back what it reserved, except the step itself."""
+        if not step.reserved:
+            return None
+        return {k: -v for k, v in step.reserved.items() if k not in ("steps", "tool_calls")}
+
+    def _count(self, kind: StepKind, response: ModelResponse | None = None,
+               agent: Agent | None = None) -> None:
         self.usage.steps += 1
         if kind == StepKind.TOOL:
             self.usage.tool_calls += 1
-        if response is not None:
+        if response is not None and agent is not None:
             self.usage.input_tokens += response.usage.input_tokens
             self.usage.output_tokens += response.usage.output_tokens
+            self.usage.cost = round(self.usage.cost + self._price(
+                agent.model.name, response.usage.input_tokens, response.usage.output_tokens), 9)
+
+    async def _save_started(self, step: StepRecord, reserve: dict[str, float] | None,
+                            audit: list[AuditEvent]) -> None:
+        """Journal ``started`` and reserve the step's budget in one write."""
+        await self.store.save_step(step, self.epoch, audit, reserve=reserve)
+        if reserve:
+            self.metrics.budget("steps", 1)
 
     async def _save_finished(self, step: StepRecord, status: StepStatus, output: Any,
                              error: dict[str, Any] | None, attempts: int,
-                             audit: Sequence[AuditEvent]) -> None:
+                             audit: list[AuditEvent],
+                             settle: dict[str, float] | None = None) -> None:
         step.status, step.output, step.error = status, output, error
         step.attempts, step.finished_at = attempts, self.clock.now()
-        await self.store.save_step(step, self.epoch, audit)
+        await self.store.save_step(step, self.epoch, audit, settle=settle)
 
-    # -- tool steps ----------------------------------------------------------------------------
-    async def _tool_step(
-        self, agent: Agent, seq: int, call: ToolCall, journal: Journal
-    ) -> Any:
-        done = journal.finished(seq, StepKind.TOOL)
+    # -- tool and delegation steps -------------------------------------------------------------
+    async def _tool_step(self, agent: Agent, seq: int, call: ToolCall, journal: Journal) -> Any:
+        target = delegation.target_of(call.name)
+        kind = StepKind.DELEGATION if target is not None else StepKind.TOOL
+        done = journal.finished(seq, kind)
         if done is not None:
             self._count(StepKind.TOOL)
             return {"error": done.error} if done.error else done.output
-        key = idempotency_key(self.run_record.id, seq)
-        step = StepRecord(run_id=self.run_record.id, seq=seq, kind=StepKind.TOOL, name=call.name,
+        step = StepRecord(run_id=self.run_record.id, seq=seq, kind=kind, name=call.name,
                           input={"call_id": call.id, "arguments": call.arguments},
-                          idempotency_key=key, started_at=self.clock.now())
-        self.emit({"type": "step.started", "run_id": step.run_id, "seq": seq, "kind": "tool",
-                   "name": call.name, "arguments": call.arguments})
+                          idempotency_key=idempotency_key(self.run_record.id, seq),
+                          started_at=self.clock.now())
+        if (prior := journal.get(seq)) is not None:
+            step.started_at = prior.started_at
+        self.emit({"type": "step.started", "run_id": step.run_id, "seq": seq,
+                   "kind": str(kind), "name": call.name, "arguments": call.arguments})
         t0 = time.perf_counter()
-        outcome = await self._gate_and_execute(agent, seq, call, step, journal, key)
+        if target is not None:
+            with tracing.delegation_span(target, step=seq) as span:
+                outcome = await self._delegate(agent, seq, call, step, target)
+                if outcome.error:
+                    tracing.mark_error(span, outcome.error["code"], outcome.error["message"])
+        else:
+            with tracing.tool_span(call.name, call_id=call.id, step=seq) as span:
+                outcome = await self._gate_and_execute(agent, seq, call, step)
+                if outcome.error:
+                    tracing.mark_error(span, outcome.error["code"], outcome.error["message"])
+                    self.metrics.tool_error(call.name, outcome.error["code"])
         self._count(StepKind.TOOL)
         status = StepStatus.FAILED if outcome.error else StepStatus.COMPLETED
         await self._save_finished(step, status, outcome.result, outcome.error, outcome.attempts,
-                                  outcome.audit)
-        self.emit({"type": "step.completed", "run_id": step.run_id, "seq": seq, "kind": "tool",
-                   "name": call.name, "arguments": call.arguments, "error": outcome.error,
-                   "result": outcome.result,
-                   "ms": round((time.perf_counter() - t0) * 1000, 2)})
+                                  outcome.audit, settle=outcome.settle)
+        elapsed = time.perf_counter() - t0
+        self.metrics.observe_step(str(kind), elapsed)
+        self.emit({"type": "step.completed", "run_id": step.run_id, "seq": seq,
+                   "kind": str(kind), "name": call.name, "arguments": call.arguments,
+                   "error": outcome.error, "result": outcome.result,
+                   "ms": round(elapsed * 1000, 2)})
         return {"error": outcome.error} if outcome.error else outcome.result
 
-    async def _gate_and_execute(
-        self, agent: Agent, seq: int, call: ToolCall, step: StepRecord, journal: Journal,
-        key: str,
-    ) -> _ToolOutcome:
-        def refuse(code: ErrorCode, message: str, kind: str, **extra: Any) -> _ToolOutcome:
-            error = _err(code, message, **extra)
-            return _ToolOutcome(None, error, 1, [AuditEvent(kind=kind, data={
-                "step": seq, "tool": call.name, **error})])
+    def _refuse(self, seq: int, name: str, code: ErrorCode, message: str,
+                audit: list[AuditEvent] | None = None, **extra: Any) -> _Outcome:
+        error = _err(code, message, **extra)
+        kind = "gate." + str(code)
+        return _Outcome(None, error, 1, [*(audit or []), AuditEvent(kind=kind, data={
+            "step": seq, "tool": name, **error})])
 
+    def _parse_args(self, seq: int, call: ToolCall, schema_errors: Any,
+                    audit: list[AuditEvent]) -> tuple[dict[str, Any] | None, _Outcome | None]:
+        """Gate 3: size, JSON, schema. Returns (args, None) or (None, refusal)."""
+        if len(call.arguments.encode()) > self.max_payload_bytes:
+            return None, self._refuse(seq, call.name, ErrorCode.PAYLOAD_TOO_LARGE,
+                                      f"arguments exceed {self.max_payload_bytes} bytes", audit)
+        args, parse_error = parse_arguments(call.arguments)
+        problems = [parse_error] if parse_error else schema_errors(args or {})
+        if problems or args is None:
+            return None, self._refuse(seq, call.name, ErrorCode.INVALID_ARGUMENTS,
+                                      "; ".join(problems), audit)
+        return args, None
+
+    async def _gate_and_execute(
+        self, agent: Agent, seq: int, call: ToolCall, step: StepRecord
+    ) -> _Outcome:
         # 1. lookup
         tool = self.workflow.tools.get(call.name)
         if tool is None:
-            return refuse(ErrorCode.UNKNOWN_TOOL, f"no tool named {call.name!r}",
-                          "gate.unknown_tool")
+            return self._refuse(seq, call.name, ErrorCode.UNKNOWN_TOOL,
+                                f"no tool named {call.name!r}")
         # 2. permission
-        decision = check_tool(tool, agent.tools, agent.capabilities)
+        decision = check_tool(tool, agent.tools, self.capabilities(agent))
         if not decision.allowed:
-            return refuse(ErrorCode.PERMISSION_DENIED, decision.rule, "gate.permission_denied",
-                          rule=decision.rule)
+            return self._refuse(seq, call.name, ErrorCode.PERMISSION_DENIED, decision.rule,
+                                rule=decision.rule)
         audit = [AuditEvent(kind="gate.permission_allowed",
                             data={"step": seq, "tool": tool.name, "rule": decision.rule})]
         # 3. input contract
-        if len(call.arguments.encode()) > self.max_payload_bytes:
-            return refuse(ErrorCode.PAYLOAD_TOO_LARGE,
-                          f"arguments exceed {self.max_payload_bytes} bytes", "gate.invalid")
-        args, parse_error = parse_arguments(call.arguments)
-        problems = [parse_error] if parse_error else tool.input_errors(args or {})
-        if problems or args is None:
-            out = refuse(ErrorCode.INVALID_ARGUMENTS, "; ".join(problems), "gate.invalid_arguments")
-            out.audit[:0] = audit
-            return out
-        # 4. budget
-        self._check_budget(StepKind.TOOL)
+        args, refusal = self._parse_args(seq, call, tool.input_errors, audit)
+        if refusal is not None or args is None:
+            return refusal or _Outcome(None)
+        # 4. budget: reserve with the `started` journal write (input + idempotency key)
+        step.input["args"] = args
+        reserve = {"steps": 1.0, "tool_calls": 1.0}
+        if tool.cost:
+            reserve["cost"] = tool.cost
+        await self._save_started(step, reserve, [*audit, AuditEvent(
+            kind="budget.reserved", data={"step": seq, **reserve})])
+        audit = []
+        # 5. approval
+        reason = agent.approval.reason_for_tool(tool.name, tool.capabilities, tool.cost,
+                                                tool.approval == "required")
+        if reason is not None:
+            gated = await self._approval_gate(agent, seq, "tool", tool.name, args, reason)
+            if isinstance(gated, _Outcome):
+                return gated
+            args = gated
+            step.input["args"] = args
         # 6. circuit breaker
         breaker = self.breakers.get(tool)
         if breaker is not None and not breaker.allow():
-            out = refuse(ErrorCode.CIRCUIT_OPEN, f"circuit for {tool.name!r} is open",
-                         "gate.circuit_open", retry_after=breaker.retry_after())
-            out.audit[:0] = audit + self._breaker_events(breaker)
+            out = self._refuse(seq, tool.name, ErrorCode.CIRCUIT_OPEN,
+                               f"circuit for {tool.name!r} is open",
+                               self._breaker_events(breaker), retry_after=breaker.retry_after())
             return out
-        # journal `started` (input and idempotency key) before the side effect happens
-        step.input["args"] = args
-        if journal.get(seq) is None:
-            await self.store.save_step(step, self.epoch, audit)
-            audit = []
+        audit += self._breaker_events(breaker)
         # 7. execute with timeout and retry
+        return await self._execute(agent, seq, tool, args, step, breaker, audit)
+
+    async def _execute(self, agent: Agent, seq: int, tool: Tool, args: dict[str, Any],
+                       step: StepRecord, breaker: CircuitBreaker | None,
+                       audit: list[AuditEvent]) -> _Outcome:
         attempts = 0
+        key = step.idempotency_key or idempotency_key(self.run_record.id, seq)
 
         async def attempt(n: int) -> Any:
             nonlocal attempts
@@ -340,6 +452,7 @@ class StepRunner:
 
         async def on_retry(n: int, exc: BaseException, delay: float) -> None:
             step.attempts = n + 1
+            self.metrics.retry(tool.name)
             await self.store.save_step(step, self.epoch, [AuditEvent(kind="tool.retry", data={
                 "step": seq, "tool": tool.name, "attempt": n, "error": _describe(exc),
                 "delay": round(delay, 4)})])
@@ -354,6 +467,8 @@ class StepRunner:
             return self._tool_failed(tool, breaker, audit, seq, attempts, _err(
                 ErrorCode.INVALID_ARGUMENTS, str(exc)), count_failure=False)
         except (LeaseLost, asyncio.CancelledError):
+            if breaker is not None:
+                breaker.release()
             raise
         except Exception as exc:
             return self._tool_failed(tool, breaker, audit, seq, attempts,
@@ -370,25 +485,158 @@ class StepRunner:
             audit += self._breaker_events(breaker)
         audit.append(AuditEvent(kind="tool.result", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts}))
-        return _ToolOutcome(result, None, attempts, audit)
+        return _Outcome(result, None, attempts, audit)
 
     def _tool_failed(self, tool: Tool, breaker: CircuitBreaker | None, audit: list[AuditEvent],
                      seq: int, attempts: int, error: dict[str, Any],
-                     count_failure: bool = True) -> _ToolOutcome:
-        if breaker is not None and count_failure:
-            breaker.record_failure()
+                     count_failure: bool = True) -> _Outcome:
+        if breaker is not None:
+            if count_failure:
+                breaker.record_failure()
+            else:
+                breaker.release()
             audit = audit + self._breaker_events(breaker)
         audit.append(AuditEvent(kind="tool.failed", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts, **error}))
-        return _ToolOutcome(None, error, max(attempts, 1), audit)
+        return _Outcome(None, error, max(attempts, 1), audit)
 
-    @staticmethod
-    def _breaker_events(breaker: CircuitBreaker) -> list[AuditEvent]:
-        return [AuditEvent(kind="breaker.transition", data={
-            "tool": t.tool, "from": str(t.from_state), "to": str(t.to_state),
-            "reason": t.reason}) for t in breaker.drain_transitions()]
+    def _breaker_events(self, breaker: CircuitBreaker | None) -> list[AuditEvent]:
+        if breaker is None:
+            return []
+        events = []
+        for t in breaker.drain_transitions():
+            self.metrics.breaker_transition(t.tool, str(t.to_state))
+            events.append(AuditEvent(kind="breaker.transition", data={
+                "tool": t.tool, "from": str(t.from_state), "to": str(t.to_state),
+                "reason": t.reason}))
+        return events
+
+    # -- approvals -----------------------------------------------------------------------------
+    async def _approval_gate(self, agent: Agent, seq: int, kind: str, action: str,
+                             args: dict[str, Any], reason: str) -> dict[str, Any] | _Outcome:
+        """Gate 5: the approved arguments, a refusal for the model, or a pause."""
+        run = self.run_record
+        approval = await self.store.get_step_approval(run.id, seq)
+        if approval is None:
+            now = self.clock.now()
+            policy = agent.approval
+            approval = ApprovalRecord(
+                id=f"apr_{uuid.uuid4().hex[:16]}", tenant=run.tenant, run_id=run.id,
+                root_id=run.root_id, step=seq, kind=kind, action=action, arguments=args,
+                reason=reason, requested_by=f"agent:{agent.name}", created_at=now,
+                expires_at=now + policy.expires_after if policy.expires_after else None,
+                on_reject=policy.on_reject, on_expiry=policy.on_expiry)
+            approval = await self.store.create_approval(approval, self.epoch, [AuditEvent(
+                kind="approval.requested", actor=f"agent:{agent.name}", data={
+                    "approval_id": approval.id, "step": seq, "action": action,
+                    "arguments": args, "reason": reason,
+                    "expires_at": approval.expires_at})])
+            self.emit({"type": "approval.requested", "run_id": run.id, "seq": seq,
+                       "approval_id": approval.id, "action": action, "arguments": args,
+                       "reason": reason})
+        if approval.status == ApprovalStatus.PENDING:
+            raise _Wait(f"approval {approval.id} pending for {action}")
+        if approval.status == ApprovalStatus.APPROVED or (
+                approval.status == ApprovalStatus.EXPIRED and approval.on_expiry == "approve"):
+            return dict(approval.arguments)
+        if approval.status == ApprovalStatus.EXPIRED:
+            raise AlpacaError(ErrorCode.APPROVAL_EXPIRED,
+                              f"approval {approval.id} for {action} expired (policy: deny)")
+        message = f"{action} was rejected by {approval.decided_by}"
+        if approval.comment:
+            message += f": {approval.comment}"
+        if approval.on_reject == "fail":
+            raise AlpacaError(ErrorCode.APPROVAL_REJECTED, message)
+        return self._refuse(seq, action, ErrorCode.APPROVAL_REJECTED, message,
+                            approval_id=approval.id, decided_by=approval.decided_by)
+
+    # -- delegation ----------------------------------------------------------------------------
+    async def _delegate(self, agent: Agent, seq: int, call: ToolCall, step: StepRecord,
+                        target: str) -> _Outcome:
+        run = self.run_record
+        child_agent = self.workflow.agents.get(target)
+        problem = delegation.refusal(run, agent, target, self.workflow.max_depth,
+                                     child_agent is not None)
+        if problem is not None:
+            return self._refuse(seq, call.name, problem[0], problem[1], target=target)
+        assert child_agent is not None
+        args, refusal = self._parse_args(
+            seq, call, lambda a: [] if isinstance(a.get("task"), str) and a["task"] and
+            set(a) == {"task"} else ["expected exactly {\"task\": \"<non-empty string>\"}"], [])
+        if refusal is not None or args is None:
+            return refusal or _Outcome(None)
+        step.input["args"] = args
+        step.input["child_id"] = delegation.child_id(run.id, seq)
+        await self._save_started(step, {"steps": 1.0}, [AuditEvent(
+            kind="delegation.allowed", data={"step": seq, "target": target,
+                                             "ancestry": [*run.ancestry, target],
+                                             "depth": run.depth + 1})])
+        reason = agent.approval.reason_for_delegation(target)
+        if reason is not None:
+            gated = await self._approval_gate(agent, seq, "delegation", target, args, reason)
+            if isinstance(gated, _Outcome):
+                return gated
+            args = gated
+        child = await self._child(agent, child_agent, seq, args["task"])
+        if not child.state.terminal:
+            raise _Wait(f"waiting for child run {child.id} ({target})", child_id=child.id)
+        audit = [AuditEvent(kind="delegation.finished", data={
+            "step": seq, "child_id": child.id, "state": str(child.state)})]
+        if child.state == RunState.SUCCEEDED:
+            return _Outcome({"agent": target, "run_id": child.id, "output": child.output},
+                            None, 1, audit)
+        return _Outcome(None, _err(ErrorCode(child.error_code or "internal_error"),
+                                   f"sub-agent {target} {child.state}: {child.error_message}",
+                                   run_id=child.id), 1, audit)
+
+    async def _child(self, agent: Agent, child_agent: Agent, seq: int, task: str) -> RunRecord:
+        run = self.run_record
+        cid = delegation.child_id(run.id, seq)
+        try:
+            return await self.store.get_run(cid)
+        except NotFound:
+            pass
+        ledgers = list(run.ledgers)
+        ledger = None
+        wanted = ledger_logic.limits_from_budget(child_agent.budget)
+        if wanted:
+            parent_ledgers = [await self.store.get_ledger(lid) for lid in run.ledgers]
+            limits = dict(wanted)
+            for pl in parent_ledgers:
+                limits = ledger_logic.sub_limits(ledger_logic.LedgerState(
+                    id=pl.id, limits=pl.limits, used=pl.used), limits)
+            ledger = LedgerRecord(id=cid, limits=limits)
+            ledgers.append(cid)
+        record = delegation.child_run(run, self.capabilities(agent), child_agent, task, seq,
+                                      self.clock.now(), ledgers, tracing.current_traceparent())
+        created, _ = await self.store.create_run(record, [AuditEvent(
+            kind="run.created", actor=f"agent:{agent.name}", data={
+                "agent": child_agent.name, "parent_id": run.id, "depth": record.depth,
+                "ancestry": record.ancestry, "capabilities": record.capabilities,
+                "ledger_limits": ledger.limits if ledger else None})], ledger=ledger)
+        self.emit({"type": "delegation.started", "run_id": run.id, "seq": seq,
+                   "child_id": created.id, "agent": child_agent.name})
+        return created
 
     # -- ending --------------------------------------------------------------------------------
+    async def _pause(self, wait: _Wait) -> RunRecord:
+        record = await self.store.transition(
+            self.run_record.id, RunState.WAITING, self.clock.now(), epoch=self.epoch,
+            usage=self.usage.as_dict(), audit=[AuditEvent(kind="run.paused",
+                                                          data={"reason": wait.reason})])
+        self.run_record = record
+        self.metrics.run_state(str(record.state))
+        self.emit({"type": "run.waiting", "run_id": record.id, "reason": wait.reason})
+        if wait.child_id is not None:
+            # The child may have finished before we paused: nobody else would wake us then.
+            child = await self.store.get_run(wait.child_id)
+            if child.state.terminal:
+                record = await self.store.transition(
+                    record.id, RunState.QUEUED, self.clock.now(),
+                    audit=[AuditEvent(kind="run.woken", data={"reason": "child finished"})])
+                self.run_record = record
+        return record
+
     async def _finish(self, state: RunState, *, output: str | None = None,
                       error: AlpacaError | None = None) -> RunRecord:
         record = await self.store.transition(
@@ -396,20 +644,8 @@ class StepRunner:
             error_code=str(error.code) if error else None,
             error_message=error.message if error else None, usage=self.usage.as_dict())
         self.run_record = record
+        self.metrics.run_state(str(record.state))
         self.emit({"type": "run.finished", "run_id": record.id, "state": str(record.state),
                    "output": record.output, "error_code": record.error_code,
                    "error_message": record.error_message, "usage": record.usage})
         return record
-
-
-class _Stop(AlpacaError):
-    """Ends the run in a state other than ``failed`` (cancelled, timed out)."""
-
-    def __init__(self, state: RunState, error: AlpacaError) -> None:
-        super().__init__(error.code, error.message)
-        self.state = state
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if str(exc) else text

@@ -17,6 +17,8 @@ class Workflow:
     tools: ToolRegistry = field(default_factory=ToolRegistry)
     max_depth: int = 3
     budget: dict[str, Any] = field(default_factory=dict)
+    prices: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """USD per million (input, output) tokens by model id; overrides budget.DEFAULT_PRICES."""
 
     def agent(self, name: str) -> Agent:
         try:

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from alpaca_engine.errors import LeaseLost, NotFound
+from alpaca_engine.budget import BudgetExceeded
+from alpaca_engine.errors import ApprovalConflict, LeaseLost, NotFound
 from alpaca_engine.lifecycle import IllegalTransition, RunState
-from alpaca_engine.store.records import AuditEvent, RunRecord, StepRecord
+from alpaca_engine.store.records import (
+    ApiKeyRecord,
+    ApprovalRecord,
+    AuditEvent,
+    LedgerRecord,
+    RunRecord,
+    StepRecord,
+)
 from alpaca_engine.telemetry.audit import verify_chain
 
 
@@ -150,3 +158,106 @@ class StoreConformance:
             await store.transition("r1", RunState.SUCCEEDED, 100,
                                    audit=[AuditEvent(kind="should.not.exist")])
         assert "should.not.exist" not in [r.kind for r in await store.list_audit("r1")]
+
+
+class LedgerApprovalKeyConformance:
+    """Budget ledgers, approvals and API keys (part of every store's contract)."""
+
+    async def _leased(self, store, rid: str = "r1", limits=None):  # type: ignore[no-untyped-def]
+        run = new_run(rid).model_copy(update={"ledgers": [rid]})
+        await store.create_run(run, ledger=LedgerRecord(id=rid, limits=limits or {}))
+        return await store.claim_run(rid, "w", 10, 100)
+
+    async def test_reserve_settle_and_refuse(self, store):
+        run = await self._leased(store, limits={"tool_calls": 2, "tokens": 100})
+        for seq in (1, 2):
+            await store.save_step(StepRecord(run_id="r1", seq=seq, kind="tool", name="t"),
+                                  run.epoch, reserve={"tool_calls": 1, "tokens": 10})
+        await store.save_step(StepRecord(run_id="r1", seq=1, kind="tool", name="t",
+                                         status="completed"), run.epoch, settle={"tokens": 5})
+        ledger = await store.get_ledger("r1")
+        assert ledger.used == {"tool_calls": 2, "tokens": 25}
+        with pytest.raises(BudgetExceeded) as info:
+            await store.save_step(StepRecord(run_id="r1", seq=3, kind="tool", name="t"),
+                                  run.epoch, reserve={"tool_calls": 1})
+        assert info.value.resource == "tool_calls"
+        assert [s.seq for s in await store.list_steps("r1")] == [1, 2]  # nothing written
+        exhausted = await store.get_ledger("r1")
+        assert exhausted.exhausted == "tool_calls" and exhausted.used == ledger.used
+        with pytest.raises(BudgetExceeded):  # an exhausted ledger refuses everything after
+            await store.save_step(StepRecord(run_id="r1", seq=3, kind="model", name="m"),
+                                  run.epoch, reserve={"tokens": 1})
+
+    async def test_a_step_reserves_once_even_when_saved_again(self, store):
+        run = await self._leased(store, limits={"steps": 1})
+        step = StepRecord(run_id="r1", seq=1, kind="tool", name="t")
+        await store.save_step(step, run.epoch, reserve={"steps": 1})
+        await store.save_step(step, run.epoch, reserve={"steps": 1})  # replay after a crash
+        assert (await store.get_ledger("r1")).used == {"steps": 1}
+        [saved] = await store.list_steps("r1")
+        assert saved.reserved == {"steps": 1}
+
+    async def test_reservations_debit_every_ledger_of_the_chain(self, store):
+        root = await self._leased(store, "root", limits={"steps": 10})
+        child = new_run("root.2", parent="root").model_copy(
+            update={"ledgers": ["root", "root.2"]})
+        await store.create_run(child, ledger=LedgerRecord(id="root.2", limits={"steps": 1}))
+        leased = await store.claim_run("root.2", "w", 10, 100)
+        await store.save_step(StepRecord(run_id="root.2", seq=1, kind="tool", name="t"),
+                              leased.epoch, reserve={"steps": 1})
+        with pytest.raises(BudgetExceeded) as info:
+            await store.save_step(StepRecord(run_id="root.2", seq=2, kind="tool", name="t"),
+                                  leased.epoch, reserve={"steps": 1})
+        assert info.value.ledger_id == "root.2"
+        assert (await store.get_ledger("root")).used == {"steps": 1}
+        assert (await store.get_ledger("root")).exhausted is None
+        assert root is not None
+
+    async def test_approval_lifecycle(self, store):
+        run = await self._leased(store)
+        approval = ApprovalRecord(id="a1", tenant="t1", run_id="r1", root_id="r1", step=2,
+                                  action="notify", arguments={"text": "hi"}, reason="policy",
+                                  requested_by="agent:a", created_at=101, expires_at=200)
+        await store.create_approval(approval, run.epoch, [AuditEvent(kind="approval.requested")])
+        again = await store.create_approval(approval.model_copy(update={"id": "a2"}), run.epoch)
+        assert again.id == "a1"  # one approval per step
+        await store.transition("r1", RunState.WAITING, 102, epoch=run.epoch)
+        assert [a.id for a in await store.list_approvals(tenant="t1", status="pending")] == ["a1"]
+        assert await store.list_approvals(tenant="t2") == []
+        with pytest.raises(NotFound):
+            await store.decide_approval("a1", approve=True, by="eve", comment=None, now=103,
+                                        tenant="t2")
+        decided = await store.decide_approval("a1", approve=True, by="sue", comment="ok",
+                                              now=103, tenant="t1")
+        assert decided.status == "approved" and decided.decided_by == "sue"
+        assert (await store.get_run("r1")).state == RunState.QUEUED
+        stored = await store.get_step_approval("r1", 2)
+        assert stored and stored.arguments == {"text": "hi"} and stored.comment == "ok"
+        with pytest.raises(ApprovalConflict):
+            await store.decide_approval("a1", approve=False, by="sue", comment=None, now=104)
+        kinds = [r.kind for r in await store.list_audit("r1")]
+        assert "approval.requested" in kinds and "approval.decided" in kinds
+        assert verify_chain(await store.list_audit("r1"), key=store.audit_key).ok
+
+    async def test_approvals_expire(self, store):
+        run = await self._leased(store)
+        await store.create_approval(ApprovalRecord(
+            id="a1", tenant="t1", run_id="r1", root_id="r1", step=2, action="x",
+            created_at=100, expires_at=150), run.epoch)
+        await store.transition("r1", RunState.WAITING, 101, epoch=run.epoch)
+        assert await store.expire_approvals(149) == []
+        [expired] = await store.expire_approvals(151)
+        assert expired.id == "a1" and expired.status == "expired"
+        assert (await store.get_approval("a1")).status == "expired"
+        assert (await store.get_run("r1")).state == RunState.QUEUED
+        with pytest.raises(NotFound):
+            await store.get_approval("a1", tenant="t2")
+
+    async def test_api_keys(self, store):
+        key = ApiKeyRecord(id="k1", tenant="t1", role="supervisor", key_hash="h1", name="ci",
+                           created_at=1)
+        await store.create_api_key(key)
+        assert await store.get_api_key("h1") == key
+        assert await store.get_api_key("nope") is None
+        assert [k.id for k in await store.list_api_keys("t1")] == ["k1"]
+        assert await store.list_api_keys("t2") == []

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from alpaca_engine.cli import app
+from alpaca_engine.store.migrations import SQLITE
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTES = ROOT / "examples" / "notes" / "workflow.yaml"
@@ -91,7 +92,7 @@ def test_tools_and_agents_list(cli) -> None:  # type: ignore[no-untyped-def]
 
 def test_db_upgrade_doctor_and_missing_run(cli) -> None:  # type: ignore[no-untyped-def]
     code, out = cli("db", "upgrade")
-    assert code == 0 and "version 1" in out
+    assert code == 0 and f"version {len(SQLITE)}" in out
     code, out = cli("doctor")
     assert code == 0 and "orphaned runs: 0" in out
     code, out = cli("doctor", "--json")

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 
 from alpaca_engine.store.factory import make_store
+from alpaca_engine.store.migrations import SQLITE
 from alpaca_engine.store.sqlite import SQLiteStore
-from tests.conformance.store_suite import StoreConformance
+from tests.conformance.store_suite import LedgerApprovalKeyConformance, StoreConformance
 
 
-class TestSQLiteMemory(StoreConformance):
+class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance):
     pass  # uses the in-memory ``store`` fixture of tests/unit/conftest.py
 
 
-class TestSQLiteFile(StoreConformance):
+class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         s = SQLiteStore(f"sqlite:///{tmp_path}/alpaca.db", audit_key=b"k")
@@ -29,7 +30,7 @@ async def test_file_is_wal_and_migrations_are_versioned(tmp_path: Path):
     url = f"sqlite:///{tmp_path}/a.db"
     s = SQLiteStore(url)
     await s.open()
-    assert s.schema_version() == 1
+    assert s.schema_version() == len(SQLITE)
     mode = s._conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     assert s.upgrade() == []  # nothing pending the second time

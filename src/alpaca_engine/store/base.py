@@ -12,7 +12,15 @@ from typing import Any, Protocol
 
 from ..lifecycle import RunState
 from ..telemetry.audit import AuditRecord
-from .records import AuditEvent, RunRecord, StepRecord
+from .records import (
+    ApiKeyRecord,
+    ApprovalRecord,
+    ApprovalStatus,
+    AuditEvent,
+    LedgerRecord,
+    RunRecord,
+    StepRecord,
+)
 
 
 class Store(Protocol):
@@ -22,10 +30,11 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def create_run(
-        self, run: RunRecord, audit: Sequence[AuditEvent] = ()
+        self, run: RunRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
-        """Insert a queued run; with an idempotency key already used by the tenant, return
-        the existing run and ``False``."""
+        """Insert a queued run (and its budget ledger, if given); with an idempotency key
+        already used by the tenant, return the existing run and ``False``."""
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """Raise NotFound when absent or owned by another tenant."""
@@ -77,9 +86,15 @@ class Store(Protocol):
         """Reaper: running runs whose lease expired go back to queued (epoch bumped)."""
 
     async def save_step(
-        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = (),
+        *, reserve: dict[str, float] | None = None, settle: dict[str, float] | None = None,
     ) -> None:
-        """Insert or update step ``(run_id, seq)``; fenced by epoch."""
+        """Insert or update step ``(run_id, seq)``; fenced by epoch. ``reserve`` debits every
+        ledger of the run atomically with the write (once per step, even across a crash) or
+        raises BudgetExceeded and marks the ledger exhausted; ``settle`` adds actual-minus-
+        reserved usage."""
+
+    async def get_ledger(self, ledger_id: str) -> LedgerRecord: ...
 
     async def list_steps(self, run_id: str) -> list[StepRecord]: ...
 
@@ -88,3 +103,34 @@ class Store(Protocol):
     ) -> None: ...
 
     async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]: ...
+
+    async def create_approval(
+        self, approval: ApprovalRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+    ) -> ApprovalRecord:
+        """Record a pending approval (at most one per run step; returns the existing one)."""
+
+    async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:
+        ...
+
+    async def get_step_approval(self, run_id: str, step: int) -> ApprovalRecord | None: ...
+
+    async def list_approvals(
+        self, *, tenant: str | None = None, status: ApprovalStatus | None = None,
+        run_id: str | None = None, limit: int = 100,
+    ) -> list[ApprovalRecord]: ...
+
+    async def decide_approval(
+        self, approval_id: str, *, approve: bool, by: str, comment: str | None, now: float,
+        tenant: str | None = None,
+    ) -> ApprovalRecord:
+        """Decide a pending approval and requeue its waiting run in the same transaction;
+        ApprovalConflict when it is no longer pending."""
+
+    async def expire_approvals(self, now: float) -> list[ApprovalRecord]: ...
+
+    async def create_api_key(self, key: ApiKeyRecord) -> ApiKeyRecord: ...
+
+    async def get_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The active (not revoked) key with this hash."""
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]: ...

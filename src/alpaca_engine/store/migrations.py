@@ -63,3 +63,51 @@ SQLITE: list[str] = [
     );
     """,
 ]
+
+SQLITE.append(
+    # 2: delegation fields, budget ledgers, approvals, API keys
+    """
+    ALTER TABLE runs ADD COLUMN capabilities TEXT;
+    ALTER TABLE runs ADD COLUMN ledgers TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE runs ADD COLUMN traceparent TEXT;
+    ALTER TABLE steps ADD COLUMN reserved TEXT;
+    CREATE TABLE ledgers (
+        id TEXT PRIMARY KEY,
+        limits TEXT NOT NULL,
+        used TEXT NOT NULL,
+        exhausted TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        run_id TEXT NOT NULL REFERENCES runs(id),
+        root_id TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        action TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        decided_by TEXT,
+        decided_at REAL,
+        comment TEXT,
+        on_reject TEXT NOT NULL,
+        on_expiry TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX approvals_step ON approvals(run_id, step);
+    CREATE INDEX approvals_status ON approvals(tenant, status, created_at);
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        role TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    """
+)

@@ -47,6 +47,11 @@ class RunRecord(BaseModel):
     lease_expires_at: float | None = None
     epoch: int = 0
     cancel_requested: bool = False
+    capabilities: list[str] | None = None
+    """Effective capabilities (a child's own ∩ its parent's); ``None`` = the agent's own."""
+    ledgers: list[str] = Field(default_factory=list)
+    """Budget ledgers this run reserves on: the root's, then any sub-limit ledgers."""
+    traceparent: str | None = None
 
 
 class StepRecord(BaseModel):
@@ -62,6 +67,7 @@ class StepRecord(BaseModel):
     attempts: int = 1
     started_at: float = 0.0
     finished_at: float | None = None
+    reserved: dict[str, float] | None = None
 
 
 class AuditEvent(BaseModel):
@@ -70,3 +76,53 @@ class AuditEvent(BaseModel):
     kind: str
     data: dict[str, Any] = Field(default_factory=dict)
     actor: str = "engine"
+
+
+class ApprovalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class ApprovalRecord(BaseModel):
+    """A decision a supervisor must make before a gated action happens (DESIGN §5)."""
+
+    id: str
+    tenant: str = "local"
+    run_id: str
+    root_id: str
+    step: int
+    kind: str = "tool"
+    """``tool`` or ``delegation``."""
+    action: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+    requested_by: str = ""
+    status: ApprovalStatus = ApprovalStatus.PENDING
+    created_at: float = 0.0
+    expires_at: float | None = None
+    decided_by: str | None = None
+    decided_at: float | None = None
+    comment: str | None = None
+    on_reject: str = "return"
+    """``return`` the rejection to the model as the tool result, or ``fail`` the run."""
+    on_expiry: str = "deny"
+    """``deny`` (the run fails) or ``approve``."""
+
+
+class ApiKeyRecord(BaseModel):
+    id: str
+    tenant: str
+    role: str
+    key_hash: str
+    name: str = ""
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+
+class LedgerRecord(BaseModel):
+    id: str
+    limits: dict[str, float] = Field(default_factory=dict)
+    used: dict[str, float] = Field(default_factory=dict)
+    exhausted: str | None = None

@@ -12,15 +12,24 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from ..errors import LeaseLost, NotFound
+from .. import budget as ledger_logic
+from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, next_record
 from .migrations import SQLITE as MIGRATIONS
-from .records import AuditEvent, RunRecord, StepRecord
+from .records import (
+    ApiKeyRecord,
+    ApprovalRecord,
+    ApprovalStatus,
+    AuditEvent,
+    LedgerRecord,
+    RunRecord,
+    StepRecord,
+)
 
-_JSON_RUN_FIELDS = ("ancestry", "budget", "usage")
+_JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
 
 
 def iso(ts: float) -> str:
@@ -110,6 +119,8 @@ class SQLiteStore:
         for f in _JSON_RUN_FIELDS:
             data[f] = json.loads(data[f])
         data["cancel_requested"] = bool(data["cancel_requested"])
+        caps = data.get("capabilities")
+        data["capabilities"] = json.loads(caps) if caps is not None else None
         return RunRecord.model_validate(data)
 
     @staticmethod
@@ -118,6 +129,7 @@ class SQLiteStore:
         data["input"] = json.loads(data["input"])
         data["output"] = json.loads(data["output"]) if data["output"] is not None else None
         data["error"] = json.loads(data["error"]) if data["error"] is not None else None
+        data["reserved"] = json.loads(data["reserved"]) if data["reserved"] is not None else None
         return StepRecord.model_validate(data)
 
     def _fetch_run(self, db: sqlite3.Connection, run_id: str) -> RunRecord:
@@ -159,7 +171,8 @@ class SQLiteStore:
 
     # -- runs ----------------------------------------------------------------------------------
     async def create_run(
-        self, run: RunRecord, audit: Sequence[AuditEvent] = ()
+        self, run: RunRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
         with self._tx() as db:
             if run.idempotency_key:
@@ -174,9 +187,16 @@ class SQLiteStore:
                 data[f] = json.dumps(data[f])
             data["state"] = str(run.state)
             data["cancel_requested"] = int(run.cancel_requested)
+            if run.capabilities is not None:
+                data["capabilities"] = json.dumps(sorted(run.capabilities))
             cols = ", ".join(data)
             db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(data))})",
                        tuple(data.values()))
+            if ledger is not None:
+                db.execute("INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
+                           "VALUES (?,?,?,?,?)", (ledger.id, json.dumps(ledger.limits),
+                                                  json.dumps(ledger.used), ledger.exhausted,
+                                                  run.created_at))
             self._audit(db, run.id, audit, run.created_at)
         return run, True
 
@@ -326,22 +346,79 @@ class SQLiteStore:
 
     # -- steps and audit -------------------------------------------------------------------------
     async def save_step(
-        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = (),
+        *, reserve: dict[str, float] | None = None, settle: dict[str, float] | None = None,
     ) -> None:
+        """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
+        with the journal write), ``settle`` corrects them with actual usage."""
+        refused: ledger_logic.BudgetExceeded | None = None
         with self._tx() as db:
-            self._fence(db, step.run_id, epoch)
-            db.execute(
-                "INSERT INTO steps(run_id, seq, kind, name, status, input, output, error, "
-                "idempotency_key, attempts, started_at, finished_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id, seq) DO UPDATE SET "
-                "status=excluded.status, output=excluded.output, error=excluded.error, "
-                "attempts=excluded.attempts, finished_at=excluded.finished_at",
-                (step.run_id, step.seq, str(step.kind), step.name, str(step.status),
-                 json.dumps(step.input), json.dumps(step.output) if step.output is not None
-                 else None, json.dumps(step.error) if step.error is not None else None,
-                 step.idempotency_key, step.attempts, step.started_at, step.finished_at),
-            )
-            self._audit(db, step.run_id, audit, step.finished_at or step.started_at)
+            run = self._fence(db, step.run_id, epoch)
+            if reserve:
+                row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
+                                 (step.run_id, step.seq)).fetchone()
+                if row is not None and row[0] is not None:
+                    step.reserved = json.loads(row[0])  # reserved before a crash: not twice
+                else:
+                    ledgers = self._ledgers(db, run.ledgers)
+                    try:
+                        ledger_logic.check_reserve(ledgers, reserve)
+                    except ledger_logic.BudgetExceeded as exc:
+                        refused = exc
+                    else:
+                        self._debit(db, ledgers, reserve)
+                        step.reserved = dict(reserve)
+            if refused is None:
+                if settle:
+                    self._debit(db, self._ledgers(db, run.ledgers), settle)
+                self._write_step(db, step)
+                self._audit(db, step.run_id, audit, step.finished_at or step.started_at)
+        if refused is not None:
+            with self._tx() as db:
+                db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) WHERE id=?",
+                           (refused.resource, refused.ledger_id))
+            raise refused
+
+    def _write_step(self, db: sqlite3.Connection, step: StepRecord) -> None:
+        db.execute(
+            "INSERT INTO steps(run_id, seq, kind, name, status, input, output, error, "
+            "idempotency_key, attempts, started_at, finished_at, reserved) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id, seq) DO UPDATE SET "
+            "status=excluded.status, input=excluded.input, output=excluded.output, "
+            "error=excluded.error, attempts=excluded.attempts, "
+            "finished_at=excluded.finished_at, reserved=COALESCE(excluded.reserved, reserved)",
+            (step.run_id, step.seq, str(step.kind), step.name, str(step.status),
+             json.dumps(step.input), json.dumps(step.output) if step.output is not None
+             else None, json.dumps(step.error) if step.error is not None else None,
+             step.idempotency_key, step.attempts, step.started_at, step.finished_at,
+             json.dumps(step.reserved) if step.reserved is not None else None),
+        )
+
+    def _ledgers(self, db: sqlite3.Connection, ids: Sequence[str]) -> list[
+            ledger_logic.LedgerState]:
+        out = []
+        for lid in ids:
+            row = db.execute("SELECT * FROM ledgers WHERE id=?", (lid,)).fetchone()
+            if row is not None:
+                out.append(ledger_logic.LedgerState(
+                    id=row["id"], limits=json.loads(row["limits"]), used=json.loads(row["used"]),
+                    exhausted=row["exhausted"]))
+        return out
+
+    def _debit(self, db: sqlite3.Connection, ledgers: list[ledger_logic.LedgerState],
+               amounts: dict[str, float]) -> None:
+        for ledger in ledgers:
+            ledger_logic.apply(ledger, amounts)
+            db.execute("UPDATE ledgers SET used=? WHERE id=?",
+                       (json.dumps(ledger.used), ledger.id))
+
+    async def get_ledger(self, ledger_id: str) -> LedgerRecord:
+        found = self._ledgers(self._conn, [ledger_id])
+        if not found:
+            raise NotFound(f"ledger {ledger_id} not found")
+        state = found[0]
+        return LedgerRecord(id=state.id, limits=state.limits, used=state.used,
+                            exhausted=state.exhausted)
 
     async def list_steps(self, run_id: str) -> list[StepRecord]:
         rows = self._conn.execute("SELECT * FROM steps WHERE run_id=? ORDER BY seq",
@@ -360,3 +437,130 @@ class SQLiteStore:
             "SELECT * FROM audit WHERE run_id=? AND seq>? ORDER BY seq", (run_id, after_seq)
         ).fetchall()
         return [AuditRecord.from_dict({**dict(r), "data": json.loads(r["data"])}) for r in rows]
+
+    # -- approvals -----------------------------------------------------------------------------
+    @staticmethod
+    def _approval(row: sqlite3.Row) -> ApprovalRecord:
+        data = dict(row)
+        data["arguments"] = json.loads(data["arguments"])
+        return ApprovalRecord.model_validate(data)
+
+    async def create_approval(
+        self, approval: ApprovalRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+    ) -> ApprovalRecord:
+        """Record a pending approval for a step; the same step never gets two."""
+        with self._tx() as db:
+            self._fence(db, approval.run_id, epoch)
+            row = db.execute("SELECT * FROM approvals WHERE run_id=? AND step=?",
+                             (approval.run_id, approval.step)).fetchone()
+            if row is not None:
+                return self._approval(row)
+            data = approval.model_dump()
+            data["arguments"] = json.dumps(approval.arguments)
+            data["status"] = str(approval.status)
+            cols = ", ".join(data)
+            db.execute(f"INSERT INTO approvals ({cols}) VALUES ({', '.join('?' * len(data))})",
+                       tuple(data.values()))
+            self._audit(db, approval.run_id, audit, approval.created_at)
+        return approval
+
+    async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:
+        row = self._conn.execute("SELECT * FROM approvals WHERE id=?", (approval_id,)).fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"approval {approval_id} not found")
+        return self._approval(row)
+
+    async def get_step_approval(self, run_id: str, step: int) -> ApprovalRecord | None:
+        row = self._conn.execute("SELECT * FROM approvals WHERE run_id=? AND step=?",
+                                 (run_id, step)).fetchone()
+        return self._approval(row) if row is not None else None
+
+    async def list_approvals(
+        self, *, tenant: str | None = None, status: ApprovalStatus | None = None,
+        run_id: str | None = None, limit: int = 100,
+    ) -> list[ApprovalRecord]:
+        where, args = [], []
+        for col, val in (("tenant", tenant), ("status", status), ("run_id", run_id)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(str(val))
+        sql = "SELECT * FROM approvals"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [self._approval(r) for r in self._conn.execute(sql, (*args, limit)).fetchall()]
+
+    async def decide_approval(
+        self, approval_id: str, *, approve: bool, by: str, comment: str | None, now: float,
+        tenant: str | None = None,
+    ) -> ApprovalRecord:
+        """Approve or reject a pending approval and wake its run, in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM approvals WHERE id=?", (approval_id,)).fetchone()
+            if row is None or (tenant is not None and row["tenant"] != tenant):
+                raise NotFound(f"approval {approval_id} not found")
+            approval = self._approval(row)
+            if approval.status != ApprovalStatus.PENDING:
+                raise ApprovalConflict(f"approval {approval_id} is already {approval.status}")
+            status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
+            db.execute("UPDATE approvals SET status=?, decided_by=?, decided_at=?, comment=? "
+                       "WHERE id=?", (str(status), by, now, comment, approval_id))
+            events = [AuditEvent(kind="approval.decided", actor=f"user:{by}", data={
+                "approval_id": approval_id, "step": approval.step, "action": approval.action,
+                "decision": str(status), "comment": comment, "decided_at": iso(now)})]
+            self._wake(db, approval.run_id, now, events, "approval decided")
+            return approval.model_copy(update={"status": status, "decided_by": by,
+                                               "decided_at": now, "comment": comment})
+
+    def _wake(self, db: sqlite3.Connection, run_id: str, now: float,
+              events: list[AuditEvent], why: str) -> None:
+        run = self._fetch_run(db, run_id)
+        if run.state == RunState.WAITING:
+            events.append(self._set_state(db, run, RunState.QUEUED, now, None, why))
+            db.execute("UPDATE runs SET state=?, updated_at=? WHERE id=?",
+                       (str(RunState.QUEUED), now, run_id))
+        self._audit(db, run_id, events, now)
+
+    async def expire_approvals(self, now: float) -> list[ApprovalRecord]:
+        """Pending approvals past their expiry: marked expired; the run is woken to apply its
+        policy (a ``deny`` fails it at its next turn)."""
+        rows = self._conn.execute(
+            "SELECT id FROM approvals WHERE status=? AND expires_at IS NOT NULL AND "
+            "expires_at < ?", (str(ApprovalStatus.PENDING), now)).fetchall()
+        out = []
+        for (approval_id,) in rows:
+            with self._tx() as db:
+                approval = self._approval(db.execute("SELECT * FROM approvals WHERE id=?",
+                                                     (approval_id,)).fetchone())
+                if approval.status != ApprovalStatus.PENDING:
+                    continue
+                db.execute("UPDATE approvals SET status=?, decided_by=?, decided_at=? "
+                           "WHERE id=?", (str(ApprovalStatus.EXPIRED), "system:expiry", now,
+                                          approval_id))
+                self._wake(db, approval.run_id, now, [AuditEvent(
+                    kind="approval.expired", actor="system:expiry",
+                    data={"approval_id": approval_id, "policy": approval.on_expiry})],
+                    "approval expired")
+                out.append(approval.model_copy(update={"status": ApprovalStatus.EXPIRED}))
+        return out
+
+    # -- API keys ------------------------------------------------------------------------------
+    async def create_api_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
+        with self._tx() as db:
+            db.execute("INSERT INTO api_keys(id, tenant, role, key_hash, name, created_at, "
+                       "revoked_at) VALUES (?,?,?,?,?,?,?)",
+                       (key.id, key.tenant, key.role, key.key_hash, key.name, key.created_at,
+                        key.revoked_at))
+        return key
+
+    async def get_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        row = self._conn.execute("SELECT * FROM api_keys WHERE key_hash=? AND revoked_at IS "
+                                 "NULL", (key_hash,)).fetchone()
+        return ApiKeyRecord.model_validate(dict(row)) if row is not None else None
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]:
+        sql, args = "SELECT * FROM api_keys", cast(tuple[str, ...], ())
+        if tenant is not None:
+            sql, args = sql + " WHERE tenant=?", (tenant,)
+        rows = self._conn.execute(sql + " ORDER BY created_at", args).fetchall()
+        return [ApiKeyRecord.model_validate(dict(r)) for r in rows]

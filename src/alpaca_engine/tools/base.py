@@ -40,6 +40,8 @@ class Tool:
     timeout: float | None = 30.0
     approval: ApprovalRule = "never"
     source: str = "python"
+    cost: float = 0.0
+    """Declared USD cost of one call (charged to the budget; approval policies may gate it)."""
     _input_contract: Contract | None = field(default=None, repr=False)
     _output_contract: Contract | None = field(default=None, repr=False)
 
@@ -69,4 +71,5 @@ class Tool:
             "breaker": vars(self.breaker) if self.breaker else None,
             "timeout": self.timeout,
             "approval": self.approval,
+            "cost": self.cost,
         }
