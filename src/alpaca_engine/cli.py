@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,10 +19,19 @@ from .config import Settings
 from .engine import Engine, RunBusy
 from .errors import NotFound
 from .lifecycle import RunState
-from .render import ProgressPrinter, run_summary, run_tree, runs_table, steps_table
+from .render import (
+    ProgressPrinter,
+    approvals_table,
+    run_summary,
+    run_tree,
+    runs_table,
+    short,
+    steps_table,
+)
 from .store.base import Store
 from .store.factory import make_store
-from .store.records import RunRecord
+from .errors import ApprovalConflict
+from .store.records import ApprovalRecord, ApprovalStatus, RunRecord
 from .worker import Worker
 from .workflows.loader import WorkflowError, load_workflow, resolve_workflow
 
@@ -33,10 +43,12 @@ runs_app = typer.Typer(help="Inspect, resume and cancel runs.", no_args_is_help=
 tools_app = typer.Typer(help="Tools of a workflow.", no_args_is_help=True)
 agents_app = typer.Typer(help="Agents of a workflow.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+approvals_app = typer.Typer(help="Supervisor decisions on gated actions.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(tools_app, name="tools")
 app.add_typer(agents_app, name="agents")
 app.add_typer(db_app, name="db")
+app.add_typer(approvals_app, name="approvals")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -102,12 +114,26 @@ async def _run_and_report(cfg: Settings, ref: str, agent: str, text: str, as_jso
         run = await engine.submit(workflow, agent, text, budget=budget)
         if not as_json:
             console.print(f"[dim]run {run.id} · agent {agent} · {cfg.database_url}[/dim]")
-        final = await engine.execute(run.id) or await store.get_run(run.id)
+        final = await engine.run_tree(run.id)
         if as_json:
             dump(final.model_dump(mode="json"))
         else:
             console.print(run_summary(final))
+            await print_pending(store, final)
         return exit_code(final)
+
+
+async def print_pending(store: Store, run: RunRecord) -> None:
+    """Tell the user what a waiting tree waits for and how to decide it."""
+    if run.state != RunState.WAITING:
+        return
+    for approval in await store.list_approvals(status=ApprovalStatus.PENDING, limit=1000):
+        if approval.root_id != run.root_id:
+            continue
+        console.print(f"[magenta]waiting for approval[/magenta] {approval.id}: "
+                      f"{approval.action}({short(approval.arguments, 60)}) — {approval.reason}")
+        console.print(f"  decide with: alpaca approvals approve {approval.id} "
+                      f"(or reject), then: alpaca runs resume {run.id}")
 
 
 @app.command()
@@ -207,7 +233,9 @@ def runs_resume(
         async with open_store(cfg) as store:
             emit = (lambda e: None) if as_json else ProgressPrinter(console)
             engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit)
-            return await engine.resume(run_id, force=force)
+            run = await engine.resume(run_id, force=force)
+            await engine.run_tree(run.root_id)
+            return await store.get_run(run_id)
 
     try:
         final = run_async(go)
@@ -223,15 +251,16 @@ def runs_resume(
 
 @runs_app.command("cancel")
 def runs_cancel(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """Cancel a run (a running one stops at its next step)."""
-    async def go() -> RunRecord:
+    """Cancel a run and its whole subtree (running ones stop at their next step)."""
+    async def go() -> list[RunRecord]:
         async with open_store(settings(db)) as store:
-            return await store.request_cancel(run_id)
+            return await Engine(store, resolve_workflow).cancel(run_id)
 
-    run = run_async(go)
+    runs = run_async(go)
     if as_json:
-        dump(run.model_dump(mode="json"))
-    else:
+        dump([r.model_dump(mode="json") for r in runs])
+        return
+    for run in runs:
         what = "cancel requested" if run.state == RunState.RUNNING else str(run.state)
         console.print(f"{run.id}: {what}")
 
@@ -300,6 +329,64 @@ def agents_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False
         table.add_row(a["name"], a["model"], ", ".join(a["tools"]), ", ".join(a["delegates_to"]),
                       str(a["max_steps"]))
     console.print(table)
+
+
+@approvals_app.command("list")
+def approvals_list(
+    all_: Annotated[bool, typer.Option("--all", help="Include decided and expired ones.")] = False,
+    run_id: Annotated[str | None, typer.Option("--run", help="Only this run's.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approvals waiting for a supervisor (with --all: every approval)."""
+    async def go() -> list[ApprovalRecord]:
+        async with open_store(settings(db)) as store:
+            return await store.list_approvals(
+                status=None if all_ else ApprovalStatus.PENDING, run_id=run_id, limit=1000)
+
+    items = run_async(go)
+    if as_json:
+        dump([a.model_dump(mode="json") for a in items])
+    else:
+        console.print(approvals_table(items))
+
+
+def _decide(approval_id: str, approve: bool, by: str, comment: str | None, db: str | None,
+            as_json: bool) -> None:
+    async def go() -> ApprovalRecord:
+        async with open_store(settings(db)) as store:
+            return await store.decide_approval(approval_id, approve=approve, by=by,
+                                               comment=comment, now=time.time())
+
+    try:
+        decided = run_async(go)
+    except ApprovalConflict as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        dump(decided.model_dump(mode="json"))
+        return
+    console.print(f"{decided.id}: {decided.status} by {decided.decided_by}; run "
+                  f"{decided.run_id} is queued (an `alpaca worker` or `alpaca serve` continues "
+                  f"it, or: alpaca runs resume {decided.run_id})")
+
+
+ByOpt = Annotated[str, typer.Option("--by", envvar="USER", help="Who decides (recorded).")]
+CommentOpt = Annotated[str | None, typer.Option("--comment", "-m", help="Why (recorded).")]
+
+
+@approvals_app.command("approve")
+def approvals_approve(approval_id: str, by: ByOpt = "supervisor", comment: CommentOpt = None,
+                      db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve a pending action: exactly its recorded arguments will run."""
+    _decide(approval_id, True, by, comment, db, as_json)
+
+
+@approvals_app.command("reject")
+def approvals_reject(approval_id: str, by: ByOpt = "supervisor", comment: CommentOpt = None,
+                     db: DbOpt = None, as_json: JsonOpt = False) -> None:
+    """Reject a pending action: the agent is told (or the run fails, by policy)."""
+    _decide(approval_id, False, by, comment, db, as_json)
 
 
 @db_app.command("upgrade")

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from .events import Event
-from .store.records import RunRecord, StepRecord
+from .store.records import ApprovalRecord, RunRecord, StepRecord
 
 STATE_STYLE = {
     "queued": "cyan", "running": "yellow", "waiting": "magenta", "succeeded": "green",
@@ -115,3 +115,11 @@ def run_tree(root: RunRecord, children: dict[str, list[RunRecord]]) -> Tree:
 
     add(tree, root)
     return tree
+
+
+def approvals_table(items: list[ApprovalRecord]) -> Table:
+    table = Table("id", "run", "action", "arguments", "reason", "status", "decided by", box=None)
+    for a in items:
+        table.add_row(a.id, a.run_id, a.action, short(a.arguments, 50), short(a.reason, 40),
+                      str(a.status), a.decided_by or "")
+    return table

@@ -79,3 +79,53 @@ POSTGRES: list[str] = [
     );
     """,
 ]
+
+POSTGRES.append(
+    # 2: delegation fields, budget ledgers, approvals, API keys (as SQLite migration 2)
+    """
+    ALTER TABLE runs ADD COLUMN capabilities JSONB;
+    ALTER TABLE runs ADD COLUMN ledgers JSONB NOT NULL DEFAULT '[]';
+    ALTER TABLE runs ADD COLUMN traceparent TEXT;
+    ALTER TABLE steps ADD COLUMN reserved JSONB;
+    CREATE TABLE ledgers (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        limits JSONB NOT NULL,
+        used JSONB NOT NULL,
+        exhausted TEXT,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE approvals (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        run_id TEXT COLLATE "C" NOT NULL REFERENCES runs(id),
+        root_id TEXT COLLATE "C" NOT NULL,
+        step BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        action TEXT NOT NULL,
+        arguments JSONB NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION,
+        decided_by TEXT,
+        decided_at DOUBLE PRECISION,
+        comment TEXT,
+        on_reject TEXT NOT NULL,
+        on_expiry TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX approvals_step ON approvals(run_id, step);
+    CREATE INDEX approvals_status ON approvals(tenant, status, created_at);
+    CREATE INDEX approvals_expiry ON approvals(expires_at) WHERE status = 'pending';
+    CREATE TABLE api_keys (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        role TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    );
+    CREATE INDEX api_keys_tenant ON api_keys(tenant, created_at);
+    """
+)

@@ -80,7 +80,7 @@ class _TextParser(HTMLParser):
 
 def _tidy(text: str) -> str:
     lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    return _BLANK_LINES.sub("\n", "\n".join(lines)).strip()
 
 
 def _parse(html: str) -> _TextParser:

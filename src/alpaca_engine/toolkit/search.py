@@ -280,13 +280,13 @@ def _plain(text: Any) -> str:
 
 
 async def _request_json(
-    name: str, method: str, url: str, timeout: float, **kwargs: Any
+    name: str, method: str, url: str, http_timeout: float, **kwargs: Any
 ) -> Any:
     headers = {"User-Agent": USER_AGENT, "Accept": "application/json",
                **kwargs.pop("headers", {})}
     what = f"search provider {name}"
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=http_timeout) as client:
             resp = await client.request(method, url, headers=headers, **kwargs)
     except httpx.TransportError as exc:
         raise transport_error(what, exc) from None

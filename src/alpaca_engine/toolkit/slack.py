@@ -53,7 +53,8 @@ def _webhook_url() -> str:
         raise ToolConfigError(f"{WEBHOOK_ENV} is not set: no Slack webhook to post to")
     register_secret(url)
     parsed = httpx.URL(url)
-    register_secret(parsed.path)  # the token part, should something log the path alone
+    if len(parsed.path) >= 16:  # the token part, should something log the path alone
+        register_secret(parsed.path)
     if parsed.scheme not in {"http", "https"} or not parsed.host:
         raise ToolConfigError(f"{WEBHOOK_ENV} must be an http(s) URL")
     return url
@@ -61,7 +62,7 @@ def _webhook_url() -> str:
 
 async def post_to_slack(
     webhook_url: str, text: str, channel: str | None, idempotency_key: str,
-    timeout: float = 10.0,
+    http_timeout: float = 10.0,
 ) -> Delivery:
     """POST one message to an incoming webhook; errors never mention the URL."""
     payload: dict[str, str] = {"text": escape_slack(text)}
@@ -69,7 +70,7 @@ async def post_to_slack(
         payload["channel"] = channel
     headers = {"User-Agent": USER_AGENT, "Idempotency-Key": idempotency_key}
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=http_timeout) as client:
             resp = await client.post(webhook_url, json=payload, headers=headers)
     except httpx.TransportError as exc:
         raise transport_error("slack webhook", exc) from None
