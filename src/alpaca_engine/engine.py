@@ -20,7 +20,9 @@ from .clock import Clock, SystemClock
 from .errors import LeaseLost, NotFound
 from .events import EventSink, discard
 from .lifecycle import RunState
-from .runner import Breakers, StepRunner
+from .coord.base import BreakerBoard
+from .coord.local import LocalBreakerBoard
+from .runner import StepRunner
 from .store.base import Store
 from .store.records import ApprovalStatus, AuditEvent, LedgerRecord, RunRecord
 from .telemetry import tracing
@@ -76,6 +78,7 @@ class Engine:
         owner: str | None = None,
         lease_seconds: float = 30.0,
         emit: EventSink = discard,
+        breakers: BreakerBoard | None = None,
     ) -> None:
         self.store = store
         self.resolve = resolve
@@ -83,7 +86,7 @@ class Engine:
         self.owner = owner or make_owner()
         self.lease_seconds = lease_seconds
         self.emit = emit
-        self.breakers = Breakers(self.clock)
+        self.breakers: BreakerBoard = breakers or LocalBreakerBoard(self.clock)
 
     async def submit(
         self,

@@ -22,6 +22,8 @@ from . import budget as ledger_logic
 from . import delegation
 from .agents import Agent
 from .clock import Clock, SystemClock
+from .coord.base import BreakerBoard, Outcome
+from .coord.local import LocalBreakerBoard
 from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
@@ -41,7 +43,7 @@ from .store.records import (
 from .telemetry import tracing
 from .telemetry.metrics import METRICS, Metrics
 from .tools.base import Tool, ToolContext
-from .tools.breaker import CircuitBreaker
+from .tools.breaker import Transition
 from .tools.contracts import DEFAULT_MAX_PAYLOAD_BYTES, parse_arguments, payload_size
 from .tools.governance import check_tool
 from .tools.retry import call_with_retry, default_is_transient
@@ -60,26 +62,6 @@ class Usage:
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in vars(self).items() if k != "cost" or v}
-
-
-class Breakers:
-    """In-process circuit breakers by tool name (the local coordination backend)."""
-
-    def __init__(self, clock: Clock) -> None:
-        self._clock = clock
-        self._breakers: dict[str, CircuitBreaker] = {}
-
-    def get(self, tool: Tool) -> CircuitBreaker | None:
-        if tool.breaker is None:
-            return None
-        breaker = self._breakers.get(tool.name)
-        if breaker is None:
-            breaker = CircuitBreaker(tool.name, tool.breaker, self._clock)
-            self._breakers[tool.name] = breaker
-        return breaker
-
-    def all(self) -> dict[str, CircuitBreaker]:
-        return dict(self._breakers)
 
 
 @dataclass
@@ -132,7 +114,7 @@ class StepRunner:
         store: Store,
         *,
         clock: Clock | None = None,
-        breakers: Breakers | None = None,
+        breakers: BreakerBoard | None = None,
         emit: EventSink = discard,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         metrics: Metrics = METRICS,
@@ -142,7 +124,7 @@ class StepRunner:
         self.store = store
         self.epoch = run.epoch
         self.clock = clock or SystemClock()
-        self.breakers = breakers or Breakers(self.clock)
+        self.breakers: BreakerBoard = breakers or LocalBreakerBoard(self.clock)
         self._sink = emit
         self.max_payload_bytes = max_payload_bytes
         self.metrics = metrics
@@ -425,19 +407,23 @@ class StepRunner:
             args = gated
             step.input["args"] = args
         # 6. circuit breaker
-        breaker = self.breakers.get(tool)
-        if breaker is not None and not breaker.allow():
-            out = self._refuse(seq, tool.name, ErrorCode.CIRCUIT_OPEN,
-                               f"circuit for {tool.name!r} is open",
-                               self._breaker_events(breaker), retry_after=breaker.retry_after())
-            return out
-        audit += self._breaker_events(breaker)
+        if tool.breaker is not None:
+            allowed, retry_after, moves = await self.breakers.allow(tool.name, tool.breaker)
+            if not allowed:
+                return self._refuse(seq, tool.name, ErrorCode.CIRCUIT_OPEN,
+                                    f"circuit for {tool.name!r} is open",
+                                    self._breaker_events(moves), retry_after=retry_after)
+            audit += self._breaker_events(moves)
         # 7. execute with timeout and retry
-        return await self._execute(agent, seq, tool, args, step, breaker, audit)
+        return await self._execute(agent, seq, tool, args, step, audit)
+
+    async def _breaker_record(self, tool: Tool, outcome: Outcome) -> list[AuditEvent]:
+        if tool.breaker is None:
+            return []
+        return self._breaker_events(await self.breakers.record(tool.name, tool.breaker, outcome))
 
     async def _execute(self, agent: Agent, seq: int, tool: Tool, args: dict[str, Any],
-                       step: StepRecord, breaker: CircuitBreaker | None,
-                       audit: list[AuditEvent]) -> _Outcome:
+                       step: StepRecord, audit: list[AuditEvent]) -> _Outcome:
         attempts = 0
         key = step.idempotency_key or idempotency_key(self.run_record.id, seq)
 
@@ -461,50 +447,40 @@ class StepRunner:
             result = await call_with_retry(attempt, tool.retry, clock=self.clock,
                                            is_transient=default_is_transient, on_retry=on_retry)
         except TimeoutError:
-            return self._tool_failed(tool, breaker, audit, seq, attempts, _err(
+            return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.TOOL_TIMEOUT, f"tool {tool.name!r} timed out after {tool.timeout}s"))
         except ValidationError as exc:
-            return self._tool_failed(tool, breaker, audit, seq, attempts, _err(
+            return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.INVALID_ARGUMENTS, str(exc)), count_failure=False)
         except (LeaseLost, asyncio.CancelledError):
-            if breaker is not None:
-                breaker.release()
+            await asyncio.shield(self._breaker_record(tool, "release"))
             raise
         except Exception as exc:
-            return self._tool_failed(tool, breaker, audit, seq, attempts,
-                                     _err(ErrorCode.TOOL_ERROR, _describe(exc)))
+            return await self._tool_failed(tool, audit, seq, attempts,
+                                           _err(ErrorCode.TOOL_ERROR, _describe(exc)))
         # 8. output contract
         problems = tool.output_errors(result)
         if not problems and payload_size(result) > self.max_payload_bytes:
             problems = [f"result exceeds {self.max_payload_bytes} bytes"]
         if problems:
-            return self._tool_failed(tool, breaker, audit, seq, attempts, _err(
+            return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.INVALID_OUTPUT, "; ".join(problems)))
-        if breaker is not None:
-            breaker.record_success()
-            audit += self._breaker_events(breaker)
+        audit += await self._breaker_record(tool, "success")
         audit.append(AuditEvent(kind="tool.result", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts}))
         return _Outcome(result, None, attempts, audit)
 
-    def _tool_failed(self, tool: Tool, breaker: CircuitBreaker | None, audit: list[AuditEvent],
-                     seq: int, attempts: int, error: dict[str, Any],
-                     count_failure: bool = True) -> _Outcome:
-        if breaker is not None:
-            if count_failure:
-                breaker.record_failure()
-            else:
-                breaker.release()
-            audit = audit + self._breaker_events(breaker)
+    async def _tool_failed(self, tool: Tool, audit: list[AuditEvent], seq: int, attempts: int,
+                           error: dict[str, Any], count_failure: bool = True) -> _Outcome:
+        audit = audit + await self._breaker_record(
+            tool, "failure" if count_failure else "release")
         audit.append(AuditEvent(kind="tool.failed", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts, **error}))
         return _Outcome(None, error, max(attempts, 1), audit)
 
-    def _breaker_events(self, breaker: CircuitBreaker | None) -> list[AuditEvent]:
-        if breaker is None:
-            return []
+    def _breaker_events(self, moves: list[Transition]) -> list[AuditEvent]:
         events = []
-        for t in breaker.drain_transitions():
+        for t in moves:
             self.metrics.breaker_transition(t.tool, str(t.to_state))
             events.append(AuditEvent(kind="breaker.transition", data={
                 "tool": t.tool, "from": str(t.from_state), "to": str(t.to_state),

@@ -16,14 +16,26 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from alpaca_engine.errors import LeaseLost
+from alpaca_engine.budget import BudgetExceeded
+from alpaca_engine.errors import ApprovalConflict, LeaseLost
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store.factory import make_store
 from alpaca_engine.store.postgres import PostgresStore
 from alpaca_engine.store.postgres_migrations import POSTGRES
-from alpaca_engine.store.records import AuditEvent, StepRecord
+from alpaca_engine.store.records import (
+    ApprovalRecord,
+    ApprovalStatus,
+    AuditEvent,
+    LedgerRecord,
+    StepRecord,
+    StepStatus,
+)
 from alpaca_engine.telemetry.audit import verify_chain
-from tests.conformance.store_suite import StoreConformance, new_run
+from tests.conformance.store_suite import (
+    LedgerApprovalKeyConformance,
+    StoreConformance,
+    new_run,
+)
 from tests.conftest import service_unavailable
 
 pytestmark = pytest.mark.postgres
@@ -67,7 +79,7 @@ async def store(schema: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
-class TestPostgres(StoreConformance):
+class TestPostgres(StoreConformance, LedgerApprovalKeyConformance):
     pass  # uses the fresh-schema ``store`` fixture above
 
 
@@ -192,6 +204,153 @@ async def test_fence_waits_for_a_concurrent_steal_and_then_refuses(schema: str):
         await s.close()
 
 
+async def _leased_on(s: PostgresStore, rid: str, ledgers: list[str]) -> int:
+    """Create run ``rid`` reserving on ``ledgers`` (which must exist) and lease it."""
+    await s.create_run(new_run(rid).model_copy(update={"ledgers": ledgers}))
+    run = await s.claim_run(rid, "w", 60, 100)
+    assert run is not None
+    return run.epoch
+
+
+async def test_concurrent_reservations_on_a_shared_ledger_never_overspend(schema: str):
+    """8 stores (own pools) x 10 concurrent reservations on distinct runs: exactly 25 fit."""
+    setup = await _open(schema)
+    await setup.create_run(
+        new_run("root").model_copy(update={"ledgers": ["root"]}),
+        ledger=LedgerRecord(id="root", limits={"tool_calls": 25}),
+    )
+    n_stores, per_store = 8, 10
+    epochs = {}
+    for w in range(n_stores):
+        for i in range(per_store):
+            rid = f"root.w{w}.{i}"
+            epochs[rid] = await _leased_on(setup, rid, ["root"])
+    stores = [await _open(schema, pool_size=per_store) for _ in range(n_stores)]
+    barrier = asyncio.Barrier(n_stores * per_store)
+
+    async def reserve(s: PostgresStore, rid: str, seq: int) -> bool:
+        step = StepRecord(run_id=rid, seq=seq, kind="tool", name="t", started_at=101)
+        await barrier.wait()
+        try:
+            await s.save_step(
+                step, epochs[rid], [AuditEvent(kind="budget.reserved")], reserve={"tool_calls": 1}
+            )
+        except BudgetExceeded as exc:
+            assert exc.ledger_id == "root" and exc.resource == "tool_calls"
+            return False
+        assert step.reserved == {"tool_calls": 1}
+        return True
+
+    try:
+        results = await asyncio.gather(
+            *(
+                reserve(s, f"root.w{w}.{i}", i + 1)
+                for w, s in enumerate(stores)
+                for i in range(per_store)
+            )
+        )
+    finally:
+        for s in stores:
+            await s.close()
+    try:
+        assert results.count(True) == 25
+        assert results.count(False) == n_stores * per_store - 25
+        ledger = await setup.get_ledger("root")
+        assert ledger.used == {"tool_calls": 25} and ledger.exhausted == "tool_calls"
+        written = []
+        for rid in epochs:
+            steps = await setup.list_steps(rid)
+            written += steps
+            kinds = [r.kind for r in await setup.list_audit(rid)]
+            assert kinds.count("budget.reserved") == len(steps)  # refused: no audit either
+        assert len(written) == 25
+        assert all(s.reserved == {"tool_calls": 1} for s in written)
+    finally:
+        await setup.close()
+
+
+async def test_reservations_lock_ledgers_in_one_order_so_they_never_deadlock(schema: str):
+    """Runs listing the same two ledgers in opposite orders reserve concurrently: the ledger
+    rows are locked by id, so there is no deadlock, and both ledgers are debited per step."""
+    setup = await _open(schema)
+    for lid in ("a", "b"):
+        await setup.create_run(
+            new_run(lid).model_copy(update={"ledgers": [lid]}),
+            ledger=LedgerRecord(id=lid, limits={"steps": 1000}),
+        )
+    epochs = {}
+    for i in range(20):
+        rid = f"r{i:02d}"
+        epochs[rid] = await _leased_on(setup, rid, ["a", "b"] if i % 2 else ["b", "a"])
+    stores = [await _open(schema, pool_size=5) for _ in range(4)]
+    n = 5
+
+    async def work(s: PostgresStore, rid: str) -> None:
+        for seq in range(1, n + 1):
+            step = StepRecord(run_id=rid, seq=seq, kind="tool", name="t")
+            await s.save_step(step, epochs[rid], reserve={"steps": 1, "tokens": 2})
+            step.status = StepStatus.COMPLETED
+            await s.save_step(step, epochs[rid], settle={"tokens": -1})
+
+    try:
+        await asyncio.gather(*(work(stores[i % len(stores)], rid) for i, rid in enumerate(epochs)))
+        for lid in ("a", "b"):
+            ledger = await setup.get_ledger(lid)
+            assert ledger.used == {"steps": 20 * n, "tokens": 20 * n}
+            assert ledger.exhausted is None
+    finally:
+        for s in stores:
+            await s.close()
+        await setup.close()
+
+
+async def test_concurrent_decisions_on_one_approval_exactly_one_wins(schema: str):
+    a, b = await _open(schema), await _open(schema)
+    try:
+        await a.create_run(new_run("r1"))
+        run = await a.claim_run("r1", "w", 60, 100)
+        assert run is not None
+        await a.create_approval(
+            ApprovalRecord(
+                id="ap1",
+                tenant="t1",
+                run_id="r1",
+                root_id="r1",
+                step=1,
+                action="notify",
+                created_at=101,
+            ),
+            run.epoch,
+            [AuditEvent(kind="approval.requested")],
+        )
+        await a.transition("r1", RunState.WAITING, 102, epoch=run.epoch)
+        barrier = asyncio.Barrier(2)
+
+        async def decide(s: PostgresStore, who: str, approve: bool) -> object:
+            await barrier.wait()
+            try:
+                return await s.decide_approval(
+                    "ap1", approve=approve, by=who, comment=who, now=103, tenant="t1"
+                )
+            except ApprovalConflict as exc:
+                return exc
+
+        outcomes = await asyncio.gather(decide(a, "sue", True), decide(b, "bob", False))
+        won = [o for o in outcomes if isinstance(o, ApprovalRecord)]
+        lost = [o for o in outcomes if isinstance(o, ApprovalConflict)]
+        assert len(won) == 1 and len(lost) == 1
+        stored = await b.get_approval("ap1")
+        assert stored.status == won[0].status != ApprovalStatus.PENDING
+        assert stored.decided_by == won[0].decided_by == stored.comment
+        assert (await a.get_run("r1")).state == RunState.QUEUED
+        records = await a.list_audit("r1")
+        assert [r.kind for r in records].count("approval.decided") == 1
+        assert verify_chain(records, key=KEY).ok
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- schema and migrations --------------------------------------------------------------------
 
 
@@ -215,7 +374,15 @@ async def test_migrations_are_versioned_and_idempotent(schema: str):
                 (schema,),
             )
             tables = [r[0] for r in await cur.fetchall()]
-            assert tables == ["audit", "runs", "schema_migrations", "steps"]
+            assert tables == [
+                "api_keys",
+                "approvals",
+                "audit",
+                "ledgers",
+                "runs",
+                "schema_migrations",
+                "steps",
+            ]
         finally:
             await admin.close()
     finally:
@@ -230,9 +397,10 @@ async def test_existing_empty_schema_starts_at_version_zero(schema: str):
     try:
         assert await s.schema_version() == len(POSTGRES)
         await admin.execute(
-            sql.SQL("DROP TABLE {0}.audit, {0}.steps, {0}.runs, {0}.schema_migrations").format(
-                sql.Identifier(schema)
-            )
+            sql.SQL(
+                "DROP TABLE {0}.api_keys, {0}.approvals, {0}.ledgers, {0}.audit, {0}.steps, "
+                "{0}.runs, {0}.schema_migrations"
+            ).format(sql.Identifier(schema))
         )
         assert await s.schema_version() == 0
         assert await s.upgrade() == list(range(1, len(POSTGRES) + 1))

@@ -5,6 +5,11 @@ write reads the run row ``FOR UPDATE`` in the transaction that does the write, s
 check, the write and the audit append (which reads the chain head under that same lock) are
 atomic across processes; ``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers
 never wait on, or double-claim, the same run.
+
+Budget reservations lock the run row and then every ledger row of the run ``FOR UPDATE`` in
+ledger-id order, so any number of workers reserving on a shared ledger serialize on it (no
+overspend) and never deadlock; deciding or expiring an approval locks the approval row, then
+the run row, so exactly one decision wins.
 """
 
 from __future__ import annotations
@@ -19,13 +24,22 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Json, Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import LeaseLost, NotFound
+from .. import budget as ledger_logic
+from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
 from .postgres_migrations import POSTGRES as MIGRATIONS
-from .records import AuditEvent, RunRecord, StepRecord
+from .records import (
+    ApiKeyRecord,
+    ApprovalRecord,
+    ApprovalStatus,
+    AuditEvent,
+    LedgerRecord,
+    RunRecord,
+    StepRecord,
+)
 
-_JSON_RUN_FIELDS = ("ancestry", "budget", "usage")
+_JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
 
 Cursor = AsyncCursor[DictRow]
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
@@ -243,12 +257,19 @@ class PostgresStore:
 
     # -- runs ----------------------------------------------------------------------------------
     async def create_run(
-        self, run: RunRecord, audit: Sequence[AuditEvent] = ()
+        self,
+        run: RunRecord,
+        audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
             data[f] = Jsonb(data[f])
         data["state"] = str(run.state)
+        # Stored sorted, as SQLite does (a set of names; NULL = the agent's own).
+        data["capabilities"] = _jsonb(
+            sorted(run.capabilities) if run.capabilities is not None else None
+        )
         query = sql.SQL(
             "INSERT INTO runs ({cols}) VALUES ({vals}) ON CONFLICT (tenant, idempotency_key) "
             "WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
@@ -267,6 +288,18 @@ class PostgresStore:
                 if row is None:  # pragma: no cover - the conflicting row is committed
                     raise NotFound(f"run with idempotency key {run.idempotency_key} vanished")
                 return self._run(row), False
+            if ledger is not None:  # only with a run this call created
+                await cur.execute(
+                    "INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
+                    "VALUES (%s,%s,%s,%s,%s)",
+                    (
+                        ledger.id,
+                        Jsonb(ledger.limits),
+                        Jsonb(ledger.used),
+                        ledger.exhausted,
+                        run.created_at,
+                    ),
+                )
             await self._audit(cur, run.id, audit, run.created_at)
         return run, True
 
@@ -490,33 +523,124 @@ class PostgresStore:
 
     # -- steps and audit -------------------------------------------------------------------------
     async def save_step(
-        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+        self,
+        step: StepRecord,
+        epoch: int,
+        audit: Sequence[AuditEvent] = (),
+        *,
+        reserve: dict[str, float] | None = None,
+        settle: dict[str, float] | None = None,
     ) -> None:
+        """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
+        with the journal write), ``settle`` corrects them with actual usage.
+
+        The run row is locked by the fence, then the ledger rows (by id), so the check and the
+        debit see no concurrent reservation. A refused reservation writes nothing for the step;
+        the ledger is then marked exhausted in its own transaction and BudgetExceeded raised.
+        """
+        refused: ledger_logic.BudgetExceeded | None = None
         async with self._tx() as cur:
-            await self._fence(cur, step.run_id, epoch)
+            run = await self._fence(cur, step.run_id, epoch)
+            if reserve:
+                await cur.execute(
+                    "SELECT reserved FROM steps WHERE run_id=%s AND seq=%s",
+                    (step.run_id, step.seq),
+                )
+                row = await cur.fetchone()
+                if row is not None and row["reserved"] is not None:
+                    step.reserved = dict(row["reserved"])  # reserved before a crash: not twice
+                else:
+                    ledgers = await self._lock_ledgers(cur, run.ledgers)
+                    try:
+                        ledger_logic.check_reserve(ledgers, reserve)
+                    except ledger_logic.BudgetExceeded as exc:
+                        refused = exc
+                    else:
+                        await self._debit(cur, ledgers, reserve)
+                        step.reserved = dict(reserve)
+            if refused is None:
+                if settle:
+                    await self._debit(cur, await self._lock_ledgers(cur, run.ledgers), settle)
+                await self._write_step(cur, step)
+                await self._audit(cur, step.run_id, audit, step.finished_at or step.started_at)
+        if refused is not None:
+            async with self._tx() as cur:
+                await cur.execute(
+                    "UPDATE ledgers SET exhausted=COALESCE(exhausted, %s) WHERE id=%s",
+                    (refused.resource, refused.ledger_id),
+                )
+            raise refused
+
+    @staticmethod
+    async def _write_step(cur: Cursor, step: StepRecord) -> None:
+        await cur.execute(
+            "INSERT INTO steps(run_id, seq, kind, name, status, input, output, error, "
+            "idempotency_key, attempts, started_at, finished_at, reserved) "
+            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (run_id, seq) "
+            "DO UPDATE SET status=excluded.status, input=excluded.input, "
+            "output=excluded.output, error=excluded.error, attempts=excluded.attempts, "
+            "finished_at=excluded.finished_at, "
+            "reserved=COALESCE(excluded.reserved, steps.reserved)",
+            (
+                step.run_id,
+                step.seq,
+                str(step.kind),
+                step.name,
+                str(step.status),
+                Jsonb(step.input),
+                _jsonb(step.output),
+                _jsonb(step.error),
+                step.idempotency_key,
+                step.attempts,
+                step.started_at,
+                step.finished_at,
+                _jsonb(step.reserved),
+            ),
+        )
+
+    @staticmethod
+    def _ledger_state(row: DictRow) -> ledger_logic.LedgerState:
+        return ledger_logic.LedgerState(
+            id=str(row["id"]),
+            limits=dict(row["limits"]),
+            used=dict(row["used"]),
+            exhausted=row["exhausted"],
+        )
+
+    async def _lock_ledgers(
+        self, cur: Cursor, ids: Sequence[str]
+    ) -> list[ledger_logic.LedgerState]:
+        """Lock the ledger rows ``FOR UPDATE`` in id order (one global order: concurrent
+        reservations on overlapping ledger sets cannot deadlock) and return their states in
+        the run's own order (root first), skipping ids without a ledger, as SQLite does."""
+        if not ids:
+            return []
+        await cur.execute(
+            "SELECT * FROM ledgers WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (list(ids),)
+        )
+        rows = {str(r["id"]): r for r in await cur.fetchall()}
+        return [self._ledger_state(rows[lid]) for lid in ids if lid in rows]
+
+    @staticmethod
+    async def _debit(
+        cur: Cursor, ledgers: list[ledger_logic.LedgerState], amounts: dict[str, float]
+    ) -> None:
+        for ledger in ledgers:
+            ledger_logic.apply(ledger, amounts)
             await cur.execute(
-                "INSERT INTO steps(run_id, seq, kind, name, status, input, output, error, "
-                "idempotency_key, attempts, started_at, finished_at) "
-                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT (run_id, seq) "
-                "DO UPDATE SET status=excluded.status, output=excluded.output, "
-                "error=excluded.error, attempts=excluded.attempts, "
-                "finished_at=excluded.finished_at",
-                (
-                    step.run_id,
-                    step.seq,
-                    str(step.kind),
-                    step.name,
-                    str(step.status),
-                    Jsonb(step.input),
-                    _jsonb(step.output),
-                    _jsonb(step.error),
-                    step.idempotency_key,
-                    step.attempts,
-                    step.started_at,
-                    step.finished_at,
-                ),
+                "UPDATE ledgers SET used=%s WHERE id=%s", (Jsonb(ledger.used), ledger.id)
             )
-            await self._audit(cur, step.run_id, audit, step.finished_at or step.started_at)
+
+    async def get_ledger(self, ledger_id: str) -> LedgerRecord:
+        async with self._read() as cur:
+            await cur.execute("SELECT * FROM ledgers WHERE id=%s", (ledger_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"ledger {ledger_id} not found")
+        state = self._ledger_state(row)
+        return LedgerRecord(
+            id=state.id, limits=state.limits, used=state.used, exhausted=state.exhausted
+        )
 
     async def list_steps(self, run_id: str) -> list[StepRecord]:
         async with self._read() as cur:
@@ -538,3 +662,202 @@ class PostgresStore:
             )
             rows = await cur.fetchall()
         return [AuditRecord.from_dict(r) for r in rows]
+
+    # -- approvals -----------------------------------------------------------------------------
+    @staticmethod
+    def _approval(row: DictRow) -> ApprovalRecord:
+        return ApprovalRecord.model_validate(row)
+
+    async def create_approval(
+        self, approval: ApprovalRecord, epoch: int, audit: Sequence[AuditEvent] = ()
+    ) -> ApprovalRecord:
+        """Record a pending approval for a step; the same step never gets two (the run row lock
+        serializes concurrent requests for one run)."""
+        data = approval.model_dump()
+        data["arguments"] = Jsonb(approval.arguments)
+        data["status"] = str(approval.status)
+        query = sql.SQL("INSERT INTO approvals ({cols}) VALUES ({vals})").format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, data)),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(data)),
+        )
+        async with self._tx() as cur:
+            await self._fence(cur, approval.run_id, epoch)
+            await cur.execute(
+                "SELECT * FROM approvals WHERE run_id=%s AND step=%s",
+                (approval.run_id, approval.step),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return self._approval(row)
+            await cur.execute(query, tuple(data.values()))
+            await self._audit(cur, approval.run_id, audit, approval.created_at)
+        return approval
+
+    async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:
+        async with self._read() as cur:
+            await cur.execute("SELECT * FROM approvals WHERE id=%s", (approval_id,))
+            row = await cur.fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"approval {approval_id} not found")
+        return self._approval(row)
+
+    async def get_step_approval(self, run_id: str, step: int) -> ApprovalRecord | None:
+        async with self._read() as cur:
+            await cur.execute("SELECT * FROM approvals WHERE run_id=%s AND step=%s", (run_id, step))
+            row = await cur.fetchone()
+        return self._approval(row) if row is not None else None
+
+    async def list_approvals(
+        self,
+        *,
+        tenant: str | None = None,
+        status: ApprovalStatus | None = None,
+        run_id: str | None = None,
+        limit: int = 100,
+    ) -> list[ApprovalRecord]:
+        where: list[sql.Composable] = []
+        args: list[Any] = []
+        for col, val in (("tenant", tenant), ("status", status), ("run_id", run_id)):
+            if val is not None:
+                where.append(sql.SQL("{}=%s").format(sql.Identifier(col)))
+                args.append(str(val))
+        query: sql.Composable = sql.SQL("SELECT * FROM approvals")
+        if where:
+            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+        query += sql.SQL(" ORDER BY created_at DESC, id DESC LIMIT %s")
+        async with self._read() as cur:
+            # A negative limit means "no limit", as in SQLite (LIMIT NULL in PostgreSQL).
+            await cur.execute(query, (*args, None if limit < 0 else limit))
+            rows = await cur.fetchall()
+        return [self._approval(r) for r in rows]
+
+    async def _locked_approval(
+        self, cur: Cursor, approval_id: str, tenant: str | None = None
+    ) -> ApprovalRecord:
+        """Lock the approval row; a concurrent decision waits here and then re-reads the row
+        (READ COMMITTED), so it sees the winner's status."""
+        await cur.execute("SELECT * FROM approvals WHERE id=%s FOR UPDATE", (approval_id,))
+        row = await cur.fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant):
+            raise NotFound(f"approval {approval_id} not found")
+        return self._approval(row)
+
+    async def decide_approval(
+        self,
+        approval_id: str,
+        *,
+        approve: bool,
+        by: str,
+        comment: str | None,
+        now: float,
+        tenant: str | None = None,
+    ) -> ApprovalRecord:
+        """Approve or reject a pending approval and wake its run, in one transaction."""
+        async with self._tx() as cur:
+            approval = await self._locked_approval(cur, approval_id, tenant)
+            if approval.status != ApprovalStatus.PENDING:
+                raise ApprovalConflict(f"approval {approval_id} is already {approval.status}")
+            status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
+            await cur.execute(
+                "UPDATE approvals SET status=%s, decided_by=%s, decided_at=%s, comment=%s "
+                "WHERE id=%s",
+                (str(status), by, now, comment, approval_id),
+            )
+            events = [
+                AuditEvent(
+                    kind="approval.decided",
+                    actor=f"user:{by}",
+                    data={
+                        "approval_id": approval_id,
+                        "step": approval.step,
+                        "action": approval.action,
+                        "decision": str(status),
+                        "comment": comment,
+                        "decided_at": iso_utc(now),
+                    },
+                )
+            ]
+            await self._wake(cur, approval.run_id, now, events, "approval decided")
+            return approval.model_copy(
+                update={"status": status, "decided_by": by, "decided_at": now, "comment": comment}
+            )
+
+    async def _wake(
+        self, cur: Cursor, run_id: str, now: float, events: list[AuditEvent], why: str
+    ) -> None:
+        """Requeue a waiting run (row locked for the state change and the audit append)."""
+        run = await self._fetch_run(cur, run_id, lock=True)
+        if run.state == RunState.WAITING:
+            events.append(self._set_state(run, RunState.QUEUED, None, why))
+            await cur.execute(
+                "UPDATE runs SET state=%s, updated_at=%s WHERE id=%s",
+                (str(RunState.QUEUED), now, run_id),
+            )
+        await self._audit(cur, run_id, events, now)
+
+    async def expire_approvals(self, now: float) -> list[ApprovalRecord]:
+        """Pending approvals past their expiry: marked expired; the run is woken to apply its
+        policy (a ``deny`` fails it at its next turn)."""
+        async with self._read() as cur:
+            await cur.execute(
+                "SELECT id FROM approvals WHERE status=%s AND expires_at IS NOT NULL AND "
+                "expires_at < %s ORDER BY created_at, id",
+                (str(ApprovalStatus.PENDING), now),
+            )
+            ids = [str(r["id"]) for r in await cur.fetchall()]
+        out = []
+        for approval_id in ids:
+            async with self._tx() as cur:
+                try:
+                    approval = await self._locked_approval(cur, approval_id)
+                except NotFound:  # pragma: no cover - approvals are never deleted
+                    continue
+                if approval.status != ApprovalStatus.PENDING:
+                    continue  # decided (or expired by another reaper) since the scan
+                await cur.execute(
+                    "UPDATE approvals SET status=%s, decided_by=%s, decided_at=%s WHERE id=%s",
+                    (str(ApprovalStatus.EXPIRED), "system:expiry", now, approval_id),
+                )
+                events = [
+                    AuditEvent(
+                        kind="approval.expired",
+                        actor="system:expiry",
+                        data={"approval_id": approval_id, "policy": approval.on_expiry},
+                    )
+                ]
+                await self._wake(cur, approval.run_id, now, events, "approval expired")
+                out.append(approval.model_copy(update={"status": ApprovalStatus.EXPIRED}))
+        return out
+
+    # -- API keys ------------------------------------------------------------------------------
+    async def create_api_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
+        async with self._tx() as cur:
+            await cur.execute(
+                "INSERT INTO api_keys(id, tenant, role, key_hash, name, created_at, revoked_at) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s)",
+                (
+                    key.id,
+                    key.tenant,
+                    key.role,
+                    key.key_hash,
+                    key.name,
+                    key.created_at,
+                    key.revoked_at,
+                ),
+            )
+        return key
+
+    async def get_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        async with self._read() as cur:
+            await cur.execute(
+                "SELECT * FROM api_keys WHERE key_hash=%s AND revoked_at IS NULL", (key_hash,)
+            )
+            row = await cur.fetchone()
+        return ApiKeyRecord.model_validate(row) if row is not None else None
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]:
+        where, args = ("", ()) if tenant is None else (" WHERE tenant=%s", (tenant,))
+        async with self._read() as cur:
+            await cur.execute(f"SELECT * FROM api_keys{where} ORDER BY created_at, id", args)
+            rows = await cur.fetchall()
+        return [ApiKeyRecord.model_validate(r) for r in rows]

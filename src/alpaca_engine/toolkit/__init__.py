@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from ..tools.base import Tool
 from .extract import Readable, extract_readable, html_to_text
-from .fetch import FetchConfig, Page, fetch, fetch_page
+from .fetch import FetchConfig, Page, fetch_page, fetch_url
 from .idempotency import IdempotencyInProgress, IdempotencyLedger
 from .net import ToolConfigError, TransientUpstreamError, UpstreamError, URLNotAllowed
 from .search import (
@@ -70,8 +70,8 @@ __all__ = [
     "URLNotAllowed",
     "UpstreamError",
     "extract_readable",
-    "fetch",
     "fetch_page",
+    "fetch_url",
     "html_to_text",
     "index_directory",
     "notify_slack",

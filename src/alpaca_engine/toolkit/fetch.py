@@ -39,7 +39,7 @@ from .net import (
     upstream_error,
 )
 
-__all__ = ["FetchConfig", "Page", "fetch", "fetch_page"]
+__all__ = ["FetchConfig", "Page", "fetch_page", "fetch_url"]
 
 ALLOW_PRIVATE_ENV = "ALPACA_FETCH_ALLOW_PRIVATE"
 MAX_BYTES_ENV = "ALPACA_FETCH_MAX_BYTES"
@@ -161,7 +161,7 @@ def _looks_like_html(content_type: str, text: str) -> bool:
     return not content_type and text.lstrip()[:1] == "<"
 
 
-async def fetch(url: str, max_chars: int = 8000, config: FetchConfig | None = None) -> Page:
+async def fetch_url(url: str, max_chars: int = 8000, config: FetchConfig | None = None) -> Page:
     """Fetch ``url`` under the guard and limits of ``config`` (default: from the environment)."""
     config = config or FetchConfig.from_env()
     current = parse_http_url(url)
@@ -220,4 +220,4 @@ async def fetch_page(
     4xx pages are returned with their status so the model can react; 429 and 5xx raise a
     transient error so the engine's retry policy applies.
     """
-    return await fetch(url, max_chars)
+    return await fetch_url(url, max_chars)

@@ -17,6 +17,7 @@ import inspect
 import re
 import sys
 import threading
+from fnmatch import fnmatchcase
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +29,7 @@ from pydantic_core import ErrorDetails
 from ..agents import Agent
 from ..tools.base import Tool
 from ..tools.decorator import make_tool
+from ..tools.http import HttpConfigError, make_http_tool
 from ..tools.registry import ToolRegistry
 from ..tools.retry import NO_RETRY
 from ..workflow import Workflow
@@ -35,7 +37,10 @@ from .models import build_model
 from .schema import (
     TAG_PREFIX,
     AgentSpec,
+    GovernedSpec,
+    HttpToolEntry,
     Loc,
+    McpToolEntry,
     SpecError,
     ToolEntry,
     WorkflowError,
@@ -301,18 +306,66 @@ class _Loader:
         first_at: dict[str, int] = {}
         for index, entry in enumerate(spec.tools):
             try:
-                tool = self._tool(entry)
+                built = self._entry_tools(entry)
             except SpecError as exc:
                 raise exc.within("tools", index) from None
-            if tool.name in first_at:
-                where = "name" if "name" in entry.model_fields_set else "python"
-                first_line = locate(self.root, ("tools", first_at[tool.name]))[1]
-                raise SpecError(("tools", index, where),
-                                f"duplicate tool name {tool.name!r} (first defined on line "
-                                f"{first_line})")
-            first_at[tool.name] = index
-            registry.register(tool)
+            for tool in built:
+                if tool.name in first_at:
+                    first_line = locate(self.root, ("tools", first_at[tool.name]))[1]
+                    raise SpecError(("tools", index, *_name_field(entry)),
+                                    f"duplicate tool name {tool.name!r} (first defined on line "
+                                    f"{first_line})")
+                first_at[tool.name] = index
+                registry.register(tool)
         return registry
+
+    def _entry_tools(self, entry: ToolEntry | HttpToolEntry | McpToolEntry) -> list[Tool]:
+        if isinstance(entry, HttpToolEntry):
+            return [_http_tool(entry)]
+        if isinstance(entry, McpToolEntry):
+            return self._mcp_tools(entry)
+        return [self._tool(entry)]
+
+    def _mcp_tools(self, entry: McpToolEntry) -> list[Tool]:
+        """Start the server once to learn its tools: the registry must be complete at load."""
+        # Imported here: the MCP SDK is slow to import and most workflows do not use it.
+        from ..tools.mcp import MCPConfigError, MCPServer, McpTool, load_mcp_tools_sync
+
+        spec = entry.mcp
+        cwd: Path | None = None
+        if spec.command is not None:
+            # A stdio server runs next to the workflow file, as its python modules are found.
+            base = self.importer.base_dir
+            cwd = Path(spec.cwd) if spec.cwd is not None else base
+            if cwd is not None and not cwd.is_absolute() and base is not None:
+                cwd = base / cwd
+            if cwd is not None and not cwd.is_dir():
+                raise SpecError(("mcp", "cwd"), f"no such directory: {cwd}")
+        try:
+            server = MCPServer(spec.server, command=spec.command, env=spec.env, cwd=cwd,
+                               url=spec.url, headers=spec.headers, prefix=spec.prefix,
+                               connect_timeout=spec.connect_timeout)
+        except MCPConfigError as exc:
+            raise SpecError(("mcp", *exc.loc), exc.message) from None
+        try:
+            tools = load_mcp_tools_sync(server)
+        except Exception as exc:
+            where = "command" if spec.command is not None else "url"
+            raise SpecError(("mcp", where), str(exc) or type(exc).__name__) from None
+        remote = {t.name: t.remote_name for t in tools if isinstance(t, McpTool)}
+        known = ", ".join(sorted(remote.values())) or "none"
+        for field, patterns in (("include", entry.include or []), ("exclude", entry.exclude)):
+            for index, pattern in enumerate(patterns):
+                if not any(fnmatchcase(name, pattern) for name in remote.values()):
+                    raise SpecError((field, index), f"{pattern!r} matches no tool of MCP server "
+                                                    f"{spec.server!r} (it has: {known})")
+        policies = _policies(entry)
+        return [
+            dataclasses.replace(tool, **policies) for tool in tools
+            if (entry.include is None
+                or any(fnmatchcase(remote[tool.name], p) for p in entry.include))
+            and not any(fnmatchcase(remote[tool.name], p) for p in entry.exclude)
+        ]
 
     def _tool(self, entry: ToolEntry) -> Tool:
         try:
@@ -457,13 +510,42 @@ def _check_tree(root: yaml.Node, source: str) -> None:
     walk(root, ())
 
 
+def _http_tool(entry: HttpToolEntry) -> Tool:
+    http = entry.http
+    try:
+        return make_http_tool(
+            entry.name, method=http.method, url=http.url, headers=http.headers,
+            input_schema=entry.input_schema, output_schema=entry.output_schema,
+            description=entry.description, max_response_bytes=http.max_response_bytes,
+            max_text_chars=http.max_text_chars, **_policies(entry),
+        )
+    except HttpConfigError as exc:
+        raise SpecError(exc.loc, exc.message) from None
+
+
+def _name_field(entry: ToolEntry | HttpToolEntry | McpToolEntry) -> Loc:
+    """Where an entry gets its tools' names from, for the duplicate-name error."""
+    if isinstance(entry, McpToolEntry):
+        return ("mcp", "server")
+    return ("name",) if "name" in entry.model_fields_set else ("python",)
+
+
 def _overrides(entry: ToolEntry) -> dict[str, Any]:
     """The Tool fields this entry sets; ``null`` means "none" where the field allows it."""
     out: dict[str, Any] = {}
     fields = entry.model_fields_set
-    for name in ("name", "description", "approval"):
+    for name in ("name", "description"):
         if name in fields and getattr(entry, name) is not None:
             out[name] = getattr(entry, name)
+    return out | _policies(entry)
+
+
+def _policies(entry: ToolEntry | GovernedSpec) -> dict[str, Any]:
+    """The governance fields an entry sets (capabilities, retry, breaker, timeout, approval)."""
+    out: dict[str, Any] = {}
+    fields = entry.model_fields_set
+    if "approval" in fields and entry.approval is not None:
+        out["approval"] = entry.approval
     if "capabilities" in fields:
         out["capabilities"] = frozenset(entry.capabilities or ())
     if "retry" in fields:

@@ -2,9 +2,9 @@
 
 Every model forbids unknown fields and is strict (no ``"10"`` -> ``10`` coercion), so a typo in
 a workflow file is an error with a line number instead of a setting silently ignored. Unions
-that pydantic would otherwise try branch by branch (model providers, script items) use callable
-discriminators whose tags start with ``TAG_PREFIX``: the loader drops those tags from error
-locations so that they map back onto the YAML node tree.
+that pydantic would otherwise try branch by branch (tool kinds, model providers, script items)
+use callable discriminators whose tags start with ``TAG_PREFIX``: the loader drops those tags
+from error locations so that they map back onto the YAML node tree.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pydantic import (
 )
 
 from ..tools.breaker import BreakerPolicy
+from ..tools.contracts import Contract, SchemaError
+from ..tools.http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_TEXT_CHARS, METHODS
 from ..tools.retry import RetryPolicy
 
 Loc = tuple[str | int, ...]
@@ -109,6 +111,22 @@ def _args(value: Any) -> Any:
     return value
 
 
+def _method(value: str) -> str:
+    method = value.upper()
+    if method not in METHODS:
+        raise ValueError(f"expected one of {', '.join(METHODS)}")
+    return method
+
+
+def _json_schema(value: dict[str, Any]) -> dict[str, Any]:
+    # Compiled now, so a broken contract is a load error with a line, not a failing call.
+    try:
+        Contract(value)
+    except SchemaError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 def _version(value: int) -> int:
     if value != 1:
         raise ValueError(f"unsupported version {value}; this engine reads version 1")
@@ -123,6 +141,8 @@ def _name(value: str) -> str:
 
 Name = Annotated[str, AfterValidator(_name)]
 ImportPath = Annotated[str, AfterValidator(_import_path)]
+Url = Annotated[str, AfterValidator(_url)]
+JsonSchema = Annotated[dict[str, Any], AfterValidator(_json_schema)]
 
 
 class Spec(BaseModel):
@@ -189,6 +209,97 @@ class ToolEntry(Spec):
     breaker: BreakerSpec | None = None
     timeout: float | None = Field(default=None, gt=0)
     approval: Literal["never", "required"] | None = None
+
+
+class GovernedSpec(Spec):
+    """The governance fields of HTTP and MCP entries; left out, the Tool defaults apply."""
+
+    capabilities: list[str] | None = None
+    retry: RetrySpec | None = None
+    breaker: BreakerSpec | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    approval: Literal["never", "required"] | None = None
+
+
+class HttpSpec(Spec):
+    """``http:`` of a tool: the request template. Header values reference secrets as ${ENV}."""
+
+    method: Annotated[str, AfterValidator(_method)] = "GET"
+    url: Url
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_response_bytes: int = Field(default=DEFAULT_MAX_RESPONSE_BYTES, ge=1)
+    max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
+
+
+class HttpToolEntry(GovernedSpec):
+    """A tool that calls an HTTP endpoint (see tools/http.py)."""
+
+    name: Name
+    http: HttpSpec
+    description: str = ""
+    input_schema: JsonSchema | None = None
+    output_schema: JsonSchema | None = None
+
+
+class McpSpec(Spec):
+    """``mcp:`` of a tool entry: how to reach the server (a command for stdio, or a url)."""
+
+    server: Name
+    command: list[str] | None = Field(default=None, min_length=1)
+    url: Url | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    prefix: str | None = None
+    # tools.mcp.DEFAULT_CONNECT_TIMEOUT; not imported: the MCP SDK takes a second to import,
+    # and only workflows that use it should pay for it.
+    connect_timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give either command (a stdio server) or url (streamable HTTP)")
+        if self.url is not None and (self.env or self.cwd is not None):
+            raise ValueError("env and cwd apply to stdio servers (command) only")
+        if self.command is not None and self.headers:
+            raise ValueError("headers apply to HTTP servers (url) only")
+        return self
+
+
+class McpToolEntry(GovernedSpec):
+    """Every tool of an MCP server (filtered by ``include``/``exclude`` globs on their names);
+    the governance fields apply to each of them."""
+
+    mcp: McpSpec
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+
+_TOOL_KINDS = ("python", "http", "mcp")
+
+
+def _tool_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        kinds = [kind for kind in _TOOL_KINDS if kind in value]
+        if len(kinds) > 1:
+            return None
+        return f"={kinds[0]}" if kinds else "=python"  # no kind: say what a python entry needs
+    if isinstance(value, HttpToolEntry):
+        return "=http"
+    if isinstance(value, McpToolEntry):
+        return "=mcp"
+    return "=python"
+
+
+AnyToolEntry = Annotated[
+    Annotated[ToolEntry, Tag("=python")] | Annotated[HttpToolEntry, Tag("=http")]
+    | Annotated[McpToolEntry, Tag("=mcp")],
+    Discriminator(
+        _tool_kind,
+        custom_error_type="tool_kind",
+        custom_error_message="a tool entry has exactly one of python, http or mcp",
+    ),
+]
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -320,11 +431,14 @@ class AgentSpec(Spec):
 class WorkflowSpec(Spec):
     version: Annotated[int, AfterValidator(_version)]
     defaults: DefaultsSpec = Field(default_factory=lambda: DefaultsSpec())
-    tools: list[ToolEntry] = Field(default_factory=list)
+    tools: list[AnyToolEntry] = Field(default_factory=list)
     agents: list[AgentSpec] = Field(min_length=1)
 
 
 _TAGGED: dict[str, type[Spec]] = {
+    "=python": ToolEntry,
+    "=http": HttpToolEntry,
+    "=mcp": McpToolEntry,
     "=scripted": ScriptedModelSpec,
     "=function": FunctionModelSpec,
     "=openai": OpenAIModelSpec,

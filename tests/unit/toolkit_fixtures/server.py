@@ -3,6 +3,7 @@ recorded so tests can assert what a tool actually sent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -62,10 +63,9 @@ class LocalServer:
                 for key, value in reply.headers.items():
                     self.send_header(key, value)
                 self.end_headers()
-                try:
+                # The client may stop reading (size cap): expected.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client stopped reading (size cap): expected
 
             do_GET = do_POST = _handle
 
@@ -85,7 +85,9 @@ class LocalServer:
 @contextmanager
 def serve(routes: dict[str, Route]) -> Iterator[LocalServer]:
     server = LocalServer(routes)
-    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield server
