@@ -21,6 +21,7 @@ from .errors import NotFound
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
+    timeline_view,
     approvals_table,
     run_summary,
     run_tree,
@@ -32,6 +33,7 @@ from .store.base import Store
 from .store.factory import make_store
 from .errors import ApprovalConflict
 from .store.records import ApprovalRecord, ApprovalStatus, RunRecord
+from .telemetry.audit import AuditRecord, verify_chain
 from .worker import Worker
 from .workflows.loader import WorkflowError, load_workflow, resolve_workflow
 
@@ -44,11 +46,13 @@ tools_app = typer.Typer(help="Tools of a workflow.", no_args_is_help=True)
 agents_app = typer.Typer(help="Agents of a workflow.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 approvals_app = typer.Typer(help="Supervisor decisions on gated actions.", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit log of a run.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(tools_app, name="tools")
 app.add_typer(agents_app, name="agents")
 app.add_typer(db_app, name="db")
 app.add_typer(approvals_app, name="approvals")
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -195,15 +199,26 @@ def runs_list(
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
+def runs_show(
+    run_id: str,
+    timeline: Annotated[bool, typer.Option(
+        help="Steps with durations, attempts, breaker events and decisions.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show a run: its tree of sub-runs, its steps and its result."""
-    async def go() -> tuple[RunRecord, list[Any], list[RunRecord]]:
+    async def go() -> tuple[RunRecord, list[Any], list[RunRecord], list[AuditRecord]]:
         async with open_store(settings(db)) as store:
             run = await store.get_run(run_id)
             tree = await store.list_runs(root_id=run.root_id, limit=10_000)
-            return run, await store.list_steps(run_id), tree
+            audit = await store.list_audit(run_id) if timeline else []
+            return run, await store.list_steps(run_id), tree, audit
 
-    run, steps, tree = run_async(go)
+    run, steps, tree, audit = run_async(go)
+    if timeline and not as_json:
+        console.print(timeline_view(run, steps, audit))
+        console.print(run_summary(run))
+        return
     if as_json:
         dump({"run": run.model_dump(mode="json"),
               "steps": [s.model_dump(mode="json") for s in steps],
@@ -387,6 +402,60 @@ def approvals_reject(approval_id: str, by: ByOpt = "supervisor", comment: Commen
                      db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Reject a pending action: the agent is told (or the run fails, by policy)."""
     _decide(approval_id, False, by, comment, db, as_json)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    run_id: str,
+    tree: Annotated[bool, typer.Option(help="Verify every run of the run's tree.")] = False,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the hash chain: exit 0 when intact, 1 naming the first bad record."""
+    cfg = settings(db)
+
+    async def go() -> list[tuple[str, Any]]:
+        async with open_store(cfg) as store:
+            run = await store.get_run(run_id)
+            runs = await store.list_runs(root_id=run.root_id, limit=100_000) if tree else [run]
+            return [(r.id, verify_chain(await store.list_audit(r.id), key=cfg.audit_key_bytes(),
+                                        run_id=r.id)) for r in runs]
+
+    results = run_async(go)
+    bad = [(rid, res) for rid, res in results if not res.ok]
+    if as_json:
+        dump([{"run_id": rid, "ok": res.ok, "records": res.count,
+               "first_bad_seq": res.first_bad_seq, "reason": res.reason}
+              for rid, res in results])
+    else:
+        for rid, res in results:
+            if res.ok:
+                console.print(f"[green]ok[/green] {rid}: {res.count} records, chain intact")
+            else:
+                console.print(f"[red]TAMPERED[/red] {rid}: first bad record seq "
+                              f"{res.first_bad_seq}: {res.reason}")
+    raise typer.Exit(EXIT_FAILED if bad else EXIT_OK)
+
+
+@audit_app.command("export")
+def audit_export(
+    run_id: str,
+    output: Annotated[Path | None, typer.Option("--output", "-o",
+                                                help="Write to a file (default stdout).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Write a run's audit records as JSON lines (one record per line, chain order)."""
+    async def go() -> list[AuditRecord]:
+        async with open_store(settings(db)) as store:
+            await store.get_run(run_id)
+            return await store.list_audit(run_id)
+
+    lines = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in run_async(go))
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        output.write_text(lines)
+        err_console.print(f"wrote {lines.count(chr(10))} records to {output}")
 
 
 @db_app.command("upgrade")

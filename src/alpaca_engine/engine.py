@@ -105,10 +105,15 @@ class Engine:
         if merged.get("deadline_seconds") is not None and "deadline" not in merged:
             merged["deadline"] = now + float(merged["deadline_seconds"])
         ledger = LedgerRecord(id=run_id, limits=limits_from_budget(merged))
+        # Every execution of this tree (across resumes and workers) joins one trace.
+        with tracing.get_tracer().start_as_current_span(
+                f"submit {agent}", attributes={"alpaca.run.id": run_id}):
+            traceparent = tracing.current_traceparent()
         run = RunRecord(
             id=run_id, tenant=tenant, agent=agent, workflow=workflow.ref, input=input,
             root_id=run_id, ancestry=[agent], idempotency_key=idempotency_key,
             budget=merged, created_at=now, updated_at=now, ledgers=[run_id],
+            traceparent=traceparent,
         )
         record, _created = await self.store.create_run(run, [AuditEvent(
             kind="run.created", actor=f"tenant:{tenant}",

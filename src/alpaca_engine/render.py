@@ -13,6 +13,7 @@ from rich.tree import Tree
 
 from .events import Event
 from .store.records import ApprovalRecord, RunRecord, StepRecord
+from .telemetry.audit import AuditRecord
 
 STATE_STYLE = {
     "queued": "cyan", "running": "yellow", "waiting": "magenta", "succeeded": "green",
@@ -123,3 +124,59 @@ def approvals_table(items: list[ApprovalRecord]) -> Table:
         table.add_row(a.id, a.run_id, a.action, short(a.arguments, 50), short(a.reason, 40),
                       str(a.status), a.decided_by or "")
     return table
+
+
+_DECISION_STYLE = {
+    "gate.": "red", "breaker.": "yellow", "approval.": "magenta", "tool.retry": "yellow",
+    "delegation.": "cyan", "budget.": "dim", "state.changed": "blue",
+}
+
+
+def _style(kind: str) -> str:
+    for prefix, style in _DECISION_STYLE.items():
+        if kind.startswith(prefix):
+            return style
+    return "white"
+
+
+def _decision_text(record: AuditRecord) -> str:
+    data = {k: v for k, v in record.data.items() if k not in ("step", "tool")}
+    style = _style(record.kind)
+    return f"[{style}]{record.kind}[/{style}] {short(data, 90)}"
+
+
+def timeline_view(run: RunRecord, steps: list[StepRecord], audit: list[AuditRecord]) -> Tree:
+    """Each step with its duration and attempts, and under it every decision made for it."""
+    by_step: dict[int, list[AuditRecord]] = {}
+    run_level: list[AuditRecord] = []
+    for record in audit:
+        step = record.data.get("step")
+        if isinstance(step, int):
+            by_step.setdefault(step, []).append(record)
+        elif record.kind not in ("model.output",):
+            run_level.append(record)
+    start = run.created_at
+    tree = Tree(f"[bold]{run.agent}[/bold] {run.id}  [dim]{when(run.created_at)}[/dim]")
+    for record in run_level[:2]:
+        tree.add(f"[dim]{record.time[11:23]}[/dim] {_decision_text(record)}")
+    for s in steps:
+        took = f"{(s.finished_at - s.started_at) * 1000:.1f} ms" if s.finished_at else "…"
+        offset = f"+{(s.started_at - start):.3f}s"
+        status = {"completed": "[green]✓[/green]", "failed": "[red]✗[/red]"}.get(
+            str(s.status), "[yellow]…[/yellow]")
+        attempts = f" · {s.attempts} attempts" if s.attempts > 1 else ""
+        node = tree.add(f"{status} [bold]{s.seq:>3}[/bold] {s.kind} [cyan]{s.name}[/cyan] "
+                        f"[dim]{offset}[/dim] {took}{attempts}")
+        if s.error:
+            node.add(f"[red]{s.error.get('code')}[/red]: {short(s.error.get('message'), 90)}")
+        for record in by_step.get(s.seq, []):
+            if record.kind == "model.output":
+                calls = [c["name"] for c in record.data.get("tool_calls", [])]
+                text = ("calls " + ", ".join(calls)) if calls else short(
+                    record.data.get("content"), 80)
+                node.add(f"[dim]model →[/dim] {text}")
+            elif record.kind != "tool.result":
+                node.add(_decision_text(record))
+    for record in run_level[2:]:
+        tree.add(f"[dim]{record.time[11:23]}[/dim] {_decision_text(record)}")
+    return tree

@@ -41,6 +41,7 @@ from .store.records import (
     StepStatus,
 )
 from .telemetry import tracing
+from .telemetry.logging import bind, redact_value
 from .telemetry.metrics import METRICS, Metrics
 from .tools.base import Tool, ToolContext
 from .tools.breaker import Transition
@@ -184,13 +185,15 @@ class StepRunner:
                 )
             seq += 1
             turns += 1
-            response = await self._model_step(agent, seq, messages, specs, journal)
+            with bind(run_id=run.id, step=seq):
+                response = await self._model_step(agent, seq, messages, specs, journal)
             messages.append(response.as_message())
             if not response.tool_calls:
                 return await self._finish(RunState.SUCCEEDED, output=response.content or "")
             for call in response.tool_calls:
                 seq += 1
-                result = await self._tool_step(agent, seq, call, journal)
+                with bind(run_id=run.id, step=seq):
+                    result = await self._tool_step(agent, seq, call, journal)
                 messages.append(tool_message(call.id, call.name, result))
 
     def _visible_tools(self, agent: Agent) -> list[ToolSpec]:
@@ -466,6 +469,7 @@ class StepRunner:
             return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.INVALID_OUTPUT, "; ".join(problems)))
         audit += await self._breaker_record(tool, "success")
+        result = redact_value(result)  # a registered secret never reaches model or journal
         audit.append(AuditEvent(kind="tool.result", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts}))
         return _Outcome(result, None, attempts, audit)

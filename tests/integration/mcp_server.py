@@ -43,6 +43,13 @@ def fail() -> str:
     raise RuntimeError("the fail tool failed on purpose")
 
 
+@server.tool()
+def crash() -> str:
+    """Kill the server process mid-call (tests reconnection)."""
+    _record("crash")
+    os._exit(1)
+
+
 if __name__ == "__main__":
     if "--exit-at-once" in sys.argv:
         print("refusing to start: --exit-at-once", file=sys.stderr)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..lifecycle import RunState
+from ..telemetry.logging import redact_value
 
 
 class StepStatus(StrEnum):
@@ -71,11 +72,21 @@ class StepRecord(BaseModel):
 
 
 class AuditEvent(BaseModel):
-    """An audit entry to append in the same transaction as the write it describes."""
+    """An audit entry to append in the same transaction as the write it describes.
+
+    Its data is redacted on construction (registered secrets, ``sk-`` keys, bearer tokens,
+    values under secret-looking keys), so no store can ever persist a secret in the chain.
+    """
 
     kind: str
     data: dict[str, Any] = Field(default_factory=dict)
     actor: str = "engine"
+
+    @field_validator("data", mode="after")
+    @classmethod
+    def _redact(cls, value: dict[str, Any]) -> dict[str, Any]:
+        redacted: dict[str, Any] = redact_value(value)
+        return redacted
 
 
 class ApprovalStatus(StrEnum):

@@ -189,7 +189,7 @@ class LocalIndex:
         count = 0
         with self._transaction() as conn:
             for doc_id, title, text, url in docs:
-                conn.execute(_UPSERT, (doc_id, title, text, url))
+                conn.execute(_UPSERT, (doc_id, title, url, text))
                 count += 1
         return count
 
@@ -211,7 +211,7 @@ class LocalIndex:
         with closing(self._connect()) as conn:
             rows = conn.execute(_SEARCH, (match, min(limit, 100))).fetchall()
         return [
-            Hit(doc_id=doc_id, title=title, url=url, snippet=snippet, score=round(-rank, 4))
+            Hit(doc_id=doc_id, title=title, url=url, snippet=snippet, score=-rank)
             for doc_id, title, url, snippet, rank in rows
         ]
 
