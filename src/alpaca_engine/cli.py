@@ -17,21 +17,20 @@ from rich.console import Console
 from . import doctor as doctor_mod
 from .config import Settings
 from .engine import Engine, RunBusy
-from .errors import NotFound
+from .errors import ApprovalConflict, NotFound
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
-    timeline_view,
     approvals_table,
     run_summary,
     run_tree,
     runs_table,
     short,
     steps_table,
+    timeline_view,
 )
 from .store.base import Store
 from .store.factory import make_store
-from .errors import ApprovalConflict
 from .store.records import ApprovalRecord, ApprovalStatus, RunRecord
 from .telemetry.audit import AuditRecord, verify_chain
 from .worker import Worker

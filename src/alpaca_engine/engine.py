@@ -17,11 +17,11 @@ from typing import Any
 
 from .budget import limits_from_budget
 from .clock import Clock, SystemClock
+from .coord.base import BreakerBoard
+from .coord.local import LocalBreakerBoard
 from .errors import LeaseLost, NotFound
 from .events import EventSink, discard
 from .lifecycle import RunState
-from .coord.base import BreakerBoard
-from .coord.local import LocalBreakerBoard
 from .runner import StepRunner
 from .store.base import Store
 from .store.records import ApprovalStatus, AuditEvent, LedgerRecord, RunRecord

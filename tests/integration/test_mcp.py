@@ -11,12 +11,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mcp_types
 import pytest
 import uvicorn
 
 from alpaca_engine.models.scripted import ScriptedModel
 from alpaca_engine.store.sqlite import SQLiteStore
-from alpaca_engine.tools.mcp import MCPServer, McpTool
+from alpaca_engine.tools.mcp import (
+    MCPConfigError,
+    MCPConnectionError,
+    MCPServer,
+    McpTool,
+    MCPToolError,
+    _result_value,
+)
 from alpaca_engine.workflow import Workflow
 from alpaca_engine.workflows.loader import WorkflowError, load_workflow
 from tests.helpers import engine
@@ -213,6 +221,71 @@ async def test_a_direct_server_object_lists_and_calls(call_log):
         await server.close()
 
 
+@pytest.mark.parametrize(("kwargs", "loc", "message"), [
+    ({"command": ["x"], "url": "http://h/mcp"}, (), "either command"),
+    ({}, (), "either command"),
+    ({"command": []}, ("command",), "empty"),
+    ({"url": "ftp://h/mcp"}, ("url",), "http://"),
+    ({"url": "http://h/mcp", "env": {"A": "b"}}, (), "stdio servers"),
+    ({"command": ["x"], "headers": {"A": "b"}}, ("headers",), "HTTP servers"),
+    ({"command": ["x"], "env": {"T": "${T"}}, ("env", "T"), "malformed"),
+    ({"command": ["x"], "prefix": "a.b"}, ("prefix",), "prefix"),
+    ({"url": "http://h/mcp", "headers": {"X-Api-Key": "literal1"}}, ("headers", "X-Api-Key"),
+     "looks like a secret"),
+])
+def test_server_definitions_that_cannot_work_are_refused(kwargs, loc, message):
+    with pytest.raises(MCPConfigError) as info:
+        MCPServer("files", **kwargs)
+    assert info.value.loc == loc and message in info.value.message
+    assert "literal1" not in str(info.value)
+    with pytest.raises(MCPConfigError, match="server name"):
+        MCPServer("bad name", command=["x"])
+
+
+def test_tool_names_are_prefixed_cleaned_and_bounded():
+    server = MCPServer("files", url="http://h/mcp",
+                       headers={"Authorization": "Bearer ${ALPACA_TEST_MCP_TOKEN}"})
+    assert server.tool_name("read_file") == "files_read_file"
+    assert server.tool_name("fs.read/v2") == "files_fs_read_v2"
+    long = server.tool_name("x" * 100)
+    assert len(long) == 64 and long.startswith("files_xxx")
+    assert long != server.tool_name("x" * 99)
+    assert server.describe() == {
+        "name": "files", "transport": "http", "prefix": "files_", "url": "http://h/mcp",
+        "headers": {"Authorization": "<secret from ALPACA_TEST_MCP_TOKEN>"}}
+
+
+def test_results_prefer_structured_content_then_text():
+    text = mcp_types.TextContent(text="plain")
+    image = mcp_types.ImageContent(data="aGk=", mime_type="image/png")
+    assert _result_value(mcp_types.CallToolResult(
+        content=[text], structured_content={"n": 1})) == {"n": 1}
+    assert _result_value(mcp_types.CallToolResult(content=[text, text])) == "plain\nplain"
+    mixed = _result_value(mcp_types.CallToolResult(content=[text, image]))
+    assert [block["type"] for block in mixed["content"]] == ["text", "image"]
+    with pytest.raises(MCPToolError, match="plain"):
+        _result_value(mcp_types.CallToolResult(content=[text], is_error=True))
+
+
+async def test_a_missing_env_secret_names_only_the_variable(monkeypatch):
+    monkeypatch.delenv("ALPACA_TEST_MISSING", raising=False)
+    server = MCPServer("files", command=[sys.executable, str(SERVER)],
+                       env={"TOKEN": "${ALPACA_TEST_MISSING}"})
+    with pytest.raises(MCPConnectionError, match="ALPACA_TEST_MISSING is not set"):
+        await server.connect()
+    await server.close()
+
+
+async def test_a_server_that_never_answers_times_out():
+    server = MCPServer("mute", command=[sys.executable, "-c", "import time; time.sleep(60)"],
+                       connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(MCPConnectionError, match="handshake within 0.5s"):
+        await server.list_tools()
+    assert time.monotonic() - started < 8
+    await server.close()
+
+
 # -- load errors -------------------------------------------------------------------------------
 
 
@@ -229,12 +302,12 @@ def test_a_server_that_fails_to_start_is_a_workflow_error(tmp_path, call_log):
 
 
 @pytest.mark.parametrize(("mcp", "entry", "line", "field", "message"), [
-    ("\n      server: files", "", 4, "tools[0].mcp", "either command"),
+    ("\n      server: files", "", 3, "tools[0].mcp", "either command"),
     ('\n      server: files\n      command: ["x"]\n      url: "http://127.0.0.1:1/mcp"', "",
-     4, "tools[0].mcp", "either command"),
+     3, "tools[0].mcp", "either command"),
     ('\n      server: "bad name"\n      command: ["x"]', "", 4, "tools[0].mcp.server",
      "letters, digits"),
-    ('\n      server: files\n      command: ["x"]\n      headers: {A: b}', "", 4,
+    ('\n      server: files\n      command: ["x"]\n      headers: {A: b}', "", 3,
      "tools[0].mcp", "headers apply to HTTP servers"),
     ('\n      server: files\n      url: "http://127.0.0.1:1/mcp"\n      headers:'
      ' {Authorization: "Bearer abcdefgh"}', "", 6, "tools[0].mcp.headers.Authorization",
@@ -258,7 +331,7 @@ def test_an_include_pattern_that_matches_nothing_is_a_workflow_error(tmp_path, c
     path = write_workflow(tmp_path, call_log, ["done"], entry='\n    include: ["add", "raed_*"]')
     with pytest.raises(WorkflowError) as info:
         load_workflow(path)
-    assert (info.value.line, info.value.field) == (9, "tools[0].include[1]")
+    assert (info.value.line, info.value.field) == (8, "tools[0].include[1]")
     assert "'raed_*' matches no tool of MCP server 'files'" in info.value.message
     assert "add, crash, echo, fail" in info.value.message
 
@@ -281,7 +354,7 @@ def http_server() -> Iterator[tuple[str, list[str]]]:
         await app(scope, receive, send)
 
     config = uvicorn.Config(recording, host="127.0.0.1", port=0, log_level="warning",
-                            lifespan="on")
+                            lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -295,8 +368,9 @@ def http_server() -> Iterator[tuple[str, list[str]]]:
     thread.join(10)
 
 
-async def test_streamable_http_server_with_a_secret_header(tmp_path, call_log, store, servers,
-                                                          http_server, monkeypatch):
+async def test_streamable_http_server_with_a_secret_header(http_server, tmp_path, call_log, store,
+                                                          servers, monkeypatch):
+    # http_server comes first so that it stops last, after the clients have disconnected.
     url, seen = http_server
     secret = "mcp-secret-8d1f0c2b"
     monkeypatch.setenv("ALPACA_TEST_MCP_TOKEN", secret)

@@ -43,7 +43,7 @@ def setup(script: list[Any], policy: ApprovalPolicy | None = None,
 
 async def test_run_waits_then_executes_exactly_the_approved_arguments(store):
     SENT.clear()
-    w, model = setup([{"tool": "notify", "args": {"text": "hello all"}}, "notified"])
+    w, _model = setup([{"tool": "notify", "args": {"text": "hello all"}}, "notified"])
     eng = Engine(store, lambda r: w)
     run = await eng.run(w, "agent", "go")
     assert run.state == "waiting" and SENT == []
@@ -55,7 +55,7 @@ async def test_run_waits_then_executes_exactly_the_approved_arguments(store):
     await store.decide_approval(approval.id, approve=True, by="sue", comment="fine", now=1.0)
     done = await eng.run_tree(run.id)
     assert done.state == "succeeded" and done.output == "notified"
-    assert SENT == [("hello all", f"{run.id}:2")]
+    assert [("hello all", f"{run.id}:2")] == SENT
     audit = await store.list_audit(run.id)
     decided = next(a for a in audit if a.kind == "approval.decided")
     assert decided.data["decision"] == "approved" and decided.actor == "user:sue"

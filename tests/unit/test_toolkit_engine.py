@@ -17,6 +17,7 @@ from alpaca_engine.telemetry.logging import clear_secrets
 from alpaca_engine.toolkit import TOOLS, LocalIndex
 from alpaca_engine.tools.registry import ToolRegistry
 from alpaca_engine.workflow import Workflow
+from alpaca_engine.workflows.loader import load_workflow_text
 from tests.unit.toolkit_fixtures.server import LocalServer, Reply, sequence, serve
 
 ARTICLE = (Path(__file__).parent / "toolkit_fixtures" / "article.html").read_text()
@@ -114,3 +115,27 @@ async def test_ssrf_refusal_reaches_the_model(
     assert result["error"]["code"] == "tool_error"
     assert "non-public address" in result["error"]["message"]
     assert site.hits("/article") == []
+
+
+def test_workflow_files_reference_the_toolkit() -> None:
+    wf = load_workflow_text(
+        """
+version: 1
+tools:
+  - python: "alpaca_engine.toolkit:fetch_page"
+  - python: "alpaca_engine.toolkit:search_documents"
+  - python: "alpaca_engine.toolkit:web_search"
+  - python: "alpaca_engine.toolkit:notify_slack"
+agents:
+  - name: notifier
+    model: {provider: scripted, script: ["ok"]}
+    tools: [notify_slack, fetch_page]
+    capabilities: ["notify:slack", "net:fetch"]
+""",
+    )
+    tools = {name: wf.tools.get(name) for name in
+             ("fetch_page", "search_documents", "web_search", "notify_slack")}
+    assert all(tools.values())
+    assert tools["notify_slack"] is not None and tools["notify_slack"].approval == "required"
+    assert tools["fetch_page"] is not None
+    assert tools["fetch_page"].capabilities == frozenset({"net:fetch"})

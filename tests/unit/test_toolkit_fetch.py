@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,20 @@ def _routes() -> dict[str, Any]:
         "/loop": lambda _r: Reply(302, headers={"Location": "/loop"}),
         "/to-file": lambda _r: Reply(302, headers={"Location": "file:///etc/passwd"}),
         "/image": lambda _r: Reply(body=b"\x89PNG\r\n\x1a\n", content_type="image/png"),
+        "/slow": lambda _r: _slow(Reply(body=ARTICLE)),
+        "/weird-charset": lambda _r: Reply(body="<p>caf\xc3\xa9</p>".encode("latin-1"),
+                                           content_type="text/html; charset=no-such-codec"),
         "/latin1": lambda _r: Reply(
             body="<html><head><meta charset='iso-8859-1'><title>Caf\xe9</title></head>"
             "<body><p>Caf\xe9 cr\xe8me</p></body></html>".encode("latin-1"),
             content_type="text/html",
         ),
     }
+
+
+def _slow(reply: Reply) -> Reply:
+    time.sleep(1.0)
+    return reply
 
 
 @pytest.fixture
@@ -141,7 +150,21 @@ async def test_plain_text_and_charset(server: LocalServer) -> None:
     assert "Café crème" in latin["text"]
 
 
+async def test_unknown_charset_falls_back_to_utf8(server: LocalServer) -> None:
+    config = FetchConfig(allow_private=True)
+    page = await fetch_url(server.url("/weird-charset"), config=config)
+    assert page.text == "café"
+
+
 # --------------------------------------------------------------------------- status handling
+
+
+async def test_read_timeout_is_transient(server: LocalServer) -> None:
+    config = FetchConfig(allow_private=True, timeout=0.2)
+    with pytest.raises(UpstreamError, match="timed out") as info:
+        await fetch_url(server.url("/slow"), config=config)
+    assert default_is_transient(info.value)
+    assert str(server.port) not in str(info.value)
 
 
 @pytest.mark.usefixtures("allow_local")

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -173,7 +173,7 @@ class RedisEventBus:
             pipe.publish(self.channel("*"), payload)
             await pipe.execute()
 
-    async def subscribe(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def subscribe(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         delay = 0.05
         try:

@@ -225,6 +225,8 @@ class MCPServer:
     async def _connection(self) -> _Connection:
         loop = asyncio.get_running_loop()
         with self._lock:
+            for closed in [other for other in self._loops if other.is_closed()]:
+                del self._loops[closed]  # its task references it: the weak key alone won't go
             state = self._loops.get(loop)
             if state is None:
                 state = self._loops[loop] = _LoopState()
