@@ -16,6 +16,7 @@ from rich.console import Console
 
 from . import doctor as doctor_mod
 from .config import Settings
+from .coord.factory import make_coordination
 from .engine import Engine, RunBusy
 from .errors import ApprovalConflict, NotFound
 from .lifecycle import RunState
@@ -289,14 +290,21 @@ def worker(
     cfg = settings(db)
 
     async def go() -> int:
-        async with open_store(cfg) as store:
-            engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds)
-            w = Worker(engine, concurrency=concurrency or cfg.worker_concurrency,
-                       poll_interval=cfg.poll_interval)
-            w.install_signal_handlers()
-            err_console.print(f"worker {engine.owner} on {cfg.database_url}")
-            await w.run(until_idle=until_idle)
-            return w.completed
+        coord = make_coordination(cfg.redis_url)
+        try:
+            async with open_store(cfg) as store:
+                engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds,
+                                breakers=coord.breakers, events=coord.events,
+                                dispatcher=coord.dispatcher)
+                w = Worker(engine, concurrency=concurrency or cfg.worker_concurrency,
+                           poll_interval=cfg.poll_interval)
+                w.install_signal_handlers()
+                via = "Redis" if cfg.redis_url else "polling"
+                err_console.print(f"worker {engine.owner} on {cfg.database_url} ({via})")
+                await w.run(until_idle=until_idle)
+                return w.completed
+        finally:
+            await coord.close()
 
     done = run_async(go)
     err_console.print(f"worker stopped after {done} run(s)")

@@ -17,7 +17,7 @@ from typing import Any
 
 from .budget import limits_from_budget
 from .clock import Clock, SystemClock
-from .coord.base import BreakerBoard
+from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
 from .errors import LeaseLost, NotFound
 from .events import EventSink, discard
@@ -79,14 +79,42 @@ class Engine:
         lease_seconds: float = 30.0,
         emit: EventSink = discard,
         breakers: BreakerBoard | None = None,
+        events: EventBus | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.store = store
         self.resolve = resolve
         self.clock = clock or SystemClock()
         self.owner = owner or make_owner()
         self.lease_seconds = lease_seconds
-        self.emit = emit
+        self._sink = emit
+        self.events = events
+        self.dispatcher = dispatcher
+        self._pending: set[asyncio.Task[None]] = set()
         self.breakers: BreakerBoard = breakers or LocalBreakerBoard(self.clock)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Progress events go to the local sink and, best effort, to the event bus (SSE)."""
+        self._sink(event)
+        if self.events is not None and "run_id" in event:
+            task = asyncio.ensure_future(self._publish(event))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, event: dict[str, Any]) -> None:
+        try:
+            assert self.events is not None
+            await self.events.publish(str(event["run_id"]), event)
+        except Exception:
+            log.debug("event bus publish failed", exc_info=True)
+
+    async def dispatch(self, run_id: str) -> None:
+        """Tell workers a run is queued (they also poll the store, so this only saves time)."""
+        if self.dispatcher is not None:
+            try:
+                await self.dispatcher.dispatch(run_id)
+            except Exception:
+                log.warning("dispatch of %s failed; workers will find it by polling", run_id)
 
     async def submit(
         self,
@@ -119,6 +147,8 @@ class Engine:
             kind="run.created", actor=f"tenant:{tenant}",
             data={"agent": agent, "workflow": workflow.ref, "input": input,
                   "budget": merged})], ledger=ledger)
+        if _created:
+            await self.dispatch(record.id)
         return record
 
     async def run(self, workflow: Workflow, agent: str, input: str, **kw: Any) -> RunRecord:
@@ -169,16 +199,16 @@ class Engine:
             raise RunBusy(
                 f"run {run_id} is leased by {run.lease_owner} until "
                 f"{run.lease_expires_at}; use --force if that worker is gone")
-        return await self._drive(claimed)
+        return await self.drive(claimed)
 
     async def execute(self, run_id: str) -> RunRecord | None:
         claimed = await self.store.claim_run(run_id, self.owner, self.lease_seconds,
                                              self.clock.now())
         if claimed is None:
             return None
-        return await self._drive(claimed)
+        return await self.drive(claimed)
 
-    async def _drive(self, run: RunRecord) -> RunRecord:
+    async def drive(self, run: RunRecord) -> RunRecord:
         """Run the StepRunner under a heartbeat that renews the lease."""
         workflow = self.resolve(run.workflow)
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
@@ -207,8 +237,9 @@ class Engine:
     async def wake_parent(self, parent_id: str) -> None:
         """A finished child requeues its waiting parent (the reaper is the safety net)."""
         with contextlib.suppress(NotFound, LeaseLost):
-            await wake_if_ready(self.store, await self.store.get_run(parent_id),
-                                self.clock.now())
+            if await wake_if_ready(self.store, await self.store.get_run(parent_id),
+                                   self.clock.now()):
+                await self.dispatch(parent_id)
 
     async def _heartbeat(self, run: RunRecord, task: asyncio.Future[RunRecord]) -> None:
         interval = max(self.lease_seconds / 3, 0.05)
@@ -241,6 +272,8 @@ class Engine:
         for approval in await self.store.expire_approvals(self.clock.now()):
             requeued.append(approval.run_id)
         requeued += await wake_finished_waiters(self.store, self.clock.now())
+        for run_id in requeued:
+            await self.dispatch(run_id)
         return requeued
 
 

@@ -13,6 +13,8 @@ import logging
 import signal
 
 from .engine import Engine
+from .errors import NotFound
+from .store.records import RunRecord
 
 log = logging.getLogger("alpaca.worker")
 
@@ -46,6 +48,7 @@ class Worker:
                 requeued = await self.engine.reap()
                 if requeued:
                     log.info("requeued %d run(s): %s", len(requeued), ", ".join(requeued))
+                await self._reclaim()
                 last_reap = now
             claimed = False
             while len(self._tasks) < self.concurrency and not self._stopping.is_set():
@@ -54,15 +57,51 @@ class Worker:
                 if run is None:
                     break
                 claimed = True
-                task = asyncio.create_task(self.engine._drive(run))
-                self._tasks[run.id] = task
-                task.add_done_callback(functools.partial(self._done, run.id))
+                self._start(run)
             if until_idle and not claimed and not self._tasks:
                 return
             if not claimed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+                await self._wait_for_work()
         await self._drain()
+
+    def _start(self, run: RunRecord) -> None:
+        task = asyncio.create_task(self.engine.drive(run))
+        self._tasks[run.id] = task
+        task.add_done_callback(functools.partial(self._done, run.id))
+
+    async def _wait_for_work(self) -> None:
+        """Block on the dispatch stream when there is one, else sleep a poll interval."""
+        dispatcher = self.engine.dispatcher
+        if dispatcher is None or len(self._tasks) >= self.concurrency:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+            return
+        got = await dispatcher.next(self.engine.owner, self.poll_interval)
+        if got is not None:
+            await self._take(*got)
+
+    async def _take(self, delivery_id: str, run_id: str) -> None:
+        """Claim a delivered run; the store's lease decides, the delivery is only a hint."""
+        dispatcher = self.engine.dispatcher
+        try:
+            run = await self.engine.store.claim_run(
+                run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+        except NotFound:
+            run = None
+        if dispatcher is not None:
+            await dispatcher.ack(delivery_id)
+        if run is not None:
+            self._start(run)
+
+    async def _reclaim(self) -> None:
+        dispatcher = self.engine.dispatcher
+        if dispatcher is None:
+            return
+        for delivery_id, run_id in await dispatcher.reclaim(
+                self.engine.owner, max(self.engine.lease_seconds, 1.0)):
+            if len(self._tasks) >= self.concurrency:
+                break
+            await self._take(delivery_id, run_id)
 
     def _done(self, run_id: str, task: asyncio.Task[object]) -> None:
         self._tasks.pop(run_id, None)

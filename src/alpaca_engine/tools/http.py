@@ -381,7 +381,7 @@ class _HttpCall:
         if 200 <= status < 300:
             if raw and _is_json(response.headers.get("content-type", "")):
                 try:
-                    return _scrub(json.loads(text), secrets)
+                    return _scrub(json.loads(raw), secrets)  # bytes: UTF-8/16/32 detected
                 except ValueError:
                     raise HttpToolError(f"{where}: HTTP {status} declared JSON but the body "
                                             "is not valid JSON") from None
