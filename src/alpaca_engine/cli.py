@@ -22,6 +22,7 @@ from .errors import ApprovalConflict, NotFound
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
+    budget_line,
     approvals_table,
     run_summary,
     run_tree,
@@ -140,15 +141,88 @@ async def print_pending(store: Store, run: RunRecord) -> None:
                       f"(or reject), then: alpaca runs resume {run.id}")
 
 
+DEMO_QUESTION = "Should we launch Alpaca Engine in the EU this quarter?"
+
+
 @app.command()
-def demo(db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """Run the bundled example offline: an agent using local tools on a scripted model."""
+def demo(
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y",
+                                      help="Approve gated actions without asking.")] = False,
+) -> None:
+    """Run the bundled example offline: an orchestrator delegating to search, research,
+    decision and notification agents over real tools; the Slack post waits for approval."""
     cfg = settings(db)
-    code = run_async(lambda: _run_and_report(
-        cfg, "builtin:demo", "researcher",
-        "How many days are left in 2026 after the Alpaca 1.0 launch, and what did the launch "
-        "note say?", as_json, {}))
+    code = run_async(lambda: _demo(cfg, as_json, yes))
     raise typer.Exit(code)
+
+
+async def _demo(cfg: Settings, as_json: bool, yes: bool) -> int:
+    from .examples_builtin.demo_env import demo_world
+
+    interactive = sys.stdin.isatty() and not yes and not as_json
+    with demo_world() as world:
+        async with open_store(cfg) as store:
+            printer = ProgressPrinter(console, root_agent="orchestrator")
+            engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds,
+                            emit=(lambda e: None) if as_json else printer)
+            workflow = resolve_workflow("builtin:demo")
+            run = await engine.submit(workflow, "orchestrator", DEMO_QUESTION)
+            if not as_json:
+                console.print(f"[bold]{DEMO_QUESTION}[/bold]\n[dim]run {run.id} · "
+                              f"{cfg.database_url} · intranet and Slack on {world.base_url}"
+                              f"[/dim]")
+            final = await engine.run_tree(run.id)
+            while final.state == RunState.WAITING:
+                pending = [a for a in await store.list_approvals(
+                    status=ApprovalStatus.PENDING, limit=1000) if a.root_id == run.id]
+                if not pending:
+                    break
+                for approval in pending:
+                    approve = _demo_decide(approval, interactive, as_json)
+                    await store.decide_approval(
+                        approval.id, approve=approve,
+                        by="you" if interactive else "demo-supervisor",
+                        comment=None if interactive else "approved by the demo (no terminal)",
+                        now=time.time())
+                final = await engine.run_tree(run.id)
+            tree = await store.list_runs(root_id=run.id, limit=1000)
+            ledger = await store.get_ledger(run.id)
+            verified = [(r.id, verify_chain(await store.list_audit(r.id),
+                                            key=cfg.audit_key_bytes(), run_id=r.id))
+                        for r in tree]
+        if as_json:
+            dump({**final.model_dump(mode="json"), "budget_used": ledger.used,
+                  "budget_limits": ledger.limits, "slack_posts": world.posts,
+                  "audit_ok": all(v.ok for _, v in verified)})
+            return exit_code(final)
+        children: dict[str, list[RunRecord]] = {}
+        for r in sorted(tree, key=lambda r: r.created_at):
+            if r.parent_id:
+                children.setdefault(r.parent_id, []).append(r)
+        console.print()
+        console.print(run_tree(final, children))
+        console.print(budget_line(ledger.used, ledger.limits))
+        for post in world.posts:
+            console.print(f"[green]Slack[/green] {post.get('channel', '')}: {post.get('text')}")
+        bad = [rid for rid, v in verified if not v.ok]
+        console.print(f"audit: {len(verified) - len(bad)}/{len(verified)} chains verified"
+                      + (f" [red]tampered: {', '.join(bad)}[/red]" if bad else ""))
+        console.print(run_summary(final))
+        return exit_code(final)
+
+
+def _demo_decide(approval: ApprovalRecord, interactive: bool, quiet: bool) -> bool:
+    what = f"{approval.action}({short(approval.arguments, 80)})"
+    if interactive:
+        from rich.prompt import Confirm
+
+        return Confirm.ask(f"[magenta]Approve[/magenta] {what}?", default=True)
+    if not quiet:
+        console.print(f"[magenta]no terminal to ask: approving {what} as the demo's own "
+                      f"supervisor[/magenta]")
+    return True
 
 
 @app.command()

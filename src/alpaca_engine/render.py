@@ -34,16 +34,33 @@ def when(ts: float | None) -> str:
 
 
 class ProgressPrinter:
-    """An EventSink that prints one line per finished step as it happens."""
+    """An EventSink that prints one line per finished step as it happens, indented by the
+    depth of the run in its delegation tree and labelled with its agent."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, root_agent: str | None = None) -> None:
         self.console = console
+        self.agents: dict[str, str] = {}
+        self.root_agent = root_agent
 
     def __call__(self, event: Event) -> None:
         kind = event["type"]
+        run_id = str(event.get("run_id", ""))
+        pad = "  " * run_id.count(".")
+        who = self.agents.get(run_id, self.root_agent)
+        label = f"[blue]{who}[/blue] " if who else ""
+        if kind == "delegation.started":
+            self.agents[str(event["child_id"])] = str(event["agent"])
+            self.console.print(f"{pad}    {label}[cyan]delegates to[/cyan] "
+                               f"[bold]{event['agent']}[/bold] [dim]{event['child_id']}[/dim]")
+            return
+        if kind == "approval.requested":
+            self.console.print(f"{pad}    {label}[magenta]⏸ needs approval[/magenta] "
+                               f"{event['action']}({short(event['arguments'], 60)}): "
+                               f"{event['reason']}")
+            return
         if kind != "step.completed":
             return
-        seq = f"[bold]{event['seq']:>3}[/bold]"
+        seq = f"{pad}{label}[bold]{event['seq']:>2}[/bold]"
         ms = f"[dim]{event['ms']:.1f} ms[/dim]"
         if event["kind"] == "model":
             if event["tool_calls"]:
@@ -180,3 +197,13 @@ def timeline_view(run: RunRecord, steps: list[StepRecord], audit: list[AuditReco
     for record in run_level[2:]:
         tree.add(f"[dim]{record.time[11:23]}[/dim] {_decision_text(record)}")
     return tree
+
+
+def budget_line(used: dict[str, float], limits: dict[str, float]) -> str:
+    parts = []
+    for resource in ("steps", "tool_calls", "tokens", "cost"):
+        value = used.get(resource, 0.0)
+        limit = limits.get(resource)
+        shown = f"{value:.6f}".rstrip("0").rstrip(".") if resource == "cost" else f"{value:g}"
+        parts.append(f"{resource} {shown}" + (f"/{limit:g}" if limit is not None else ""))
+    return "budget used (whole tree): " + " · ".join(parts)

@@ -28,27 +28,41 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unt
     return invoke
 
 
-def test_demo_shows_steps_and_answer(cli) -> None:  # type: ignore[no-untyped-def]
+def test_demo_shows_tree_gate_budget_and_answer(cli) -> None:  # type: ignore[no-untyped-def]
     code, out = cli("demo")
     assert code == 0, out
-    assert "search_notes" in out and "read_note" in out and "days_between" in out
-    assert "108 days were left in 2026" in out
+    for agent in ("search", "research", "decision", "notification"):
+        assert f"delegates to {agent}" in out
+    assert "web_search" in out and "fetch_page" in out and "notify_slack" in out
+    assert "needs approval" in out and "demo's own supervisor" in out
+    assert "budget used (whole tree): steps 21/60 · tool_calls 5/20" in out
+    assert "Slack #eu-launch: Decision: GO" in out
+    assert "audit: 5/5 chains verified" in out
     assert "succeeded" in out
 
 
 def test_demo_json_and_runs_commands(cli) -> None:  # type: ignore[no-untyped-def]
     code, out = cli("demo", "--json")
     run = json.loads(out)
-    assert code == 0 and run["state"] == "succeeded"
+    assert code == 0 and run["state"] == "succeeded" and run["audit_ok"] is True
+    assert run["budget_used"]["tool_calls"] == 5 and len(run["slack_posts"]) == 1
     code, out = cli("runs", "list", "--json")
-    assert [r["id"] for r in json.loads(out)] == [run["id"]]
+    listed = json.loads(out)
+    assert len(listed) == 5 and all(r["state"] == "succeeded" for r in listed)
+    assert {r["root_id"] for r in listed} == {run["id"]}
+    code, out = cli("approvals", "list", "--all", "--json")
+    [approval] = json.loads(out)
+    assert approval["status"] == "approved" and approval["decided_by"] == "demo-supervisor"
+    assert approval["action"] == "notify_slack"
+    code, out = cli("approvals", "list")
+    assert code == 0 and approval["id"] not in out  # nothing pending
     code, out = cli("runs", "list")
     assert run["id"] in out
     code, out = cli("runs", "show", run["id"], "--json")
     shown = json.loads(out)
-    assert len(shown["steps"]) == 7 and shown["tree"][0]["id"] == run["id"]
+    assert len(shown["steps"]) == 9 and len(shown["tree"]) == 5
     code, out = cli("runs", "show", run["id"])
-    assert code == 0 and "days_between" in out and "researcher" in out
+    assert code == 0 and "notification" in out and "delegate_to_research" in out
     code, out = cli("runs", "resume", run["id"])
     assert code == 0 and "succeeded" in out
     code, out = cli("runs", "cancel", run["id"])
@@ -78,12 +92,17 @@ def test_workflow_errors_name_file_and_line(cli, tmp_path: Path) -> None:  # typ
 def test_tools_and_agents_list(cli) -> None:  # type: ignore[no-untyped-def]
     code, out = cli("tools", "list", "--json")
     tools = {t["name"]: t for t in json.loads(out)}
-    assert code == 0 and "search_notes" in tools
+    assert code == 0 and tools["notify_slack"]["approval"] == "required"
+    assert tools["fetch_page"]["capabilities"] == ["net:fetch"]
+    code, out = cli("tools", "list", "--json", "--workflow", "builtin:quickstart")
+    tools = {t["name"]: t for t in json.loads(out)}
     assert tools["days_between"]["input_schema"]["required"] == ["start", "end"]
     code, out = cli("tools", "list", "--workflow", str(NOTES))
     assert code == 0 and "calculate" in out
     code, out = cli("agents", "list", "--json")
-    assert json.loads(out)[0]["name"] == "researcher"
+    agents = {a["name"]: a for a in json.loads(out)}
+    assert agents["orchestrator"]["delegates_to"] == [
+        "search", "research", "decision", "notification"]
     code, out = cli("agents", "list", "--workflow", str(NOTES))
     assert "researcher-gpt" in out
     code, out = cli("tools", "list", "--workflow", "/nonexistent.yaml")
@@ -111,7 +130,7 @@ def test_worker_until_idle_executes_queued_runs(cli, tmp_path: Path) -> None:  #
     async def submit() -> str:
         store = SQLiteStore(f"sqlite:///{tmp_path}/cli.db")
         await store.open()
-        wf = resolve_workflow("builtin:demo")
+        wf = resolve_workflow("builtin:quickstart")
         run = await Engine(store, resolve_workflow).submit(wf, "researcher", "launch?")
         await store.close()
         return run.id

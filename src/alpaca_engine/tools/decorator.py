@@ -60,6 +60,7 @@ def make_tool(
     breaker: BreakerPolicy | None = None,
     timeout: float | None = 30.0,
     approval: ApprovalRule = "never",
+    cost: float = 0.0,
 ) -> Tool:
     hints = get_type_hints(fn)
     input_model, ctx_param = _input_model(fn, hints)
@@ -95,6 +96,7 @@ def make_tool(
         breaker=breaker,
         timeout=timeout,
         approval=approval,
+        cost=cost,
     )
 
 
@@ -112,6 +114,7 @@ def tool(
     breaker: BreakerPolicy | None = None,
     timeout: float | None = 30.0,
     approval: ApprovalRule = "never",
+    cost: float = 0.0,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 

@@ -26,7 +26,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from ..agents import Agent
+from ..agents import Agent, ApprovalPolicy
 from ..tools.base import Tool
 from ..tools.decorator import make_tool
 from ..tools.http import HttpConfigError, make_http_tool
@@ -247,8 +247,9 @@ class _Loader:
         except SpecError as exc:
             raise self._error(exc.loc, exc.message) from None
         budget = spec.defaults.budget.model_dump(exclude_none=True)
+        prices = {name: (p.input, p.output) for name, p in spec.defaults.prices.items()}
         return Workflow(ref=ref, agents=agents, tools=tools,
-                        max_depth=spec.defaults.max_depth, budget=budget)
+                        max_depth=spec.defaults.max_depth, budget=budget, prices=prices)
 
     # -- parsing and validation ----------------------------------------------------------------
 
@@ -411,6 +412,10 @@ class _Loader:
             if name not in agents:
                 raise SpecError(("delegates_to", index),
                                 f"unknown agent {name!r}{_suggest(name, list(agents))}")
+        for index, name in enumerate(spec.approval.delegations):
+            if name not in spec.delegates_to:
+                raise SpecError(("approval", "delegations", index),
+                                f"{name!r} is not in delegates_to")
         try:
             model = build_model(spec.model, self.importer.resolve)
         except SpecError as exc:
@@ -424,6 +429,18 @@ class _Loader:
             delegates_to=list(spec.delegates_to),
             max_steps=spec.limits.max_steps,
             description=spec.description,
+            approval=ApprovalPolicy(
+                tools=tuple(spec.approval.tools),
+                capabilities=tuple(spec.approval.capabilities),
+                delegations=tuple(spec.approval.delegations),
+                cost_above=spec.approval.cost_above,
+                on_reject=spec.approval.on_reject,
+                expires_after=spec.approval.expires_after,
+                on_expiry=spec.approval.on_expiry,
+            ),
+            budget={k: float(v) for k, v in
+                    spec.limits.budget.model_dump(exclude_none=True).items()},
+            max_output_tokens=spec.limits.max_output_tokens,
         )
 
 
@@ -554,6 +571,8 @@ def _policies(entry: ToolEntry | GovernedSpec) -> dict[str, Any]:
         out["breaker"] = entry.breaker.to_policy() if entry.breaker is not None else None
     if "timeout" in fields:
         out["timeout"] = entry.timeout
+    if "cost" in fields and entry.cost is not None:
+        out["cost"] = entry.cost
     return out
 
 

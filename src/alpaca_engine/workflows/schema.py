@@ -183,16 +183,30 @@ class BreakerSpec(Spec):
         return BreakerPolicy(**self.model_dump())
 
 
-class BudgetSpec(Spec):
+class SubBudgetSpec(Spec):
+    """Limits for a subtree; a child never gets more than its parent has left."""
+
     max_steps: int | None = Field(default=None, ge=1)
     max_tool_calls: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=1)
+    max_cost: float | None = Field(default=None, ge=0)
+
+
+class BudgetSpec(SubBudgetSpec):
     deadline_seconds: float | None = Field(default=None, gt=0)
+
+
+class PriceSpec(Spec):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
 
 
 class DefaultsSpec(Spec):
     max_depth: int = Field(default=3, ge=0)
     budget: BudgetSpec = Field(default_factory=lambda: BudgetSpec())
+    prices: dict[str, PriceSpec] = Field(default_factory=dict)
 
 
 # -- tools -------------------------------------------------------------------------------------
@@ -209,6 +223,7 @@ class ToolEntry(Spec):
     breaker: BreakerSpec | None = None
     timeout: float | None = Field(default=None, gt=0)
     approval: Literal["never", "required"] | None = None
+    cost: float | None = Field(default=None, ge=0)
 
 
 class GovernedSpec(Spec):
@@ -219,6 +234,7 @@ class GovernedSpec(Spec):
     breaker: BreakerSpec | None = None
     timeout: float | None = Field(default=None, gt=0)
     approval: Literal["never", "required"] | None = None
+    cost: float | None = Field(default=None, ge=0)
 
 
 class HttpSpec(Spec):
@@ -415,6 +431,20 @@ ModelSpec = Annotated[
 
 class LimitsSpec(Spec):
     max_steps: int = Field(default=25, ge=1)
+    max_output_tokens: int = Field(default=1024, ge=1)
+    budget: SubBudgetSpec = Field(default_factory=lambda: SubBudgetSpec())
+
+
+class ApprovalSpec(Spec):
+    """Which actions of an agent wait for a supervisor."""
+
+    tools: list[str] = Field(default_factory=list)
+    capabilities: list[str] = Field(default_factory=list)
+    delegations: list[str] = Field(default_factory=list)
+    cost_above: float | None = Field(default=None, ge=0)
+    on_reject: Literal["return", "fail"] = "return"
+    expires_after: float | None = Field(default=24 * 3600.0, gt=0)
+    on_expiry: Literal["deny", "approve"] = "deny"
 
 
 class AgentSpec(Spec):
@@ -426,6 +456,7 @@ class AgentSpec(Spec):
     capabilities: list[str] | None = None
     delegates_to: list[str] = Field(default_factory=list)
     limits: LimitsSpec = Field(default_factory=lambda: LimitsSpec())
+    approval: ApprovalSpec = Field(default_factory=lambda: ApprovalSpec())
 
 
 class WorkflowSpec(Spec):

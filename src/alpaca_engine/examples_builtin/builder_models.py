@@ -1,0 +1,104 @@
+"""The offline "models" of the builder demo: deterministic functions that plan the next tool
+call from what the conversation already holds, so every answer is derived from real tool
+results (search hits, fetched pages, the Slack delivery) rather than canned text."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from alpaca_engine.models.base import Message, ToolSpec
+
+Results = list[tuple[str, Any]]
+
+
+def _task(messages: Sequence[Message]) -> str:
+    return next(m.content or "" for m in messages if m.role == "user")
+
+
+def _results(messages: Sequence[Message]) -> Results:
+    return [(m.name or "", json.loads(m.content or "null")) for m in messages if m.role == "tool"]
+
+
+def _child_output(results: Results, agent: str) -> str | None:
+    for name, value in results:
+        if name == f"delegate_to_{agent}":
+            if isinstance(value, dict) and "output" in value:
+                return str(value["output"])
+            return f"(failed: {value})"
+    return None
+
+
+def orchestrator(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    """Search → research → decision → notification, each a delegation, then a summary."""
+    question = _task(messages)
+    got = _results(messages)
+    found = _child_output(got, "search")
+    if found is None:
+        return {"tool": "delegate_to_search",
+                "args": {"task": f"Find internal documents for: {question}"}}
+    facts = _child_output(got, "research")
+    if facts is None:
+        return {"tool": "delegate_to_research",
+                "args": {"task": f"Read these pages and list the key facts:\n{found}"}}
+    decision = _child_output(got, "decision")
+    if decision is None:
+        return {"tool": "delegate_to_decision",
+                "args": {"task": f"Question: {question}\nFacts:\n{facts}"}}
+    posted = _child_output(got, "notification")
+    if posted is None:
+        return {"tool": "delegate_to_notification",
+                "args": {"task": f"Tell #eu-launch: {decision}"}}
+    return f"{decision}\n{posted}"
+
+
+def search(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    got = _results(messages)
+    if not got:
+        query = _task(messages).split(":", 1)[-1].strip()
+        return {"tool": "web_search", "args": {"query": query, "limit": 3}}
+    hits = got[-1][1].get("hits", []) if isinstance(got[-1][1], dict) else []
+    return "\n".join(f"- {h['title']}: {h['url']}" for h in hits) or "nothing found"
+
+
+def research(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    got = _results(messages)
+    if not got:
+        urls = re.findall(r"https?://\S+", _task(messages))
+        # several tool calls in one turn: the engine runs them one at a time, in this order
+        return {"calls": [{"tool": "fetch_page", "args": {"url": u, "max_chars": 2000}}
+                          for u in urls]}
+    facts = []
+    for _name, page in got:
+        if isinstance(page, dict) and page.get("text"):
+            first = " ".join(page["text"].split())
+            facts.append(f"- {page.get('title')}: {first[:300]}")
+        else:
+            facts.append(f"- could not read a page: {page}")
+    return "\n".join(facts)
+
+
+POSITIVE = ("ready", "signed", "strong", "staffed", "passed")
+NEGATIVE = ("blocker", "not ready", "missing", "failed", "unstaffed")
+
+
+def decision(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    text = _task(messages).lower()
+    plus = sum(text.count(w) for w in POSITIVE)
+    minus = sum(text.count(w) for w in NEGATIVE) - text.count("not a blocker")
+    verdict = "GO" if plus > 2 * max(minus, 0) else "NO-GO"
+    return (f"Decision: {verdict} for the EU launch this quarter "
+            f"({plus} readiness signals, {max(minus, 0)} blockers in the research).")
+
+
+def notification(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    got = _results(messages)
+    if not got:
+        text = _task(messages).split(":", 1)[-1].strip()
+        return {"tool": "notify_slack", "args": {"text": text, "channel": "#eu-launch"}}
+    delivery = got[-1][1]
+    if isinstance(delivery, dict) and delivery.get("ok"):
+        return f"Posted to {delivery.get('channel')} (HTTP {delivery.get('status')})."
+    return f"Not posted: {delivery}"
