@@ -233,6 +233,9 @@ def run(
     input: Annotated[str, typer.Option("--input", "-i", help="The user's input.")],
     max_steps: Annotated[int | None, typer.Option(help="Budget: steps for the tree.")] = None,
     max_tool_calls: Annotated[int | None, typer.Option(help="Budget: tool calls.")] = None,
+    submit_only: Annotated[bool, typer.Option(
+        "--submit-only", help="Queue the run for `alpaca worker`/`alpaca serve`; print its id.")
+    ] = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -248,9 +251,27 @@ def run(
     except KeyError as exc:
         err_console.print(f"[red]error:[/red] {exc.args[0]}")
         raise typer.Exit(EXIT_FAILED) from None
+    if submit_only:
+        queued = run_async(lambda: _submit(cfg, workflow_ref(str(file)), agent, input, budget))
+        if as_json:
+            dump(queued.model_dump(mode="json"))
+        else:
+            console.print(queued.id)
+        raise typer.Exit(EXIT_OK)
     code = run_async(lambda: _run_and_report(cfg, workflow_ref(str(file)), agent, input,
                                              as_json, budget))
     raise typer.Exit(code)
+
+
+async def _submit(cfg: Settings, ref: str, agent: str, text: str,
+                  budget: dict[str, Any]) -> RunRecord:
+    coord = make_coordination(cfg.redis_url)
+    try:
+        async with open_store(cfg) as store:
+            engine = Engine(store, resolve_workflow, dispatcher=coord.dispatcher)
+            return await engine.submit(resolve_workflow(ref), agent, text, budget=budget)
+    finally:
+        await coord.close()
 
 
 @runs_app.command("list")
