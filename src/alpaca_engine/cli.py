@@ -22,8 +22,8 @@ from .errors import ApprovalConflict, NotFound
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
-    budget_line,
     approvals_table,
+    budget_line,
     run_summary,
     run_tree,
     runs_table,
