@@ -5,13 +5,26 @@ Environment wins over the file so a deployment can override a checked-in default
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from .tools.governance import TenantPolicy
+
+
+class TenantSettings(BaseModel):
+    """``[tenants.NAME]`` in alpaca.toml: limits that only ever narrow what agents may do."""
+
+    deny_tools: list[str] = []
+    capabilities: list[str] | None = None
+
+    def policy(self) -> TenantPolicy:
+        caps = frozenset(self.capabilities) if self.capabilities is not None else None
+        return TenantPolicy(deny_tools=tuple(self.deny_tools), capabilities=caps)
 
 
 class Settings(BaseSettings):
@@ -24,6 +37,11 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     worker_concurrency: int = 8
     poll_interval: float = 0.5
+    tenants: dict[str, TenantSettings] = {}
+    """Per-tenant policies (env: ALPACA_TENANTS as JSON)."""
+
+    def tenant_policies(self) -> dict[str, TenantPolicy]:
+        return {name: t.policy() for name, t in self.tenants.items()}
 
     @classmethod
     def settings_customise_sources(

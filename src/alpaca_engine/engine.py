@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .budget import limits_from_budget
@@ -26,6 +26,7 @@ from .runner import StepRunner
 from .store.base import Store
 from .store.records import ApprovalStatus, AuditEvent, LedgerRecord, RunRecord
 from .telemetry import tracing
+from .tools.governance import OPEN_POLICY, TenantPolicy
 from .workflow import Workflow
 
 log = logging.getLogger("alpaca.engine")
@@ -81,6 +82,7 @@ class Engine:
         breakers: BreakerBoard | None = None,
         events: EventBus | None = None,
         dispatcher: Dispatcher | None = None,
+        tenant_policies: Mapping[str, TenantPolicy] | None = None,
     ) -> None:
         self.store = store
         self.resolve = resolve
@@ -90,6 +92,7 @@ class Engine:
         self._sink = emit
         self.events = events
         self.dispatcher = dispatcher
+        self.tenant_policies = dict(tenant_policies or {})
         self._pending: set[asyncio.Task[None]] = set()
         self.breakers: BreakerBoard = breakers or LocalBreakerBoard(self.clock)
 
@@ -212,7 +215,8 @@ class Engine:
         """Run the StepRunner under a heartbeat that renews the lease."""
         workflow = self.resolve(run.workflow)
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
-                            breakers=self.breakers, emit=self.emit)
+                            breakers=self.breakers, emit=self.emit,
+                            tenant_policy=self.tenant_policies.get(run.tenant, OPEN_POLICY))
         with tracing.run_span(run.id, run.agent, tenant=run.tenant,
                               parent_traceparent=run.traceparent):
             task = asyncio.ensure_future(runner.run())

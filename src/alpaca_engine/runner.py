@@ -46,7 +46,7 @@ from .telemetry.metrics import METRICS, Metrics
 from .tools.base import Tool, ToolContext
 from .tools.breaker import Transition
 from .tools.contracts import DEFAULT_MAX_PAYLOAD_BYTES, parse_arguments, payload_size
-from .tools.governance import check_tool
+from .tools.governance import OPEN_POLICY, TenantPolicy, check_tool
 from .tools.retry import call_with_retry, default_is_transient
 from .workflow import Workflow
 
@@ -119,6 +119,7 @@ class StepRunner:
         emit: EventSink = discard,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         metrics: Metrics = METRICS,
+        tenant_policy: TenantPolicy = OPEN_POLICY,
     ) -> None:
         self.run_record = run
         self.workflow = workflow
@@ -129,6 +130,7 @@ class StepRunner:
         self._sink = emit
         self.max_payload_bytes = max_payload_bytes
         self.metrics = metrics
+        self.tenant_policy = tenant_policy
         self.usage = Usage()
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -165,7 +167,8 @@ class StepRunner:
     # -- the loop ------------------------------------------------------------------------------
     def capabilities(self, agent: Agent) -> frozenset[str] | None:
         caps = self.run_record.capabilities
-        return frozenset(caps) if caps is not None else agent.capabilities
+        own = frozenset(caps) if caps is not None else agent.capabilities
+        return self.tenant_policy.narrow(own)
 
     async def _loop(self, agent: Agent) -> RunRecord:
         run = self.run_record
@@ -200,7 +203,8 @@ class StepRunner:
         """The model only ever sees tools it is permitted to call."""
         caps = self.capabilities(agent)
         specs = [ToolSpec(name=t.name, description=t.description, parameters=t.input_schema)
-                 for t in self.workflow.tools if check_tool(t, agent.tools, caps).allowed]
+                 for t in self.workflow.tools
+                 if check_tool(t, agent.tools, caps, self.tenant_policy).allowed]
         return specs + delegation.specs(agent, self.workflow.agents)
 
     async def _check_interrupts(self) -> None:
@@ -382,7 +386,7 @@ class StepRunner:
             return self._refuse(seq, call.name, ErrorCode.UNKNOWN_TOOL,
                                 f"no tool named {call.name!r}")
         # 2. permission
-        decision = check_tool(tool, agent.tools, self.capabilities(agent))
+        decision = check_tool(tool, agent.tools, self.capabilities(agent), self.tenant_policy)
         if not decision.allowed:
             return self._refuse(seq, call.name, ErrorCode.PERMISSION_DENIED, decision.rule,
                                 rule=decision.rule)

@@ -275,3 +275,33 @@ async def test_deadline_times_out_the_run(store):
                   budget={"deadline": clock.now() - 1})
     run = await engine(store, wf, clock=clock).run(wf, "agent", "go")
     assert run.state == "timed_out" and run.error_code == "deadline_exceeded"
+
+
+async def test_tenant_policy_only_narrows(store):
+    from alpaca_engine.engine import Engine
+    from alpaca_engine.tools.governance import TenantPolicy
+
+    seen: list[list[str]] = []
+
+    def decide(messages: Any, tools: list[ToolSpec]) -> Any:
+        seen.append([t.name for t in tools])
+        if len(seen) == 1:
+            return {"calls": [{"tool": "fetch", "args": {"url": "u"}},
+                              {"tool": "add", "args": {"a": 1, "b": 2}}]}
+        return "done"
+
+    wf = workflow(FunctionModel(decide), [add, fetch])
+    policy = TenantPolicy(deny_tools=("fet*",), capabilities=frozenset({"math", "extra"}))
+    eng = Engine(store, lambda r: wf, tenant_policies={"acme": policy})
+    run = await eng.run(wf, "agent", "go", tenant="acme")
+    assert seen[0] == ["add"]
+    steps = await store.list_steps(run.id)
+    assert steps[1].error and steps[1].error["code"] == "permission_denied"
+    assert "tenant policy" in steps[1].error["message"]
+    assert steps[2].output == 3
+    # another tenant is unaffected
+    seen.clear()
+    await eng.run(wf, "agent", "go", tenant="other")
+    assert seen[0] == ["add", "fetch"]
+    # a tenant's capability list never widens an agent's grant
+    assert policy.narrow(frozenset({"math"})) == frozenset({"math"})

@@ -26,10 +26,33 @@ def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class TenantPolicy:
+    """An operator's limits for one tenant. It can only narrow what agents are allowed:
+    tools matching ``deny_tools`` are refused, and capabilities outside ``capabilities``
+    (when set) are never granted, whatever the workflow file says."""
+
+    deny_tools: tuple[str, ...] = ()
+    capabilities: frozenset[str] | None = None
+
+    def narrow(self, granted: frozenset[str] | None) -> frozenset[str] | None:
+        if self.capabilities is None:
+            return granted
+        return self.capabilities if granted is None else granted & self.capabilities
+
+
+OPEN_POLICY = TenantPolicy()
+
+
 def check_tool(
-    tool: Tool, allowlist: Iterable[str], granted: frozenset[str] | None
+    tool: Tool, allowlist: Iterable[str], granted: frozenset[str] | None,
+    tenant: TenantPolicy = OPEN_POLICY,
 ) -> Decision:
     """``granted=None`` means the agent declares no capability limit."""
+    denied = matching_pattern(tool.name, tenant.deny_tools)
+    if denied is not None:
+        return Decision(False, f"tenant policy denies tools matching {denied!r}")
+    granted = tenant.narrow(granted)
     pattern = matching_pattern(tool.name, allowlist)
     if pattern is None:
         return Decision(False, f"tool {tool.name!r} is not in the agent's allowlist")
