@@ -48,12 +48,14 @@ agents_app = typer.Typer(help="Agents of a workflow.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 approvals_app = typer.Typer(help="Supervisor decisions on gated actions.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit log of a run.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for `alpaca serve`.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(tools_app, name="tools")
 app.add_typer(agents_app, name="agents")
 app.add_typer(db_app, name="db")
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -589,6 +591,71 @@ def doctor(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         for line in report.lines():
             console.print(line)
     raise typer.Exit(EXIT_FAILED if report.orphans else EXIT_OK)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback only while no API "
+                                            "key exists).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    no_worker: Annotated[bool, typer.Option(
+        "--no-worker", help="Do not execute runs here (separate `alpaca worker`s do).")] = False,
+    workflow: Annotated[list[str] | None, typer.Option(
+        "--workflow", "-w", help="Workflow file to serve (repeatable; default the bundled "
+                                 "demo).")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json) with an embedded worker."""
+    from .api.server import BindRefused
+    from .api.server import serve as serve_api
+
+    cfg = settings(db)
+    names = [workflow_ref(w) for w in workflow or ["builtin:demo"]]
+    for name in names:
+        try:
+            resolve_workflow(name)
+        except WorkflowError as exc:
+            err_console.print(f"[red]workflow error:[/red] {exc}")
+            raise typer.Exit(EXIT_FAILED) from None
+    try:
+        run_async(lambda: serve_api(cfg, host=host, port=port, worker=not no_worker,
+                                    workflows=names))
+    except BindRefused as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key acts for.")],
+    role: Annotated[str, typer.Option(help="user, supervisor or admin.")] = "user",
+    name: Annotated[str, typer.Option(help="A label, recorded as who decided.")] = "",
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key and print it once (only its SHA-256 is stored)."""
+    from .api.auth import Role, create_api_key
+
+    if role not in {r.value for r in Role}:
+        err_console.print(f"[red]error:[/red] role must be user, supervisor or admin, "
+                          f"not {role!r}")
+        raise typer.Exit(EXIT_FAILED)
+    if not tenant.strip():
+        err_console.print("[red]error:[/red] --tenant must not be empty")
+        raise typer.Exit(EXIT_FAILED)
+
+    async def go() -> tuple[str, Any]:
+        async with open_store(settings(db)) as store:
+            return await create_api_key(store, tenant, role, name)
+
+    key, record = run_async(go)
+    if as_json:
+        dump({"id": record.id, "tenant": record.tenant, "role": record.role,
+              "name": record.name, "key": key})
+        return
+    err_console.print(f"created key {record.id} for tenant {record.tenant!r} "
+                      f"(role {record.role}); it is shown only this once:")
+    sys.stdout.write(key + "\n")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .telemetry.logging import register_secret
 from .tools.governance import TenantPolicy
 
 
@@ -55,4 +56,8 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
     def audit_key_bytes(self) -> bytes | None:
-        return self.audit_key.get_secret_value().encode() if self.audit_key else None
+        if not self.audit_key:
+            return None
+        value = self.audit_key.get_secret_value()
+        register_secret(value)
+        return value.encode()

@@ -23,6 +23,7 @@ from openai.types.chat import (
 )
 
 from ..clock import Clock
+from ..telemetry.logging import register_secret
 from ..tools.retry import OnRetry, RetryPolicy, call_with_retry
 from .base import Message, ModelError, ModelResponse, ToolCall, ToolSpec, Usage, model_turn_index
 
@@ -201,6 +202,7 @@ class OpenAIModel:
     def _remember_secret(self, key: object) -> None:
         if isinstance(key, str) and key and key != _NO_KEY_PLACEHOLDER:
             self._secrets.append(key)
+            register_secret(key)  # log lines, audit records and tool results mask it too
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:

@@ -1,0 +1,156 @@
+"""The FastAPI application: lifespan wiring (store, coordination, engine, embedded worker).
+
+``create_app`` takes ready-made dependencies too, so tests (and embedders) can share a store
+or an engine with the app; whatever the app opens itself, it closes on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from ..config import Settings
+from ..coord.factory import make_coordination
+from ..engine import Engine
+from ..store.base import Store
+from ..store.factory import make_store
+from ..telemetry.metrics import METRICS
+from ..worker import Worker
+from ..workflows.loader import resolve_workflow
+from .auth import Authenticator
+from .problems import (
+    PROBLEM_JSON,
+    BodyLimitMiddleware,
+    InternalErrorMiddleware,
+    install_problem_handlers,
+)
+from .routes import approvals, catalog, ops, runs
+from .state import ApiState, LocalDispatcher, MetricsCache, ServedWorkflows, workflow_ref
+
+log = logging.getLogger("alpaca.api")
+
+DEFAULT_BODY_LIMIT = 1024 * 1024
+DEFAULT_WORKFLOWS = ("builtin:demo",)
+
+
+def _version() -> str:
+    try:
+        return version("alpaca-engine")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
+
+
+def load_served(names: list[str] | tuple[str, ...]) -> ServedWorkflows:
+    """Load every served workflow up front: a broken file stops startup, not a request."""
+    served = ServedWorkflows(workflows=[])
+    for name in names:
+        workflow = resolve_workflow(workflow_ref(name))
+        if all(w.ref != workflow.ref for w in served.workflows):
+            served.workflows.append(workflow)
+        served.aliases[name] = workflow
+    return served
+
+
+async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
+    """Stop claiming, let in-flight runs finish for a while, release the rest."""
+    worker.stop()
+    try:
+        await task
+    except Exception:
+        log.exception("the embedded worker failed")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    engine: Engine | None = None,
+    embedded_worker: bool = True,
+    workflows: list[str] | None = None,
+    body_limit: int = DEFAULT_BODY_LIMIT,
+) -> FastAPI:
+    """The HTTP API. ``store``/``engine`` given here are used as they are and not closed."""
+    cfg = settings or Settings()
+    names = tuple(workflows) if workflows else DEFAULT_WORKFLOWS
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            served = load_served(names)
+            if engine is not None:
+                eng = engine
+            else:
+                the_store = store
+                if the_store is None:
+                    the_store = make_store(cfg.database_url, cfg.audit_key_bytes())
+                    await the_store.open()
+                    stack.push_async_callback(the_store.close)
+                coord = make_coordination(cfg.redis_url)
+                stack.push_async_callback(coord.close)
+                dispatcher = coord.dispatcher
+                if dispatcher is None and embedded_worker:
+                    dispatcher = LocalDispatcher()
+                eng = Engine(the_store, resolve_workflow, lease_seconds=cfg.lease_seconds,
+                             breakers=coord.breakers, events=coord.events,
+                             dispatcher=dispatcher, tenant_policies=cfg.tenant_policies())
+            auth = Authenticator(eng.store)
+            await auth.refresh()
+            cache = MetricsCache(eng.store)
+            METRICS.set_orphan_source(cache.orphan_count)
+            METRICS.set_state_source(cache.state_counts)
+            stack.callback(_detach_metrics, cache)
+            app.state.alpaca = ApiState(settings=cfg, store=eng.store, engine=eng,
+                                        served=served, auth=auth, metrics=cache)
+            if embedded_worker:
+                worker = Worker(eng, concurrency=cfg.worker_concurrency,
+                                poll_interval=cfg.poll_interval)
+                task = asyncio.create_task(worker.run(), name="alpaca-embedded-worker")
+                stack.push_async_callback(_stop_worker, worker, task)
+            log.info("serving %s (auth %s, worker %s)", ", ".join(w.ref for w in served.workflows),
+                     "on" if auth.enabled else "off (local mode)",
+                     "embedded" if embedded_worker else "external")
+            yield
+
+    app = FastAPI(
+        title="Alpaca Agent Engine",
+        version=_version(),
+        summary="Run governed, durable, auditable AI agents.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit)
+    app.add_middleware(InternalErrorMiddleware)
+    for router in (runs, approvals, catalog, ops):
+        app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI documents error bodies as application/json; ours are problem+json."""
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                             routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                for code, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if (code == "default" or int(code) >= 400) and "application/json" in content:
+                        content[PROBLEM_JSON] = content.pop("application/json")
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _detach_metrics(cache: MetricsCache) -> None:
+    """Stop reading a closed store at scrape time (unless another app took over since)."""
+    if getattr(METRICS, "_orphan_count", None) == cache.orphan_count:
+        METRICS.set_orphan_source(None)
+        METRICS.set_state_source(None)
