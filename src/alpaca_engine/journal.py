@@ -33,10 +33,14 @@ class Conversation:
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self._hash = hashlib.sha256()
+        self.chars = 0
+        """Characters of content and tool-call arguments so far (for token estimates)."""
 
     def append(self, message: Message) -> None:
         self.messages.append(message)
         self._hash.update(_message_bytes(message))
+        self.chars += len(message.content or "") + sum(
+            len(c.arguments) + len(c.name) for c in message.tool_calls)
 
     def digest(self) -> str:
         return self._hash.copy().hexdigest()

@@ -100,11 +100,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _estimate_tokens(messages: list[Message]) -> int:
+def _estimate_tokens(messages: Conversation) -> int:
     """A cheap upper-ish estimate (4 characters a token) for the budget reservation."""
-    chars = sum(len(m.content or "") + sum(len(c.arguments) + len(c.name)
-                                           for c in m.tool_calls) for m in messages)
-    return chars // 4 + 4 * len(messages)
+    return messages.chars // 4 + 4 * len(messages)
 
 
 class StepRunner:
@@ -235,7 +233,7 @@ class StepRunner:
             self._count(StepKind.MODEL, response, agent)
             return response
         model_name = agent.model.name
-        estimate_in = _estimate_tokens(messages.messages)
+        estimate_in = _estimate_tokens(messages)
         reserve = {"steps": 1.0, "tokens": float(estimate_in + agent.max_output_tokens),
                    "cost": self._price(model_name, estimate_in, agent.max_output_tokens)}
         step = StepRecord(run_id=self.run_record.id, seq=seq, kind=StepKind.MODEL,

@@ -144,6 +144,16 @@ class SQLiteStore:
             raise LeaseLost(run_id, epoch)
         return run
 
+    def _fence_light(self, db: sqlite3.Connection, run_id: str, epoch: int) -> list[str]:
+        """The epoch check of the journal hot path, without decoding the whole run."""
+        row = db.execute("SELECT epoch, ledgers FROM runs WHERE id=?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run {run_id} not found")
+        if row[0] != epoch:
+            raise LeaseLost(run_id, epoch)
+        ledgers: list[str] = json.loads(row[1])
+        return ledgers
+
     def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
                now: float) -> None:
         if not events:
@@ -353,14 +363,14 @@ class SQLiteStore:
         with the journal write), ``settle`` corrects them with actual usage."""
         refused: ledger_logic.BudgetExceeded | None = None
         with self._tx() as db:
-            run = self._fence(db, step.run_id, epoch)
+            ledger_ids = self._fence_light(db, step.run_id, epoch)
             if reserve:
                 row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
                                  (step.run_id, step.seq)).fetchone()
                 if row is not None and row[0] is not None:
                     step.reserved = json.loads(row[0])  # reserved before a crash: not twice
                 else:
-                    ledgers = self._ledgers(db, run.ledgers)
+                    ledgers = self._ledgers(db, ledger_ids)
                     try:
                         ledger_logic.check_reserve(ledgers, reserve)
                     except ledger_logic.BudgetExceeded as exc:
@@ -370,7 +380,7 @@ class SQLiteStore:
                         step.reserved = dict(reserve)
             if refused is None:
                 if settle:
-                    self._debit(db, self._ledgers(db, run.ledgers), settle)
+                    self._debit(db, self._ledgers(db, ledger_ids), settle)
                 self._write_step(db, step)
                 self._audit(db, step.run_id, audit, step.finished_at or step.started_at)
         if refused is not None:

@@ -14,6 +14,8 @@ from the *end* of a chain is only detectable against a known head.
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import hashlib
 import hmac
@@ -417,8 +419,11 @@ def verify_chain(
 # --------------------------------------------------------------------------- redaction
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret_key(name: str) -> bool:
-    """Whether a key names a secret (``Authorization``, ``x-api-key``, ``access_token``...)."""
+    """Whether a key names a secret (``Authorization``, ``x-api-key``, ``access_token``...).
+
+    Cached: the same few keys are asked about on every audit record of the hot path."""
     norm = name.strip().lower().replace("-", "_")
     return norm in _SECRET_KEYS or any(norm.endswith("_" + word) for word in _SECRET_KEYS)
 
