@@ -117,7 +117,8 @@ async def _run_and_report(cfg: Settings, ref: str, agent: str, text: str, as_jso
     workflow = resolve_workflow(ref)
     async with open_store(cfg) as store:
         emit = (lambda e: None) if as_json else ProgressPrinter(console)
-        engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit)
+        engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit,
+                        tenant_policies=cfg.tenant_policies())
         run = await engine.submit(workflow, agent, text, budget=budget)
         if not as_json:
             console.print(f"[dim]run {run.id} · agent {agent} · {cfg.database_url}[/dim]")
@@ -392,7 +393,8 @@ def worker(
             async with open_store(cfg) as store:
                 engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                                 breakers=coord.breakers, events=coord.events,
-                                dispatcher=coord.dispatcher)
+                                dispatcher=coord.dispatcher,
+                                tenant_policies=cfg.tenant_policies())
                 w = Worker(engine, concurrency=concurrency or cfg.worker_concurrency,
                            poll_interval=cfg.poll_interval)
                 w.install_signal_handlers()
@@ -610,6 +612,7 @@ def serve(
     from .api.server import serve as serve_api
 
     cfg = settings(db)
+    demo_mode = not workflow
     names = [workflow_ref(w) for w in workflow or ["builtin:demo"]]
     for name in names:
         try:
@@ -618,8 +621,18 @@ def serve(
             err_console.print(f"[red]workflow error:[/red] {exc}")
             raise typer.Exit(EXIT_FAILED) from None
     try:
-        run_async(lambda: serve_api(cfg, host=host, port=port, worker=not no_worker,
-                                    workflows=names))
+        if demo_mode:
+            from .examples_builtin.demo_env import demo_world
+
+            with demo_world() as world:
+                err_console.print(
+                    f"serving the bundled demo (its intranet and Slack stub on "
+                    f"{world.base_url}); pass --workflow FILE to serve your own")
+                run_async(lambda: serve_api(cfg, host=host, port=port, worker=not no_worker,
+                                            workflows=names))
+        else:
+            run_async(lambda: serve_api(cfg, host=host, port=port, worker=not no_worker,
+                                        workflows=names))
     except BindRefused as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from None

@@ -129,6 +129,22 @@ class Engine:
         idempotency_key: str | None = None,
         budget: dict[str, Any] | None = None,
     ) -> RunRecord:
+        record, _created = await self.submit_run(
+            workflow, agent, input, tenant=tenant, idempotency_key=idempotency_key,
+            budget=budget)
+        return record
+
+    async def submit_run(
+        self,
+        workflow: Workflow,
+        agent: str,
+        input: str,
+        *,
+        tenant: str = "local",
+        idempotency_key: str | None = None,
+        budget: dict[str, Any] | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """Queue a run; ``False`` when the tenant's idempotency key already named a run."""
         workflow.agent(agent)  # unknown agents are refused before anything is stored
         now = self.clock.now()
         run_id = f"run_{uuid.uuid4().hex[:16]}"
@@ -152,7 +168,7 @@ class Engine:
                   "budget": merged})], ledger=ledger)
         if _created:
             await self.dispatch(record.id)
-        return record
+        return record, _created
 
     async def run(self, workflow: Workflow, agent: str, input: str, **kw: Any) -> RunRecord:
         """Submit and execute the whole tree in this process (the embedded default)."""

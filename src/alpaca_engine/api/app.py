@@ -7,6 +7,7 @@ or an engine with the app; whatever the app opens itself, it closes on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -58,13 +59,18 @@ def load_served(names: list[str] | tuple[str, ...]) -> ServedWorkflows:
     return served
 
 
+def _report_worker_exit(task: asyncio.Task[None]) -> None:
+    """Say at once when the embedded worker dies, not only at shutdown."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the embedded worker stopped: %r; runs wait for another worker",
+                  task.exception())
+
+
 async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
     """Stop claiming, let in-flight runs finish for a while, release the rest."""
     worker.stop()
-    try:
+    with contextlib.suppress(Exception):  # already reported by _report_worker_exit
         await task
-    except Exception:
-        log.exception("the embedded worker failed")
 
 
 def create_app(
@@ -112,6 +118,7 @@ def create_app(
                 worker = Worker(eng, concurrency=cfg.worker_concurrency,
                                 poll_interval=cfg.poll_interval)
                 task = asyncio.create_task(worker.run(), name="alpaca-embedded-worker")
+                task.add_done_callback(_report_worker_exit)
                 stack.push_async_callback(_stop_worker, worker, task)
             log.info("serving %s (auth %s, worker %s)", ", ".join(w.ref for w in served.workflows),
                      "on" if auth.enabled else "off (local mode)",

@@ -113,11 +113,9 @@ async def create_run(
         raise ProblemError(422, "unknown_agent",
                            f"agent {body.agent!r} is not in {workflow.ref} (known: {known})")
     budget = body.budget.model_dump(exclude_none=True) if body.budget else None
-    before = st.engine.clock.now()
-    record = await st.engine.submit(workflow, body.agent, body.input, tenant=who.tenant,
-                                    idempotency_key=idempotency_key, budget=budget)
-    # The store answers an idempotent replay with the existing run, created before we asked.
-    created = idempotency_key is None or record.created_at >= before
+    record, created = await st.engine.submit_run(
+        workflow, body.agent, body.input, tenant=who.tenant, idempotency_key=idempotency_key,
+        budget=budget)
     if not created and (record.agent, record.input, record.workflow) != (
             body.agent, body.input, workflow.ref):
         raise ProblemError(409, "idempotency_key_reused",

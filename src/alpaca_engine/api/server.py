@@ -12,7 +12,7 @@ import uvicorn
 
 from ..config import Settings
 from ..store.factory import make_store
-from .app import create_app
+from .app import DEFAULT_BODY_LIMIT, create_app
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -51,10 +51,11 @@ async def check_bind(settings: Settings, host: str) -> None:
 
 async def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000,
                 worker: bool = True, workflows: list[str] | None = None,
-                log_level: str = "info") -> None:
+                log_level: str = "info", body_limit: int = DEFAULT_BODY_LIMIT) -> None:
     """Check the bind address, then serve until SIGINT/SIGTERM (uvicorn drains)."""
     await check_bind(settings, host)
-    app = create_app(settings, embedded_worker=worker, workflows=workflows)
+    app = create_app(settings, embedded_worker=worker, workflows=workflows,
+                     body_limit=body_limit)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             proxy_headers=False)
     await uvicorn.Server(config).serve()

@@ -67,6 +67,8 @@ def research(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
     got = _results(messages)
     if not got:
         urls = re.findall(r"https?://\S+", _task(messages))
+        if not urls:
+            return "- no pages to read: the search found nothing"
         # several tool calls in one turn: the engine runs them one at a time, in this order
         return {"calls": [{"tool": "fetch_page", "args": {"url": u, "max_chars": 2000}}
                           for u in urls]}

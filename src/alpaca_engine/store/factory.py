@@ -14,4 +14,8 @@ def make_store(url: str, audit_key: bytes | None = None) -> Store:
         from .postgres import PostgresStore  # lazy: SQLite users never load psycopg
 
         return PostgresStore(url, audit_key=audit_key)
+    if scheme in ("mongodb", "mongodb+srv"):
+        from .mongo import MongoStore  # lazy: only MongoDB users load the driver
+
+        return MongoStore(url, audit_key=audit_key)
     raise ValueError(f"unsupported database URL scheme {scheme!r} (supported: sqlite, postgresql)")

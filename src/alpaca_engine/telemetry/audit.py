@@ -14,9 +14,8 @@ from the *end* of a chain is only detectable against a known head.
 
 from __future__ import annotations
 
-import functools
-
 import copy
+import functools
 import hashlib
 import hmac
 import json

@@ -39,7 +39,7 @@ async def _connections() -> AsyncConnectionPool[AsyncConnection[Any]]:
     async with _pool_lock:
         if _pool is None:
             pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-                os.environ[URL_ENV], min_size=1, max_size=4, kwargs={"autocommit": True},
+                os.environ[URL_ENV], min_size=1, max_size=2, kwargs={"autocommit": True},
                 open=False)
             await pool.open(wait=True, timeout=30)
             _pool = pool
