@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: installs what the suite needs on a fresh machine (uv, the locked Python
+# dependencies, Debian's Chromium for the web-page test), then runs every test.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet uv
+
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser test" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: chromium is not installed (apt-get install chromium); the browser test" \
+         "is skipped, and fails under CI=true" >&2
+  fi
+fi
+
+exec uv run pytest "$@"
