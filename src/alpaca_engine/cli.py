@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -566,15 +568,22 @@ def audit_export(
 
 @db_app.command("upgrade")
 def db_upgrade(db: DbOpt = None) -> None:
-    """Apply pending schema migrations."""
+    """Apply pending schema migrations (SQLite, PostgreSQL) or index sets (MongoDB)."""
     cfg = settings(db)
 
     async def go() -> int:
-        async with open_store(cfg) as store:
-            version: int = store.schema_version()  # type: ignore[attr-defined]
-            return version
+        async with open_store(cfg) as store:  # opening applies what is pending
+            version: Any = store.schema_version()  # type: ignore[attr-defined]
+            if inspect.isawaitable(version):
+                version = await version
+            return int(version)
 
-    console.print(f"{cfg.database_url}: schema at version {run_async(go)}")
+    console.print(f"{redact_url(cfg.database_url)}: schema at version {run_async(go)}")
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for printing."""
+    return re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", url)
 
 
 @app.command()

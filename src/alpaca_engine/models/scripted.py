@@ -21,7 +21,7 @@ def to_response(item: ScriptItem, turn: int) -> ModelResponse:
         return item
     if isinstance(item, str):
         return ModelResponse(content=item, usage=Usage(input_tokens=10, output_tokens=5))
-    calls = item["calls"] if "calls" in item else [item]
+    calls = item.get("calls", [item])
     tool_calls = []
     for i, call in enumerate(calls):
         args = call.get("args", {})

@@ -18,4 +18,5 @@ def make_store(url: str, audit_key: bytes | None = None) -> Store:
         from .mongo import MongoStore  # lazy: only MongoDB users load the driver
 
         return MongoStore(url, audit_key=audit_key)
-    raise ValueError(f"unsupported database URL scheme {scheme!r} (supported: sqlite, postgresql)")
+    raise ValueError(f"unsupported database URL scheme {scheme!r} "
+                     "(supported: sqlite, postgresql, mongodb)")
