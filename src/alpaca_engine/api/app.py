@@ -23,6 +23,7 @@ from ..engine import Engine
 from ..store.base import Store
 from ..store.factory import make_store
 from ..telemetry.metrics import METRICS
+from ..ui import router as ui_router
 from ..worker import Worker
 from ..workflows.loader import resolve_workflow
 from .auth import Authenticator
@@ -134,7 +135,7 @@ def create_app(
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit)
     app.add_middleware(InternalErrorMiddleware)
-    for router in (runs, approvals, catalog, ops):
+    for router in (runs, approvals, catalog, ops, ui_router):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:
