@@ -20,7 +20,8 @@ Reported per worker count:
   (PostgreSQL and Redis server CPU not included);
 * **pg CPU/run**: CPU of the PostgreSQL backends serving the bench database / runs (server on
   this machine only);
-* **busy %**: how busy the whole machine was during the timed batch (all cores; Linux).
+* **busy %**: how busy the whole machine was during the timed batch (all cores; Linux), and
+  **others %**: the part of that no process of the benchmark accounts for (other load).
 
 Run::
 
@@ -115,6 +116,7 @@ class Result:
     worker_cpu_ms_per_run: float
     postgres_cpu_ms_per_run: float
     machine_busy_pct: float
+    others_busy_pct: float
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -158,7 +160,7 @@ def private_redis(binary: str, workdir: Path) -> Any:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
-        yield port
+        yield port, proc.pid
     finally:
         proc.kill()
         proc.wait(10)
@@ -269,7 +271,7 @@ async def submit(db_url: str, redis_url: str, workflow_file: Path, runs: int,
         await store.close()
 
 
-async def measure(workers: int, args: argparse.Namespace, redis_port: int,
+async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis_pid: int,
                   workdir: Path) -> Result:
     redis_command(redis_port, "FLUSHALL")
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -278,7 +280,7 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int,
         env = {k: v for k, v in os.environ.items() if not k.startswith("ALPACA_")}
         env.update({"ALPACA_DATABASE_URL": db_url, "ALPACA_REDIS_URL": redis_url,
                     "ALPACA_LEASE_SECONDS": str(args.lease),
-                    "ALPACA_POLL_INTERVAL": "0.2",
+                    "ALPACA_POLL_INTERVAL": str(args.poll),
                     "ALPACA_BENCH_LATENCY": str(args.latency),
                     "ALPACA_BENCH_TOOLS": str(args.tools)})
         procs = start_workers(workers, env, args.concurrency, workdir)
@@ -287,16 +289,21 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int,
             warm = await submit(db_url, redis_url, workflow_file, args.warmup, "warm")
             await wait_terminal(db_url, len(warm), args.timeout)
             cpu0, (busy0, total0) = process_cpu(pids), machine_cpu()
+            ours0 = process_cpu([os.getpid(), redis_pid])
             pg0 = backend_cpu(args.postgres_url, db_url)
             ids = await submit(db_url, redis_url, workflow_file, args.runs, "run")
             await wait_terminal(db_url, len(warm) + len(ids), args.timeout)
             cpu, (busy1, total1) = process_cpu(pids) - cpu0, machine_cpu()
+            ours = process_cpu([os.getpid(), redis_pid]) - ours0
             pg1 = backend_cpu(args.postgres_url, db_url)
             # backends that ended during the batch are missed (pools keep theirs open)
             pg_cpu = sum(v - pg0.get(pid, 0.0) for pid, v in pg1.items())
         finally:
             stop_workers(procs)
-        busy = (busy1 - busy0) / max(total1 - total0, 1e-9)
+        capacity = max(total1 - total0, 1e-9)
+        busy = (busy1 - busy0) / capacity
+        # what nothing of this benchmark accounts for: other processes on the machine
+        others = max(0.0, (busy1 - busy0) - cpu - pg_cpu - ours) / capacity
         with psycopg.connect(db_url, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT r.id, r.state, r.created_at, r.updated_at, min(s.started_at), count(s.*) "
@@ -320,7 +327,7 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int,
         service_ms_p95=round(percentile(service, 95), 1),
         worker_cpu_ms_per_run=round(cpu_per_run, 2),
         postgres_cpu_ms_per_run=round(pg_cpu / len(ids) * 1e3, 2),
-        machine_busy_pct=round(busy * 100, 1))
+        machine_busy_pct=round(busy * 100, 1), others_busy_pct=round(others * 100, 1))
 
 
 def print_table(results: list[Result], args: argparse.Namespace) -> None:
@@ -329,7 +336,7 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
           f"{args.concurrency} per worker, PostgreSQL + Redis dispatch")
     header = (f"{'workers':>7} {'ok':>5} {'wall s':>7} {'runs/s':>7} {'steps/s':>8} "
               f"{'lat p50':>8} {'p95':>7} {'svc p50':>8} {'p95':>7} {'cpu ms/run':>10} "
-              f"{'pg ms/run':>9} {'busy %':>6}")
+              f"{'pg ms/run':>9} {'busy %':>6} {'others %':>8}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -337,11 +344,13 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
               f"{r.steps_per_s:>8.0f} {r.latency_ms_p50:>8.0f} {r.latency_ms_p95:>7.0f} "
               f"{r.service_ms_p50:>8.0f} {r.service_ms_p95:>7.0f} "
               f"{r.worker_cpu_ms_per_run:>10.1f} {r.postgres_cpu_ms_per_run:>9.1f} "
-              f"{r.machine_busy_pct:>6.0f}")
+              f"{r.machine_busy_pct:>6.0f} {r.others_busy_pct:>8.0f}")
     print("lat = finish - submit (queueing included); svc = finish - first step start; "
           "times in ms;\ncpu ms/run = worker processes' CPU / runs; pg ms/run = CPU of the "
           "PostgreSQL backends serving the bench database / runs;\nbusy % = whole machine "
-          "(all processes, all cores) during the timed batch")
+          "(all processes, all cores) during the timed batch; others % = the part of it not "
+          "used by the workers,\ntheir PostgreSQL backends, Redis or this script (other "
+          "load on the machine)")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -361,9 +370,9 @@ async def main_async(args: argparse.Namespace) -> int:
         workdir = Path(tmp)
         (workdir / "workflow.yaml").write_text(WORKFLOW_YAML)
         (workdir / "scale_out_tools.py").write_text(TOOLS_PY)
-        with private_redis(binary, workdir) as port:
+        with private_redis(binary, workdir) as (port, redis_pid):
             for n in counts:
-                results.append(await measure(n, args, port, workdir))
+                results.append(await measure(n, args, port, redis_pid, workdir))
                 if not args.json:
                     print(f"  {n} worker(s): {results[-1].runs_per_s} runs/s", file=sys.stderr)
     if args.json:
@@ -386,6 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency", type=float, default=0.02,
                    help="simulated model latency per turn, seconds (0.02)")
     p.add_argument("--lease", type=float, default=30.0, help="ALPACA_LEASE_SECONDS (30)")
+    p.add_argument("--poll", type=float, default=0.2, help="ALPACA_POLL_INTERVAL (0.2)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="give up on a configuration after this many seconds (600)")
     p.add_argument("--postgres-url", default=os.environ.get(

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,30 +156,58 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
     )
 
 
+class PostgresSchemas:
+    """The PostgreSQL store for each repetition, in a fresh schema of its own (created by the
+    store's migrations when it opens, outside the timed region); :meth:`drop` removes them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.created: list[str] = []
+
+    def __call__(self, _workdir: Path) -> Store:
+        from alpaca_engine.store.postgres import PostgresStore
+
+        name = f"alpaca_bench_{uuid.uuid4().hex[:12]}"
+        self.created.append(name)
+        return PostgresStore(self.url, schema=name)
+
+    async def drop(self) -> None:
+        if not self.created:
+            return
+        import psycopg
+        from psycopg import sql
+
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            for name in self.created:
+                await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    sql.Identifier(name)))
+        self.created.clear()
+
+
 def store_factory(backend: str, postgres_url: str | None) -> StoreFactory:
     if backend == "memory":
         return lambda _workdir: SQLiteStore("sqlite:///:memory:")
     if backend == "sqlite":
         return lambda workdir: SQLiteStore(f"sqlite:///{workdir / 'bench.db'}")
     if backend == "postgresql":
-        from alpaca_engine.store.factory import make_store
-
         assert postgres_url is not None
-        url = postgres_url
-        return lambda _workdir: make_store(url)
+        return PostgresSchemas(postgres_url)
     raise ValueError(f"unknown backend {backend!r}")
 
 
 async def probe_postgres(url: str) -> str | None:
-    """None when a store can be built and opened for ``url``; otherwise the reason."""
+    """None when a store can be opened for ``url`` (in a throwaway schema, dropped again);
+    otherwise the reason."""
+    schemas = PostgresSchemas(url)
     try:
-        from alpaca_engine.store.factory import make_store
-
-        store = make_store(url)
+        store = schemas(Path("."))
         await store.open()
         await store.close()
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await schemas.drop()
     return None
 
 
@@ -233,6 +263,9 @@ async def main_async(args: argparse.Namespace) -> int:
             if backend != "postgresql":
                 raise
             missing.append(Unavailable(backend, f"{type(exc).__name__}: {exc}"))
+        finally:
+            if isinstance(make, PostgresSchemas):
+                await make.drop()
 
     if args.json:
         out: dict[str, Any] = {
@@ -260,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add sync-tool rows (asyncio.to_thread) for the first backend, "
                         "all backends, or none (default first)")
     p.add_argument("--postgres-url", default=None,
-                   help="also measure a store built by store.factory.make_store(URL)")
+                   help="also measure a PostgresStore on URL (a fresh schema per repetition, "
+                        "dropped afterwards)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if args.repeat < 1:

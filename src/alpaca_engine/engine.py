@@ -21,7 +21,7 @@ from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
 from .errors import LeaseLost, NotFound
 from .events import EventSink, discard
-from .lifecycle import RunState
+from .lifecycle import IllegalTransition, RunState
 from .runner import StepRunner
 from .store.base import Store
 from .store.records import ApprovalStatus, AuditEvent, LedgerRecord, RunRecord
@@ -231,7 +231,7 @@ class Engine:
         """Run the StepRunner under a heartbeat that renews the lease."""
         workflow = self.resolve(run.workflow)
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
-                            breakers=self.breakers, emit=self.emit,
+                            breakers=self.breakers, emit=self.emit, on_queued=self.dispatch,
                             tenant_policy=self.tenant_policies.get(run.tenant, OPEN_POLICY))
         with tracing.run_span(run.id, run.agent, tenant=run.tenant,
                               parent_traceparent=run.traceparent):
@@ -256,7 +256,7 @@ class Engine:
 
     async def wake_parent(self, parent_id: str) -> None:
         """A finished child requeues its waiting parent (the reaper is the safety net)."""
-        with contextlib.suppress(NotFound, LeaseLost):
+        with contextlib.suppress(NotFound):
             if await wake_if_ready(self.store, await self.store.get_run(parent_id),
                                    self.clock.now()):
                 await self.dispatch(parent_id)
@@ -306,8 +306,18 @@ async def wake_if_ready(store: Store, run: RunRecord, now: float) -> bool:
     children = await store.list_runs(parent_id=run.id, limit=10_000)
     if not children or not all(c.state.terminal for c in children):
         return False
-    await store.transition(run.id, RunState.QUEUED, now, audit=[AuditEvent(
-        kind="run.woken", data={"reason": "all child runs finished"})])
+    return await wake(store, run, now, "all child runs finished")
+
+
+async def wake(store: Store, run: RunRecord, now: float, reason: str) -> bool:
+    """Requeue a waiting run at most once: the write is fenced by the epoch read together
+    with the waiting state, so a waker acting on a stale read (the run was woken, claimed
+    and is running again) is refused instead of preempting its worker."""
+    try:
+        await store.transition(run.id, RunState.QUEUED, now, epoch=run.epoch,
+                               audit=[AuditEvent(kind="run.woken", data={"reason": reason})])
+    except (LeaseLost, IllegalTransition):
+        return False
     return True
 
 

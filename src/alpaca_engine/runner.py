@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from .coord.local import LocalBreakerBoard
 from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
-from .lifecycle import RunState
+from .lifecycle import IllegalTransition, RunState
 from .models.base import Message, ModelError, ModelResponse, ToolCall, ToolSpec
 from .store.base import Store
 from .store.records import (
@@ -118,6 +119,7 @@ class StepRunner:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         metrics: Metrics = METRICS,
         tenant_policy: TenantPolicy = OPEN_POLICY,
+        on_queued: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.run_record = run
         self.workflow = workflow
@@ -129,6 +131,7 @@ class StepRunner:
         self.max_payload_bytes = max_payload_bytes
         self.metrics = metrics
         self.tenant_policy = tenant_policy
+        self.on_queued = on_queued
         self.usage = Usage()
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -413,7 +416,15 @@ class StepRunner:
             step.input["args"] = args
         # 6. circuit breaker
         if tool.breaker is not None:
-            allowed, retry_after, moves = await self.breakers.allow(tool.name, tool.breaker)
+            try:
+                allowed, retry_after, moves = await self.breakers.allow(tool.name, tool.breaker)
+            except Exception as exc:
+                # Breaker state is a health signal, not a permission: when the shared state
+                # cannot be read (Redis down) the call goes ahead, and the record says so.
+                log.warning("breaker state for %s unavailable, failing open: %s", tool.name, exc)
+                allowed, retry_after, moves = True, None, []
+                audit.append(AuditEvent(kind="breaker.unavailable", data={
+                    "step": seq, "tool": tool.name, "error": _describe(exc)}))
             if not allowed:
                 return self._refuse(seq, tool.name, ErrorCode.CIRCUIT_OPEN,
                                     f"circuit for {tool.name!r} is open",
@@ -425,7 +436,13 @@ class StepRunner:
     async def _breaker_record(self, tool: Tool, outcome: Outcome) -> list[AuditEvent]:
         if tool.breaker is None:
             return []
-        return self._breaker_events(await self.breakers.record(tool.name, tool.breaker, outcome))
+        try:
+            moves = await self.breakers.record(tool.name, tool.breaker, outcome)
+        except Exception as exc:
+            log.warning("could not record %s for the breaker of %s: %s", outcome, tool.name, exc)
+            return [AuditEvent(kind="breaker.unavailable", data={
+                "tool": tool.name, "outcome": outcome, "error": _describe(exc)})]
+        return self._breaker_events(moves)
 
     async def _execute(self, agent: Agent, seq: int, tool: Tool, args: dict[str, Any],
                        step: StepRecord, audit: list[AuditEvent]) -> _Outcome:
@@ -598,6 +615,8 @@ class StepRunner:
                 "ledger_limits": ledger.limits if ledger else None})], ledger=ledger)
         self.emit({"type": "delegation.started", "run_id": run.id, "seq": seq,
                    "child_id": created.id, "agent": child_agent.name})
+        if self.on_queued is not None and created.state == RunState.QUEUED:
+            await self.on_queued(created.id)
         return created
 
     # -- ending --------------------------------------------------------------------------------
@@ -613,10 +632,15 @@ class StepRunner:
             # The child may have finished before we paused: nobody else would wake us then.
             child = await self.store.get_run(wait.child_id)
             if child.state.terminal:
-                record = await self.store.transition(
-                    record.id, RunState.QUEUED, self.clock.now(),
-                    audit=[AuditEvent(kind="run.woken", data={"reason": "child finished"})])
+                try:
+                    record = await self.store.transition(
+                        record.id, RunState.QUEUED, self.clock.now(), epoch=record.epoch,
+                        audit=[AuditEvent(kind="run.woken", data={"reason": "child finished"})])
+                except (LeaseLost, IllegalTransition):
+                    return await self.store.get_run(record.id)  # someone else woke it
                 self.run_record = record
+                if self.on_queued is not None:
+                    await self.on_queued(record.id)
         return record
 
     async def _finish(self, state: RunState, *, output: str | None = None,

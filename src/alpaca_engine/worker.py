@@ -7,7 +7,6 @@ process on this host is gone, so a crashed run resumes without anyone asking.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import signal
@@ -29,6 +28,8 @@ class Worker:
         self.drain_timeout = drain_timeout
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[object]] = {}
+        self._slot_freed = asyncio.Event()
+        self._reaping: asyncio.Task[None] | None = None
         self.completed = 0
 
     def stop(self) -> None:
@@ -44,12 +45,13 @@ class Worker:
         last_reap = -1e18
         while not self._stopping.is_set():
             now = self.engine.clock.now()
-            if now - last_reap >= self.reap_interval:
-                requeued = await self.engine.reap()
-                if requeued:
-                    log.info("requeued %d run(s): %s", len(requeued), ", ".join(requeued))
-                await self._reclaim()
+            if now - last_reap >= self.reap_interval and (
+                    self._reaping is None or self._reaping.done()):
+                # In its own task: a reaper blocked on a row lock must not stop claiming.
+                self._reaping = asyncio.create_task(self._reap())
                 last_reap = now
+                if until_idle:
+                    await self._reaping
             claimed = False
             while len(self._tasks) < self.concurrency and not self._stopping.is_set():
                 run = await self.engine.store.claim_next(
@@ -62,7 +64,19 @@ class Worker:
                 return
             if not claimed:
                 await self._wait_for_work()
+        if self._reaping is not None:
+            self._reaping.cancel()
+            await asyncio.gather(self._reaping, return_exceptions=True)
         await self._drain()
+
+    async def _reap(self) -> None:
+        try:
+            requeued = await self.engine.reap()
+            if requeued:
+                log.info("requeued %d run(s): %s", len(requeued), ", ".join(requeued))
+            await self._reclaim()
+        except Exception:
+            log.exception("reaper sweep failed; retrying at the next interval")
 
     def _start(self, run: RunRecord) -> None:
         task = asyncio.create_task(self.engine.drive(run))
@@ -73,8 +87,16 @@ class Worker:
         """Block on the dispatch stream when there is one, else sleep a poll interval."""
         dispatcher = self.engine.dispatcher
         if dispatcher is None or len(self._tasks) >= self.concurrency:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+            # Wake on stop, on a freed slot, or after a poll interval, whichever comes first.
+            self._slot_freed.clear()
+            waiters = [asyncio.ensure_future(self._stopping.wait()),
+                       asyncio.ensure_future(self._slot_freed.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=self.poll_interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
             return
         got = await dispatcher.next(self.engine.owner, self.poll_interval)
         if got is not None:
@@ -106,6 +128,7 @@ class Worker:
     def _done(self, run_id: str, task: asyncio.Task[object]) -> None:
         self._tasks.pop(run_id, None)
         self.completed += 1
+        self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("run %s crashed the worker task: %r", run_id, task.exception())
 

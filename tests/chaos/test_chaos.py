@@ -16,7 +16,10 @@ lease) and another worker completes the rest.
 
 Each test uses a fresh PostgreSQL database (dropped afterwards) and its own ``redis-server``
 on a free port (``--save "" --appendonly no``), so it can be killed without disturbing anyone.
-Knobs: ``ALPACA_CHAOS_RUNS`` (default 200), ``ALPACA_CHAOS_SECONDS`` (default 30).
+Knobs: ``ALPACA_CHAOS_RUNS`` (run trees, default 200), ``ALPACA_CHAOS_SECONDS`` (upper bound
+of the chaos window, default 60; it ends earlier once every tree is submitted and the pause and
+the Redis restart are done), ``ALPACA_CHAOS_SEED`` (replay the random choices of a run; the
+seed is printed).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+import redis as redis_client
 from psycopg import sql
 
 from alpaca_engine.coord.factory import make_coordination
@@ -104,7 +108,7 @@ def database() -> Iterator[str]:
     url = _with_database(PG_URL, name)
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(EFFECT_TABLES)  # type: ignore[arg-type]
+            conn.execute(EFFECT_TABLES)
         yield url
     finally:
         inspector = _inspectors.pop(url, None)
@@ -234,6 +238,12 @@ class Workers:
                 s.proc.kill()
                 s.proc.wait(10)
 
+    def problems(self) -> list[str]:
+        """Error lines in any worker's output (a crashed task, a traceback)."""
+        return [f"{p.name}: {line}" for p in sorted(self.logdir.glob("worker-*.log"))
+                for line in p.read_text(errors="replace").splitlines()
+                if "crashed the worker task" in line or line.startswith("Traceback")]
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.logdir.glob("worker-*.log")))
@@ -246,8 +256,6 @@ def worker_env(db_url: str, redis_url: str, lease: float = LEASE_SECONDS) -> dic
         "ALPACA_LEASE_SECONDS": str(lease), "ALPACA_WORKER_CONCURRENCY": "4",
         "ALPACA_POLL_INTERVAL": "0.2", "ALPACA_AUDIT_KEY": AUDIT_KEY,
         "ALPACA_CHAOS_EFFECTS_URL": db_url, "COLUMNS": "200",
-        # coverage of child processes is not wanted here (and would slow them down)
-        "COVERAGE_PROCESS_START": "",
     })
     return env
 
@@ -282,7 +290,7 @@ def rows(db_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
     conn = _inspectors.get(db_url)
     if conn is None or conn.closed:
         conn = _inspectors[db_url] = psycopg.connect(db_url, autocommit=True)
-    return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
+    return conn.execute(query, args).fetchall()
 
 
 def state_counts(db_url: str) -> dict[str, int]:
@@ -363,7 +371,9 @@ async def check_everything(db_url: str, store: Store, roots: list[str]) -> Tally
     tally.effects, tally.attempts = len(effects), len(attempts)
     tally.reexecuted_keys = sum(1 for n in Counter(a[0] for a in attempts).values() if n > 1)
 
-    for ledger_id, used in rows(db_url, "SELECT id, used FROM ledgers"):
+    ledgers = rows(db_url, "SELECT id, used FROM ledgers")
+    assert sorted(lid for lid, _ in ledgers) == sorted(roots)  # one per tree (no sub-budgets)
+    for ledger_id, used in ledgers:
         # one reservation per journaled step of the tree, never twice after a crash
         assert used.get("steps") == len(ROOT_SHAPE) + len(CHILD_SHAPE), (ledger_id, used)
         assert used.get("tool_calls") == len(LABELS), (ledger_id, used)
@@ -407,6 +417,8 @@ class Pause:
     resumed_at: float = 0.0
     survived: bool | None = None
     lease_lost_logs: int = 0
+    lock_waiters: int = 0
+    """Sessions blocked on a row lock when SIGCONT came (the paused one holding it)."""
 
 
 @pytest.mark.timeout(300)
@@ -464,6 +476,9 @@ async def test_chaos_kill_pause_and_redis_restart_lose_nothing(
                         database, "SELECT id FROM runs WHERE id = ANY(%s) AND "
                         "(lease_owner IS NULL OR lease_owner NOT LIKE %s)",
                         pause.held, f"%:{pause.pid}:%")]
+                    pause.lock_waiters = int(rows(
+                        database, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND wait_event_type = 'Lock'")[0][0])
                     workers.signal(pause.slot, signal.SIGCONT)
                     pause.resumed_at = now
                 if pause is not None and pause.resumed_at and pause.survived is None \
@@ -503,13 +518,21 @@ async def test_chaos_kill_pause_and_redis_restart_lose_nothing(
             settle = await wait_all_terminal(database, 2 * RUNS, SETTLE_SECONDS)
             tally = await check_everything(database, store, roots)
         assert doctor_orphans(env) == 0
+        # After the restart (an empty Redis) the workers recreated the consumer group and
+        # took deliveries from it again.
+        group = redis_client.Redis.from_url(redis_server.url).xinfo_groups("alpaca:runs")
+        assert [g["name"] for g in group] == [b"workers"] and group[0]["entries-read"], group
+        assert not workers.problems(), "\n".join(workers.problems())
         for root in {roots[0], roots[-1], *(r.split(".")[0] for r in pause.held[:2])}:
             verified = alpaca("audit", "verify", root, "--tree", env=env)
             assert verified.returncode == 0, verified.stdout + verified.stderr
         # The runs the paused worker held were taken over (lease expiry) while it slept, and
         # it survived SIGCONT: its stale writes were refused by the fence, and the journal,
         # effect and audit checks above show it corrupted nothing.
-        assert pause.taken_over, pause
+        assert pause.taken_over, (
+            f"no run of the paused worker was taken over in {LEASE_SECONDS + 6:.0f}s "
+            f"(lease {LEASE_SECONDS:.0f}s); {pause.lock_waiters} session(s) were blocked on a "
+            f"row lock, presumably held by the paused worker's open transaction: {pause}")
         for run_id in pause.taken_over:
             reasons = [str(d.get("reason", "")) for k, d in rows(
                 database, "SELECT kind, data FROM audit WHERE run_id=%s ORDER BY seq", run_id)

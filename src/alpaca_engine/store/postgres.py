@@ -506,7 +506,14 @@ class PostgresStore:
         done = []
         for run_id in ids:
             async with self._tx() as cur:
-                run = await self._fetch_run(cur, run_id, lock=True)
+                # SKIP LOCKED: a row locked by a (paused) writer is left for the next sweep
+                # instead of blocking the reaper, and with it the whole worker.
+                await cur.execute("SELECT * FROM runs WHERE id=%s FOR UPDATE SKIP LOCKED",
+                                  (run_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    continue
+                run = self._run(row)
                 if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
                     continue
                 event = self._set_state(
