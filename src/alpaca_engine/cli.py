@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import re
 import sys
 import time
@@ -37,6 +38,8 @@ from .store.base import Store
 from .store.factory import make_store
 from .store.records import ApprovalRecord, ApprovalStatus, RunRecord
 from .telemetry.audit import AuditRecord, verify_chain
+from .telemetry.logging import configure_logging
+from .telemetry.tracing import configure_tracing
 from .worker import Worker
 from .workflows.loader import WorkflowError, load_workflow, resolve_workflow
 
@@ -421,20 +424,42 @@ def _workflow_for_listing(workflow: str) -> Any:
 
 @tools_app.command("list")
 def tools_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False) -> None:
-    """Tools with their contracts, capabilities and policies."""
+    """Tools with their contracts, capabilities, policies and circuit-breaker state."""
     wf = _workflow_for_listing(workflow)
-    items = [t.describe() for t in wf.tools]
+    cfg = Settings()
+
+    async def states() -> dict[str, Any]:
+        coord = make_coordination(cfg.redis_url)
+        try:
+            return await coord.breakers.snapshots()
+        except Exception as exc:  # Redis unreachable: say so rather than guess
+            err_console.print(f"[yellow]breaker state unavailable:[/yellow] {exc}")
+            return {}
+        finally:
+            await coord.close()
+
+    snapshots = asyncio.run(states()) if cfg.redis_url else {}
+    shared = "shared (Redis)" if cfg.redis_url else "per process (no Redis configured)"
+    items = []
+    for t in wf.tools:
+        item = t.describe()
+        snap = snapshots.get(t.name)
+        item["breaker_state"] = (str(snap.state) if snap is not None else
+                                 "closed" if t.breaker is not None else None)
+        items.append(item)
     if as_json:
         dump(items)
         return
     from rich.table import Table
 
-    table = Table("tool", "capabilities", "retry", "timeout", "approval", "inputs", box=None)
+    table = Table("tool", "capabilities", "retry", "timeout", "approval", "breaker", "inputs",
+                  box=None)
     for t in items:
         inputs = ", ".join(t["input_schema"].get("properties", {}))
         table.add_row(t["name"], ", ".join(t["capabilities"]), str(t["retry"]["max_attempts"]),
-                      str(t["timeout"]), t["approval"], inputs)
+                      str(t["timeout"]), t["approval"], t["breaker_state"] or "-", inputs)
     console.print(table)
+    console.print(f"[dim]breaker state: {shared}[/dim]")
 
 
 @agents_app.command("list")
@@ -678,6 +703,17 @@ def keys_create(
     err_console.print(f"created key {record.id} for tenant {record.tenant!r} "
                       f"(role {record.role}); it is shown only this once:")
     sys.stdout.write(key + "\n")
+
+
+@app.callback()
+def _configure() -> None:
+    """Structured JSON logs on stderr (ALPACA_LOG_LEVEL, ALPACA_LOG_FORMAT=json|text) and
+    OpenTelemetry export when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    level = os.environ.get("ALPACA_LOG_LEVEL") or (
+        "INFO" if {"worker", "serve"} & set(sys.argv[1:2]) else "WARNING")
+    configure_logging(level=level.upper(),
+                      json=os.environ.get("ALPACA_LOG_FORMAT", "json").lower() != "text")
+    configure_tracing()
 
 
 def main() -> None:

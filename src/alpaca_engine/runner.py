@@ -29,7 +29,14 @@ from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import IllegalTransition, RunState
-from .models.base import Message, ModelError, ModelResponse, ToolCall, ToolSpec
+from .models.base import (
+    Message,
+    ModelError,
+    ModelResponse,
+    ToolCall,
+    ToolSpec,
+    retry_hook,
+)
 from .store.base import Store
 from .store.records import (
     ApprovalRecord,
@@ -248,16 +255,29 @@ class StepRunner:
                    "name": model_name})
         t0 = time.perf_counter()
         provider = model_name.split(":", 1)[0] if ":" in model_name else model_name
+        attempts = 1
+
+        async def journal_retry(attempt: int, exc: BaseException, delay: float) -> None:
+            nonlocal attempts
+            attempts = attempt + 1
+            step.attempts = attempts
+            await self.store.save_step(step, self.epoch, [AuditEvent(kind="model.retry", data={
+                "step": seq, "model": model_name, "attempt": attempt, "error": _describe(exc),
+                "delay": round(delay, 4)})])
+
+        token = retry_hook.set(journal_retry)
         with tracing.model_span(model_name, provider=provider, step=seq) as span:
             try:
                 response = await agent.model.complete(list(messages.messages), specs)
             except ModelError as exc:
                 tracing.mark_error(span, str(ErrorCode.MODEL_ERROR), str(exc))
                 error = _err(ErrorCode.MODEL_ERROR, str(exc), transient=exc.transient)
-                await self._save_finished(step, StepStatus.FAILED, None, error, 1,
+                await self._save_finished(step, StepStatus.FAILED, None, error, attempts,
                                           [AuditEvent(kind="model.error", data=error)],
                                           settle=self._unreserve(step))
                 raise AlpacaError(ErrorCode.MODEL_ERROR, f"model {model_name}: {exc}") from exc
+            finally:
+                retry_hook.reset(token)
             tracing.record_model_response(span, response.model, response.usage.input_tokens,
                                           response.usage.output_tokens, response.finish_reason)
         self._count(StepKind.MODEL, response, agent)
@@ -270,8 +290,8 @@ class StepRunner:
             "content": response.content,
             "tool_calls": [c.model_dump() for c in response.tool_calls],
             "usage": response.usage.model_dump(), "cost": actual_cost})]
-        await self._save_finished(step, StepStatus.COMPLETED, response.model_dump(), None, 1,
-                                  audit, settle=settle)
+        await self._save_finished(step, StepStatus.COMPLETED, response.model_dump(), None,
+                                  attempts, audit, settle=settle)
         elapsed = time.perf_counter() - t0
         self.metrics.observe_step("model", elapsed)
         self.metrics.budget("input_tokens", response.usage.input_tokens)

@@ -7,7 +7,8 @@ that malformed JSON reaches the runner's input-contract gate instead of crashing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
@@ -81,3 +82,11 @@ class Model(Protocol):
 def model_turn_index(messages: Sequence[Message]) -> int:
     """How many assistant turns precede this call: a replay-safe position in a script."""
     return sum(1 for m in messages if m.role == "assistant")
+
+
+RetryHook = Callable[[int, BaseException, float], Awaitable[None]]
+
+retry_hook: ContextVar[RetryHook | None] = ContextVar("alpaca_model_retry_hook", default=None)
+"""Set by the runner around a model call, so a provider adapter that retries reports each
+failed attempt into the run's journal without the model object knowing about runs (models
+are shared by concurrent runs; a context variable follows each run's task)."""

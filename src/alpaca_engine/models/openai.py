@@ -25,7 +25,16 @@ from openai.types.chat import (
 from ..clock import Clock
 from ..telemetry.logging import register_secret
 from ..tools.retry import OnRetry, RetryPolicy, call_with_retry
-from .base import Message, ModelError, ModelResponse, ToolCall, ToolSpec, Usage, model_turn_index
+from .base import (
+    Message,
+    ModelError,
+    ModelResponse,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    model_turn_index,
+    retry_hook,
+)
 
 DEFAULT_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.5)
 
@@ -118,7 +127,7 @@ class OpenAIModel:
                 self._retry,
                 is_transient=_is_transient,
                 clock=self._clock,
-                on_retry=self._on_retry,
+                on_retry=self._retry_hook(),
             )
         except TimeoutError as exc:  # RetryPolicy.attempt_timeout fired on the last attempt
             raise ModelError(
@@ -198,6 +207,18 @@ class OpenAIModel:
             model=completion.model or self._model,
             finish_reason=choice.finish_reason,
         )
+
+    def _retry_hook(self) -> OnRetry | None:
+        """The constructor's callback and the calling run's journal hook, whichever exist."""
+        hooks = [h for h in (self._on_retry, retry_hook.get()) if h is not None]
+        if len(hooks) < 2:
+            return hooks[0] if hooks else None
+
+        async def both(attempt: int, exc: BaseException, delay: float) -> None:
+            for hook in hooks:
+                await hook(attempt, exc, delay)
+
+        return both
 
     def _remember_secret(self, key: object) -> None:
         if isinstance(key, str) and key and key != _NO_KEY_PLACEHOLDER:
