@@ -140,6 +140,7 @@ class StepRunner:
         self.tenant_policy = tenant_policy
         self.on_queued = on_queued
         self.usage = Usage()
+        self._interrupted: set[int] = set()
 
     def emit(self, event: dict[str, Any]) -> None:
         """Progress displays must never break a run."""
@@ -180,7 +181,9 @@ class StepRunner:
 
     async def _loop(self, agent: Agent) -> RunRecord:
         run = self.run_record
-        journal = Journal(await self.store.list_steps(run.id))
+        steps = await self.store.list_steps(run.id)
+        journal = Journal(steps)
+        self._interrupted = {s.seq for s in steps if s.status == StepStatus.STARTED}
         messages = Conversation()
         if agent.instructions:
             messages.append(Message(role="system", content=agent.instructions))
@@ -325,9 +328,16 @@ class StepRunner:
 
     async def _save_started(self, step: StepRecord, reserve: dict[str, float] | None,
                             audit: list[AuditEvent]) -> None:
-        """Journal ``started`` and reserve the step's budget in one write."""
+        """Journal ``started`` and reserve the step's budget in one write.
+
+        A step that was already started before a crash keeps its reservation (the store never
+        debits a step twice), so the record says it resumed instead of claiming a new one."""
+        if step.seq in self._interrupted:
+            audit = [e for e in audit if e.kind != "budget.reserved"] + [AuditEvent(
+                kind="step.resumed", data={"step": step.seq, "idempotency_key":
+                                           step.idempotency_key})]
         await self.store.save_step(step, self.epoch, audit, reserve=reserve)
-        if reserve:
+        if reserve and step.seq not in self._interrupted:
             self.metrics.budget("steps", 1)
 
     async def _save_finished(self, step: StepRecord, status: StepStatus, output: Any,

@@ -97,3 +97,25 @@ async def test_resume_of_finished_run_is_a_no_op(store):
     run = await eng.run(wf, "agent", "go")
     again = await eng.resume(run.id)
     assert again.state == "succeeded" and again.updated_at == run.updated_at
+
+
+async def test_resumed_step_is_recorded_as_resumed_not_reserved_again(store):
+    @tool
+    def once(ctx: ToolContext) -> str:
+        if ctx.attempt == 1 and not getattr(once, "crashed", False):
+            once.crashed = True  # type: ignore[attr-defined]
+            raise Crash()
+        return "ok"
+
+    script: list[Any] = [{"tool": "once"}, "done"]
+    wf = workflow(ScriptedModel(script), [once], budget={"max_tool_calls": 5})
+    eng = Engine(store, lambda ref: wf, owner="host:1:a")
+    run = await eng.submit(wf, "agent", "go")
+    with pytest.raises(Crash):
+        await eng.execute(run.id)
+    done = await Engine(store, lambda ref: wf, owner="host:2:b").resume(run.id, force=True)
+    assert done.state == "succeeded"
+    kinds = [(a.kind, a.data.get("step")) for a in await store.list_audit(run.id)]
+    assert kinds.count(("budget.reserved", 2)) == 1
+    assert ("step.resumed", 2) in kinds
+    assert (await store.get_ledger(run.id)).used["tool_calls"] == 1
