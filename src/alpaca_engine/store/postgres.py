@@ -217,6 +217,7 @@ class PostgresStore:
         )
         row = await cur.fetchone()
         last_seq, last_hash = (int(row["seq"]), str(row["hash"])) if row else (0, GENESIS)
+        rows = []
         for ev in events:
             rec = next_record(
                 run_id,
@@ -228,21 +229,15 @@ class PostgresStore:
                 self.audit_key,
                 iso_utc(now),
             )
-            await cur.execute(
-                "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
-                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                (
-                    rec.run_id,
-                    rec.seq,
-                    rec.time,
-                    rec.actor,
-                    rec.kind,
-                    Json(rec.data),
-                    rec.prev_hash,
-                    rec.hash,
-                ),
-            )
+            rows.append((rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, Json(rec.data),
+                         rec.prev_hash, rec.hash))
             last_seq, last_hash = rec.seq, rec.hash
+        # One round trip for the whole batch (psycopg pipelines executemany).
+        await cur.executemany(
+            "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
+            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+            rows,
+        )
 
     @staticmethod
     def _set_state(
