@@ -314,26 +314,25 @@ class PostgresStore:
         parent_id: str | None = None,
         limit: int = 100,
     ) -> list[RunRecord]:
-        where: list[sql.Composable] = []
-        args: list[Any] = []
-        for col, val in (
-            ("tenant", tenant),
-            ("state", state),
-            ("root_id", root_id),
-            ("parent_id", parent_id),
-        ):
-            if val is not None:
-                where.append(sql.SQL("{}=%s").format(sql.Identifier(col)))
-                args.append(str(val))
-        query: sql.Composable = sql.SQL("SELECT * FROM runs")
+        rows = await self._newest("runs", {"tenant": tenant, "state": state,
+                                           "root_id": root_id, "parent_id": parent_id}, limit)
+        return [self._run(r) for r in rows]
+
+    async def _newest(
+        self, table: str, filters: dict[str, object], limit: int
+    ) -> list[DictRow]:
+        """Rows of ``table`` matching the non-None filters, newest first."""
+        where = [sql.SQL("{}=%s").format(sql.Identifier(col))
+                 for col, val in filters.items() if val is not None]
+        args = [str(val) for val in filters.values() if val is not None]
+        query: sql.Composable = sql.SQL("SELECT * FROM {}").format(sql.Identifier(table))
         if where:
             query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
         query += sql.SQL(" ORDER BY created_at DESC, id DESC LIMIT %s")
         async with self._read() as cur:
             # A negative limit means "no limit", as in SQLite (LIMIT NULL in PostgreSQL).
             await cur.execute(query, (*args, None if limit < 0 else limit))
-            rows = await cur.fetchall()
-        return [self._run(r) for r in rows]
+            return await cur.fetchall()
 
     async def claim_run(
         self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
@@ -717,20 +716,8 @@ class PostgresStore:
         run_id: str | None = None,
         limit: int = 100,
     ) -> list[ApprovalRecord]:
-        where: list[sql.Composable] = []
-        args: list[Any] = []
-        for col, val in (("tenant", tenant), ("status", status), ("run_id", run_id)):
-            if val is not None:
-                where.append(sql.SQL("{}=%s").format(sql.Identifier(col)))
-                args.append(str(val))
-        query: sql.Composable = sql.SQL("SELECT * FROM approvals")
-        if where:
-            query += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-        query += sql.SQL(" ORDER BY created_at DESC, id DESC LIMIT %s")
-        async with self._read() as cur:
-            # A negative limit means "no limit", as in SQLite (LIMIT NULL in PostgreSQL).
-            await cur.execute(query, (*args, None if limit < 0 else limit))
-            rows = await cur.fetchall()
+        rows = await self._newest("approvals", {"tenant": tenant, "status": status,
+                                                "run_id": run_id}, limit)
         return [self._approval(r) for r in rows]
 
     async def _locked_approval(

@@ -225,18 +225,19 @@ class SQLiteStore:
         parent_id: str | None = None,
         limit: int = 100,
     ) -> list[RunRecord]:
-        where, args = [], []
-        for col, val in (("tenant", tenant), ("state", state), ("root_id", root_id),
-                         ("parent_id", parent_id)):
-            if val is not None:
-                where.append(f"{col}=?")
-                args.append(str(val))
-        sql = "SELECT * FROM runs"
+        rows = self._newest("runs", {"tenant": tenant, "state": state, "root_id": root_id,
+                                     "parent_id": parent_id}, limit)
+        return [self._run(r) for r in rows]
+
+    def _newest(self, table: str, filters: dict[str, object], limit: int) -> list[sqlite3.Row]:
+        """Rows of ``table`` matching the non-None filters, newest first."""
+        where = [f"{col}=?" for col, val in filters.items() if val is not None]
+        args = [str(val) for val in filters.values() if val is not None]
+        sql = f"SELECT * FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = self._conn.execute(sql, (*args, limit)).fetchall()
-        return [self._run(r) for r in rows]
+        return self._conn.execute(sql, (*args, limit)).fetchall()
 
     async def claim_run(
         self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
@@ -489,16 +490,9 @@ class SQLiteStore:
         self, *, tenant: str | None = None, status: ApprovalStatus | None = None,
         run_id: str | None = None, limit: int = 100,
     ) -> list[ApprovalRecord]:
-        where, args = [], []
-        for col, val in (("tenant", tenant), ("status", status), ("run_id", run_id)):
-            if val is not None:
-                where.append(f"{col}=?")
-                args.append(str(val))
-        sql = "SELECT * FROM approvals"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        return [self._approval(r) for r in self._conn.execute(sql, (*args, limit)).fetchall()]
+        rows = self._newest("approvals", {"tenant": tenant, "status": status,
+                                          "run_id": run_id}, limit)
+        return [self._approval(r) for r in rows]
 
     async def decide_approval(
         self, approval_id: str, *, approve: bool, by: str, comment: str | None, now: float,
