@@ -28,7 +28,7 @@ from .coord.local import LocalBreakerBoard
 from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
-from .lifecycle import IllegalTransition, RunState
+from .lifecycle import RunState
 from .models.base import (
     Message,
     ModelError,
@@ -56,6 +56,7 @@ from .tools.breaker import Transition
 from .tools.contracts import DEFAULT_MAX_PAYLOAD_BYTES, parse_arguments, payload_size
 from .tools.governance import OPEN_POLICY, TenantPolicy, check_tool
 from .tools.retry import call_with_retry, default_is_transient
+from .wakeups import wake
 from .workflow import Workflow
 
 log = logging.getLogger("alpaca.runner")
@@ -662,14 +663,9 @@ class StepRunner:
             # The child may have finished before we paused: nobody else would wake us then.
             child = await self.store.get_run(wait.child_id)
             if child.state.terminal:
-                try:
-                    record = await self.store.transition(
-                        record.id, RunState.QUEUED, self.clock.now(), epoch=record.epoch,
-                        audit=[AuditEvent(kind="run.woken", data={"reason": "child finished"})])
-                except (LeaseLost, IllegalTransition):
-                    return await self.store.get_run(record.id)  # someone else woke it
-                self.run_record = record
-                if self.on_queued is not None:
+                woke = await wake(self.store, record, self.clock.now(), "child finished")
+                record = self.run_record = await self.store.get_run(record.id)
+                if woke and self.on_queued is not None:
                     await self.on_queued(record.id)
         return record
 
