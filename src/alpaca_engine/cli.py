@@ -205,12 +205,8 @@ async def _demo(cfg: Settings, as_json: bool, yes: bool) -> int:
                   "budget_limits": ledger.limits, "slack_posts": world.posts,
                   "audit_ok": all(v.ok for _, v in verified)})
             return exit_code(final)
-        children: dict[str, list[RunRecord]] = {}
-        for r in sorted(tree, key=lambda r: r.created_at):
-            if r.parent_id:
-                children.setdefault(r.parent_id, []).append(r)
         console.print()
-        console.print(run_tree(final, children))
+        console.print(run_tree(final, tree))
         console.print(budget_line(ledger.used, ledger.limits))
         for post in world.posts:
             console.print(f"[green]Slack[/green] {post.get('channel', '')}: {post.get('text')}")
@@ -327,12 +323,8 @@ def runs_show(
               "steps": [s.model_dump(mode="json") for s in steps],
               "tree": [r.model_dump(mode="json") for r in tree]})
         return
-    children: dict[str, list[RunRecord]] = {}
-    for r in sorted(tree, key=lambda r: r.created_at):
-        if r.parent_id:
-            children.setdefault(r.parent_id, []).append(r)
     root = next((r for r in tree if r.id == run.root_id), run)
-    console.print(run_tree(root, children))
+    console.print(run_tree(root, tree))
     console.print(steps_table(steps))
     console.print(run_summary(run))
 

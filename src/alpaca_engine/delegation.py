@@ -81,3 +81,12 @@ def child_run(parent: RunRecord, parent_caps: frozenset[str] | None, child: Agen
         created_at=now, updated_at=now, ledgers=ledgers,
         capabilities=sorted(caps) if caps is not None else None, traceparent=traceparent,
     )
+
+
+def children_of(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    """The runs of a tree grouped by parent id, each group oldest first."""
+    children: dict[str, list[RunRecord]] = {}
+    for r in sorted(runs, key=lambda r: r.created_at):
+        if r.parent_id:
+            children.setdefault(r.parent_id, []).append(r)
+    return children

@@ -19,6 +19,7 @@ from .budget import limits_from_budget
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
+from .delegation import children_of
 from .errors import LeaseLost, NotFound
 from .events import EventSink, discard
 from .lifecycle import RunState
@@ -191,10 +192,7 @@ class Engine:
         """Cancel a run and its whole subtree (children first)."""
         run = await self.store.get_run(run_id, tenant)
         tree = await self.store.list_runs(root_id=run.root_id, limit=100_000)
-        children: dict[str, list[RunRecord]] = {}
-        for r in tree:
-            if r.parent_id:
-                children.setdefault(r.parent_id, []).append(r)
+        children = children_of(tree)
         order: list[RunRecord] = []
 
         def walk(r: RunRecord) -> None:

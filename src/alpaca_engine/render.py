@@ -11,6 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.tree import Tree
 
+from .delegation import children_of
 from .events import Event
 from .store.records import ApprovalRecord, RunRecord, StepRecord
 from .telemetry.audit import AuditRecord
@@ -120,7 +121,10 @@ def steps_table(steps: list[StepRecord]) -> Table:
     return table
 
 
-def run_tree(root: RunRecord, children: dict[str, list[RunRecord]]) -> Tree:
+def run_tree(root: RunRecord, runs: list[RunRecord]) -> Tree:
+    """``root`` and its descendants among ``runs`` (the runs of its tree)."""
+    children = children_of(runs)
+
     def label(r: RunRecord) -> str:
         style = STATE_STYLE.get(str(r.state), "white")
         return f"{r.agent} [dim]{r.id}[/dim] [{style}]{r.state}[/{style}]"
