@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.helpers import alpaca_serve
 
 from .conftest import ApiFactory, parse_sse
 from .test_runs import QS
@@ -53,42 +50,12 @@ async def test_events_of_a_finished_run_then_resume_without_gaps_or_duplicates(
 # ---------------------------------------------------------------- a real `alpaca serve`
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def server(tmp_path: Path, gated_workflow: Path) -> Iterator[str]:
-    port = free_port()
     env = {**os.environ, "ALPACA_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
            "ALPACA_POLL_INTERVAL": "0.05"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alpaca_engine", "serve", "--port", str(port),
-         "--workflow", str(gated_workflow)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "alpaca serve did not become ready"
-            time.sleep(0.1)
+    with alpaca_serve(env, "--workflow", str(gated_workflow)) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 async def collect(client: httpx.AsyncClient, url: str, out: list[dict[str, Any]],

@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +26,7 @@ from alpaca_engine.config import Settings
 from alpaca_engine.store.sqlite import SQLiteStore
 from alpaca_engine.ui import ASSETS, STATIC
 from tests.conftest import service_unavailable
+from tests.helpers import alpaca_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -94,13 +92,6 @@ def test_the_page_fetches_nothing_from_elsewhere_and_never_parses_html() -> None
 # -------------------------------------------------------------------- a real browser
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def chromium() -> Path:
     if not CHROMIUM.exists():
@@ -119,30 +110,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
         env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)["key"]
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alpaca_engine", "serve", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "alpaca serve did not become ready"
-            time.sleep(0.1)
+    with alpaca_serve(env) as base:
         yield base, key
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @pytest.mark.e2e
