@@ -557,7 +557,7 @@ def _overrides(entry: ToolEntry) -> dict[str, Any]:
     return out | _policies(entry)
 
 
-def _policies(entry: ToolEntry | GovernedSpec) -> dict[str, Any]:
+def _policies(entry: GovernedSpec) -> dict[str, Any]:
     """The governance fields an entry sets (capabilities, retry, breaker, timeout, approval)."""
     out: dict[str, Any] = {}
     fields = entry.model_fields_set

@@ -212,29 +212,24 @@ class DefaultsSpec(Spec):
 # -- tools -------------------------------------------------------------------------------------
 
 
-class ToolEntry(Spec):
-    """One tool. Fields left out keep the values of an ``@tool`` object (or make_tool defaults)."""
+class GovernedSpec(Spec):
+    """The governance fields every tool entry has; left out, the Tool defaults apply."""
+
+    capabilities: list[str] | None = None
+    retry: RetrySpec | None = None
+    breaker: BreakerSpec | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    approval: Literal["never", "required"] | None = None
+    cost: float | None = Field(default=None, ge=0)
+
+
+class ToolEntry(GovernedSpec):
+    """One Python tool. Fields left out keep the values of an ``@tool`` object (or make_tool
+    defaults)."""
 
     name: Name | None = None
     python: ImportPath
     description: str | None = None
-    capabilities: list[str] | None = None
-    retry: RetrySpec | None = None
-    breaker: BreakerSpec | None = None
-    timeout: float | None = Field(default=None, gt=0)
-    approval: Literal["never", "required"] | None = None
-    cost: float | None = Field(default=None, ge=0)
-
-
-class GovernedSpec(Spec):
-    """The governance fields of HTTP and MCP entries; left out, the Tool defaults apply."""
-
-    capabilities: list[str] | None = None
-    retry: RetrySpec | None = None
-    breaker: BreakerSpec | None = None
-    timeout: float | None = Field(default=None, gt=0)
-    approval: Literal["never", "required"] | None = None
-    cost: float | None = Field(default=None, ge=0)
 
 
 class HttpSpec(Spec):
