@@ -58,13 +58,32 @@ class LedgerState:
 
 class BudgetExceeded(AlpacaError):
     def __init__(self, ledger_id: str, resource: str, limit: float, used: float,
-                 wanted: float) -> None:
+                 wanted: float, message: str | None = None) -> None:
         super().__init__(
             ErrorCode.BUDGET_EXCEEDED,
-            f"budget exhausted: {resource} limit {limit:g} (used {used:g}, step needs "
-            f"{wanted:g})", ledger=ledger_id, resource=resource, limit=limit, used=used)
+            message or f"budget exhausted: {resource} limit {limit:g} (used {used:g}, step "
+            f"needs {wanted:g})", ledger=ledger_id, resource=resource, limit=limit, used=used)
         self.ledger_id = ledger_id
         self.resource = resource
+
+
+def overspent(ledgers: Iterable[LedgerState],
+              amounts: Mapping[str, float]) -> BudgetExceeded | None:
+    """After a settlement: the first limit that actual usage pushed past, if any.
+
+    A provider that ignores the output cap (or a price above the estimate) can report more
+    than the step reserved; the usage is real and stays recorded, and the ledger is then
+    exhausted so the whole tree stops instead of finishing as if nothing happened."""
+    for ledger in ledgers:
+        for resource, amount in amounts.items():
+            cap = ledger.limits.get(resource)
+            used = ledger.used.get(resource, 0.0)
+            if cap is not None and amount > 0 and used > cap + 1e-12:
+                return BudgetExceeded(
+                    ledger.id, resource, cap, used, amount,
+                    f"budget exceeded: {resource} used {used:g} of {cap:g} (a step reported "
+                    f"{amount:g} more than it reserved)")
+    return None
 
 
 def check_reserve(ledgers: Iterable[LedgerState], amounts: Mapping[str, float]) -> None:

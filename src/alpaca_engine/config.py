@@ -5,6 +5,9 @@ Environment wins over the file so a deployment can override a checked-in default
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import (
     BaseSettings,
@@ -13,7 +16,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .telemetry.logging import register_secret
+from .telemetry.logging import register_environment_secrets, register_secret
 from .tools.governance import TenantPolicy
 
 
@@ -40,6 +43,11 @@ class Settings(BaseSettings):
     poll_interval: float = 0.5
     tenants: dict[str, TenantSettings] = {}
     """Per-tenant policies (env: ALPACA_TENANTS as JSON)."""
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Every process (CLI, worker, server) builds its Settings first: from then on the
+        values of secret-looking environment variables are masked wherever text is kept."""
+        register_environment_secrets(os.environ)
 
     def tenant_policies(self) -> dict[str, TenantPolicy]:
         return {name: t.policy() for name, t in self.tenants.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import RunState
 from .models.base import (
+    MalformedModelOutput,
     Message,
     ModelError,
     ModelResponse,
+    ModelSettings,
     ToolCall,
     ToolSpec,
+    call_model,
     retry_hook,
 )
 from .store.base import Store
@@ -49,11 +53,17 @@ from .store.records import (
     StepStatus,
 )
 from .telemetry import tracing
-from .telemetry.logging import bind, redact_value
+from .telemetry.logging import bind, redact_text, redact_value
 from .telemetry.metrics import METRICS, Metrics
-from .tools.base import Tool, ToolContext
+from .tools.base import AbruptExit, Tool, ToolContext, guarded
 from .tools.breaker import Transition
-from .tools.contracts import DEFAULT_MAX_PAYLOAD_BYTES, parse_arguments, payload_size
+from .tools.contracts import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    nesting_exceeds,
+    parse_arguments,
+    payload_size,
+    too_deep_message,
+)
 from .tools.governance import OPEN_POLICY, TenantPolicy, check_tool
 from .tools.retry import call_with_retry, default_is_transient
 from .wakeups import wake
@@ -100,13 +110,42 @@ class _Stop(AlpacaError):
         self.state = state
 
 
+MAX_ERROR_MESSAGE = 500
+"""Error text the model and the journal get is this long at most; the audit keeps the rest."""
+_TRACEBACK_FRAMES = 12
+
+
 def _err(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
-    return {"code": str(code), "message": message, **extra}
+    """A structured error for the journal and the model: redacted, one line, bounded."""
+    text = " ".join(redact_text(message).split())
+    if len(text) > MAX_ERROR_MESSAGE:
+        text = text[:MAX_ERROR_MESSAGE - 1] + "…"
+    return {"code": str(code), "message": text, **extra}
 
 
 def _describe(exc: BaseException) -> str:
+    """``Type: text`` of an exception (of the BaseException a tool raised, for AbruptExit)."""
+    if isinstance(exc, AbruptExit):
+        exc = exc.original
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _detail(exc: BaseException) -> dict[str, Any]:
+    """The full story of a tool's exception for the audit record (AuditEvent redacts it)."""
+    original = exc.original if isinstance(exc, AbruptExit) else exc
+    frames = traceback.format_exception(original, limit=-_TRACEBACK_FRAMES)
+    return {"detail": _describe(exc), "traceback": "".join(frames)[-8000:]}
+
+
+def _redacted(response: ModelResponse) -> ModelResponse:
+    """The model's turn with secrets and unencodable text removed, once, before anything
+    (journal, audit, progress events, the run's output, the next request) sees it."""
+    return ModelResponse(
+        content=redact_text(response.content) if response.content is not None else None,
+        tool_calls=[ToolCall(id=redact_text(c.id), name=redact_text(c.name),
+                             arguments=redact_text(c.arguments)) for c in response.tool_calls],
+        usage=response.usage, model=response.model, finish_reason=response.finish_reason)
 
 
 def _estimate_tokens(messages: Conversation) -> int:
@@ -142,6 +181,8 @@ class StepRunner:
         self.on_queued = on_queued
         self.usage = Usage()
         self._interrupted: set[int] = set()
+        self._open: StepRecord | None = None
+        """The step journaled ``started`` whose outcome is not yet written."""
 
     def emit(self, event: dict[str, Any]) -> None:
         """Progress displays must never break a run."""
@@ -164,15 +205,27 @@ class StepRunner:
         except _Wait as wait:
             return await self._pause(wait)
         except _Stop as stop:
-            return await self._finish(stop.state, error=stop)
+            return await self._fail(stop.state, stop)
         except AlpacaError as exc:
-            return await self._finish(RunState.FAILED, error=exc)
+            return await self._fail(RunState.FAILED, exc)
         except Exception as exc:
             log.exception("run %s: unexpected error", self.run_record.id)
-            return await self._finish(
-                RunState.FAILED,
-                error=AlpacaError(ErrorCode.INTERNAL_ERROR, _describe(exc)),
-            )
+            return await self._fail(RunState.FAILED,
+                                    AlpacaError(ErrorCode.INTERNAL_ERROR, _describe(exc)))
+
+    async def _fail(self, state: RunState, error: AlpacaError) -> RunRecord:
+        """End the run; a step left ``started`` by the exception is closed with it first."""
+        step, self._open = self._open, None
+        if step is not None:
+            try:
+                settle = self._unreserve(step) if step.kind == StepKind.MODEL else None
+                await self._save_finished(step, StepStatus.FAILED, None, _err(
+                    error.code, error.message), step.attempts, [], settle=settle)
+            except LeaseLost:
+                raise
+            except Exception:  # the terminal transition closes it anyway (every store does)
+                log.exception("run %s: could not close step %s", step.run_id, step.seq)
+        return await self._finish(state, error=error)
 
     # -- the loop ------------------------------------------------------------------------------
     def capabilities(self, agent: Agent) -> frozenset[str] | None:
@@ -185,6 +238,8 @@ class StepRunner:
         steps = await self.store.list_steps(run.id)
         journal = Journal(steps)
         self._interrupted = {s.seq for s in steps if s.status == StepStatus.STARTED}
+        if steps:
+            await self._check_ledgers()
         messages = Conversation()
         if agent.instructions:
             messages.append(Message(role="system", content=agent.instructions))
@@ -218,6 +273,23 @@ class StepRunner:
                  for t in self.workflow.tools
                  if check_tool(t, agent.tools, caps, self.tenant_policy).allowed]
         return specs + delegation.specs(agent, self.workflow.agents)
+
+    async def _check_ledgers(self) -> None:
+        """A resumed run stops if its tree's budget ran out meanwhile (an overspent
+        settlement committed just before a crash, or a sibling's): replaying its journal
+        must not end in ``succeeded``."""
+        for ledger_id in self.run_record.ledgers:
+            try:
+                ledger = await self.store.get_ledger(ledger_id)
+            except NotFound:
+                continue
+            if ledger.exhausted:
+                resource = ledger.exhausted
+                limit = ledger.limits.get(resource, 0.0)
+                raise ledger_logic.BudgetExceeded(
+                    ledger.id, resource, limit, ledger.used.get(resource, 0.0), 0.0,
+                    f"budget exhausted: {resource} used {ledger.used.get(resource, 0.0):g} "
+                    f"of {limit:g}")
 
     async def _check_interrupts(self) -> None:
         deadline = self.run_record.budget.get("deadline")
@@ -270,30 +342,49 @@ class StepRunner:
                 "delay": round(delay, 4)})])
 
         token = retry_hook.set(journal_retry)
+        settings = ModelSettings(max_output_tokens=agent.max_output_tokens)
         with tracing.model_span(model_name, provider=provider, step=seq) as span:
             try:
-                response = await agent.model.complete(list(messages.messages), specs)
-            except ModelError as exc:
-                tracing.mark_error(span, str(ErrorCode.MODEL_ERROR), str(exc))
-                error = _err(ErrorCode.MODEL_ERROR, str(exc), transient=exc.transient)
+                response = await guarded(call_model(agent.model, list(messages.messages),
+                                                    specs, settings))
+                if not isinstance(response, ModelResponse):
+                    raise MalformedModelOutput(
+                        f"complete() returned {type(response).__name__}; expected a "
+                        "ModelResponse")
+            except (LeaseLost, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                # A provider failure, a malformed answer, or a bug (even a SystemExit) in a
+                # function model: the step and the run record it, nothing escapes.
+                code = exc.code if isinstance(exc, ModelError) else ErrorCode.INTERNAL_ERROR
+                text = str(exc) if isinstance(exc, ModelError) else _describe(exc)
+                error = _err(code, text, transient=getattr(exc, "transient", False))
+                tracing.mark_error(span, str(code), error["message"])
                 await self._save_finished(step, StepStatus.FAILED, None, error, attempts,
                                           [AuditEvent(kind="model.error", data=error)],
                                           settle=self._unreserve(step))
-                raise AlpacaError(ErrorCode.MODEL_ERROR, f"model {model_name}: {exc}") from exc
+                raise AlpacaError(code, f"model {model_name}: {error['message']}") from None
             finally:
                 retry_hook.reset(token)
+            response = _redacted(response)
             tracing.record_model_response(span, response.model, response.usage.input_tokens,
                                           response.usage.output_tokens, response.finish_reason)
         self._count(StepKind.MODEL, response, agent)
+        actual_tokens = response.usage.input_tokens + response.usage.output_tokens
         actual_cost = self._price(model_name, response.usage.input_tokens,
                                   response.usage.output_tokens)
-        settle = {"tokens": response.usage.input_tokens + response.usage.output_tokens
-                  - reserve["tokens"], "cost": actual_cost - reserve["cost"]}
+        settle = {"tokens": actual_tokens - reserve["tokens"],
+                  "cost": actual_cost - reserve["cost"]}
         audit = [AuditEvent(kind="model.output", data={
             "step": seq, "model": response.model or model_name,
             "content": response.content,
             "tool_calls": [c.model_dump() for c in response.tool_calls],
             "usage": response.usage.model_dump(), "cost": actual_cost})]
+        if settle["tokens"] > 0 or settle["cost"] > 1e-12:
+            audit.append(AuditEvent(kind="budget.overrun", data={
+                "step": seq, "reserved": reserve, "actual": {
+                    "tokens": actual_tokens, "cost": actual_cost},
+                "max_output_tokens": agent.max_output_tokens}))
         await self._save_finished(step, StepStatus.COMPLETED, response.model_dump(), None,
                                   attempts, audit, settle=settle)
         elapsed = time.perf_counter() - t0
@@ -338,6 +429,7 @@ class StepRunner:
                 kind="step.resumed", data={"step": step.seq, "idempotency_key":
                                            step.idempotency_key})]
         await self.store.save_step(step, self.epoch, audit, reserve=reserve)
+        self._open = step
         if reserve and step.seq not in self._interrupted:
             self.metrics.budget("steps", 1)
 
@@ -347,7 +439,12 @@ class StepRunner:
                              settle: dict[str, float] | None = None) -> None:
         step.status, step.output, step.error = status, output, error
         step.attempts, step.finished_at = attempts, self.clock.now()
-        await self.store.save_step(step, self.epoch, audit, settle=settle)
+        try:
+            await self.store.save_step(step, self.epoch, audit, settle=settle)
+        except ledger_logic.BudgetExceeded:
+            self._open = None  # written, with its usage; the overspent ledger stops the tree
+            raise
+        self._open = None
 
     # -- tool and delegation steps -------------------------------------------------------------
     async def _tool_step(self, agent: Agent, seq: int, call: ToolCall, journal: Journal) -> Any:
@@ -403,6 +500,10 @@ class StepRunner:
             return None, self._refuse(seq, call.name, ErrorCode.PAYLOAD_TOO_LARGE,
                                       f"arguments exceed {self.max_payload_bytes} bytes", audit)
         args, parse_error = parse_arguments(call.arguments)
+        if args is not None and "\\u" in call.arguments:
+            # JSON escapes can spell what the redacted text could not hold: a lone surrogate
+            # ("\\ud800", replaced by U+FFFD) or a secret written as "\\u0073k-...".
+            args = redact_value(args, mask_keys=False)
         problems = [parse_error] if parse_error else schema_errors(args or {})
         if problems or args is None:
             return None, self._refuse(seq, call.name, ErrorCode.INVALID_ARGUMENTS,
@@ -485,9 +586,11 @@ class StepRunner:
             attempts = n
             ctx = ToolContext(run_id=self.run_record.id, step=seq, idempotency_key=key,
                               attempt=n, agent=agent.name, tenant=self.run_record.tenant)
+            # guarded() inside wait_for's task: a SystemExit from the tool never reaches the
+            # event loop (it would stop the worker serving every other run).
             if tool.timeout is not None:
-                return await asyncio.wait_for(tool.invoke(args, ctx), tool.timeout)
-            return await tool.invoke(args, ctx)
+                return await asyncio.wait_for(guarded(tool.invoke(args, ctx)), tool.timeout)
+            return await guarded(tool.invoke(args, ctx))
 
         async def on_retry(n: int, exc: BaseException, delay: float) -> None:
             step.attempts = n + 1
@@ -509,27 +612,35 @@ class StepRunner:
             await asyncio.shield(self._breaker_record(tool, "release"))
             raise
         except Exception as exc:
+            # The model gets the type and the redacted, bounded text; the audit keeps the
+            # whole (redacted) story, traceback included.
             return await self._tool_failed(tool, audit, seq, attempts,
-                                           _err(ErrorCode.TOOL_ERROR, _describe(exc)))
+                                           _err(ErrorCode.TOOL_ERROR, _describe(exc)),
+                                           detail=_detail(exc))
         # 8. output contract
-        problems = tool.output_errors(result)
-        if not problems and payload_size(result) > self.max_payload_bytes:
-            problems = [f"result exceeds {self.max_payload_bytes} bytes"]
+        if nesting_exceeds(result):
+            problems = [too_deep_message("the result's arrays/objects")]
+        else:
+            problems = tool.output_errors(result)
+            if not problems and payload_size(result) > self.max_payload_bytes:
+                problems = [f"result exceeds {self.max_payload_bytes} bytes"]
         if problems:
             return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.INVALID_OUTPUT, "; ".join(problems)))
         audit += await self._breaker_record(tool, "success")
-        result = redact_value(result)  # a registered secret never reaches model or journal
+        result = redact_value(result)  # once: the journal and the model get this same value
         audit.append(AuditEvent(kind="tool.result", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts}))
         return _Outcome(result, None, attempts, audit)
 
     async def _tool_failed(self, tool: Tool, audit: list[AuditEvent], seq: int, attempts: int,
-                           error: dict[str, Any], count_failure: bool = True) -> _Outcome:
+                           error: dict[str, Any], count_failure: bool = True,
+                           detail: dict[str, Any] | None = None) -> _Outcome:
         audit = audit + await self._breaker_record(
             tool, "failure" if count_failure else "release")
         audit.append(AuditEvent(kind="tool.failed", data={"step": seq, "tool": tool.name,
-                                                          "attempts": attempts, **error}))
+                                                          "attempts": attempts, **error,
+                                                          **(detail or {})}))
         return _Outcome(None, error, max(attempts, 1), audit)
 
     def _breaker_events(self, moves: list[Transition]) -> list[AuditEvent]:
@@ -671,10 +782,12 @@ class StepRunner:
 
     async def _finish(self, state: RunState, *, output: str | None = None,
                       error: AlpacaError | None = None) -> RunRecord:
+        # ``output`` is the redacted model answer; error text may quote anything: redact it.
         record = await self.store.transition(
             self.run_record.id, state, self.clock.now(), epoch=self.epoch, output=output,
             error_code=str(error.code) if error else None,
-            error_message=error.message if error else None, usage=self.usage.as_dict())
+            error_message=redact_text(error.message) if error else None,
+            usage=self.usage.as_dict())
         self.run_record = record
         self.metrics.run_state(str(record.state))
         self.emit({"type": "run.finished", "run_id": record.id, "state": str(record.state),

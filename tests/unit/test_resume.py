@@ -3,6 +3,7 @@ with the same idempotency key, and the model is sent the same conversation."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -17,8 +18,11 @@ from alpaca_engine.tools.decorator import tool
 from tests.helpers import workflow
 
 
-class Crash(BaseException):
-    """Stands in for SIGKILL inside one process: nothing after it runs."""
+class Crash(asyncio.CancelledError):
+    """Stands in for SIGKILL inside one process: nothing after it runs.
+
+    A cancellation, because any other BaseException a tool raises is, by design, just a
+    failed tool call (see test_poison_tools.py)."""
 
 
 async def test_resume_after_crash_mid_tool(store):

@@ -7,11 +7,15 @@ that malformed JSON reaches the runner's input-contract gate instead of crashing
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
+
+from ..errors import ErrorCode
 
 
 class ToolCall(BaseModel):
@@ -58,8 +62,20 @@ class ToolSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
 
 
+class ModelSettings(BaseModel):
+    """What the engine asks of every model call, whatever the provider.
+
+    ``max_output_tokens`` is the cap the budget reservation assumed (the agent's
+    ``limits.max_output_tokens``); a provider adapter must send it with the request so the
+    ledger is not overspent by a long answer."""
+
+    max_output_tokens: int | None = None
+
+
 class ModelError(Exception):
     """A provider failure. ``transient`` errors (429, 5xx, timeouts) may be retried."""
+
+    code = ErrorCode.MODEL_ERROR
 
     def __init__(self, message: str, *, transient: bool = False, status: int | None = None):
         super().__init__(message)
@@ -67,16 +83,44 @@ class ModelError(Exception):
         self.status = status
 
 
+class MalformedModelOutput(ModelError):
+    """A model (scripted, function, custom) answered with something that is not a turn."""
+
+    code = ErrorCode.MALFORMED_MODEL_OUTPUT
+
+
 @runtime_checkable
 class Model(Protocol):
-    """Anything that turns a conversation and a tool list into the next assistant turn."""
+    """Anything that turns a conversation and a tool list into the next assistant turn.
+
+    ``settings`` carries the output-token cap; models written before it existed (two
+    parameters) still work through :func:`call_model`, uncapped (the budget's settle check
+    still stops a tree whose model overspends)."""
 
     @property
     def name(self) -> str: ...
 
     async def complete(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
     ) -> ModelResponse: ...
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_settings(cls: type[Model]) -> bool:
+    try:
+        params = inspect.signature(cls.complete).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return any(p.name == "settings" or p.kind == p.VAR_KEYWORD for p in params)
+
+
+async def call_model(model: Model, messages: Sequence[Message], tools: Sequence[ToolSpec],
+                     settings: ModelSettings) -> ModelResponse:
+    """``model.complete`` with ``settings`` when it accepts them (checked once per class)."""
+    if _takes_settings(type(model)):
+        return await model.complete(messages, tools, settings=settings)
+    return await model.complete(messages, tools)
 
 
 def model_turn_index(messages: Sequence[Message]) -> int:

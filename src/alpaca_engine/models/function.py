@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from .base import Message, ModelResponse, ToolSpec, model_turn_index
+from .base import Message, ModelResponse, ModelSettings, ToolSpec, model_turn_index
 from .scripted import ScriptItem, to_response
 
 ModelFunction = Callable[
@@ -24,8 +24,10 @@ class FunctionModel:
         return self._name
 
     async def complete(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
     ) -> ModelResponse:
+        """The function answers as it likes (usage as given); ``settings`` is not passed on."""
         result: Any = self._fn(messages, tools)
         if inspect.isawaitable(result):
             result = await result

@@ -29,6 +29,7 @@ from .base import (
     Message,
     ModelError,
     ModelResponse,
+    ModelSettings,
     ToolCall,
     ToolSpec,
     Usage,
@@ -48,6 +49,9 @@ _SECRET_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,})")
 _MAX_DETAIL = 500
 # Local servers (vLLM, Ollama, llama.cpp) ignore auth, but the SDK insists on some key.
 _NO_KEY_PLACEHOLDER = "unused"
+# The request field that caps the answer: OpenAI's current name, and the older one that many
+# OpenAI-compatible servers (and older OpenAI models) still expect instead.
+CAP_PARAMS = ("max_completion_tokens", "max_tokens")
 
 
 class OpenAIModel:
@@ -66,12 +70,22 @@ class OpenAIModel:
         http_client: httpx.AsyncClient | None = None,
         client: openai.AsyncOpenAI | None = None,
         on_retry: OnRetry | None = None,
+        output_cap_param: str = "max_completion_tokens",
     ) -> None:
         reserved = _RESERVED_SETTINGS.intersection(settings or {})
         if reserved:
             raise ValueError(f"settings may not override {sorted(reserved)}")
+        if output_cap_param not in CAP_PARAMS:
+            raise ValueError(f"output_cap_param must be one of {', '.join(CAP_PARAMS)}")
         self._model = model
         self._settings = dict(settings or {})
+        # A cap written in settings keeps its field name and can only lower the engine's cap.
+        self._output_cap_param = output_cap_param
+        self._settings_cap: int | None = None
+        for name in CAP_PARAMS:
+            if name in self._settings:
+                self._output_cap_param, self._settings_cap = name, self._settings[name]
+        self._extra_body = {k: v for k, v in self._settings.items() if k not in CAP_PARAMS}
         self._retry = retry or DEFAULT_RETRY
         self._clock = clock
         self._on_retry = on_retry
@@ -113,13 +127,15 @@ class OpenAIModel:
             await self._client.close()
 
     async def complete(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
     ) -> ModelResponse:
         request_messages = [_message_to_param(m) for m in messages]
         request_tools = [_tool_to_param(t) for t in tools]
+        cap = self._cap(settings)
 
         async def attempt(_: int) -> ChatCompletion:
-            return await self._create(request_messages, request_tools)
+            return await self._create(request_messages, request_tools, cap)
 
         try:
             completion = await call_with_retry(
@@ -136,10 +152,18 @@ class OpenAIModel:
             ) from exc
         return self._to_response(completion, model_turn_index(messages))
 
+    def _cap(self, settings: ModelSettings | None) -> int | None:
+        """The output-token cap to send: the engine's (the budget reserved for it), or the
+        workflow's ``settings`` value when that is lower."""
+        caps = [c for c in (settings.max_output_tokens if settings else None,
+                            self._settings_cap) if c is not None]
+        return min(caps) if caps else None
+
     async def _create(
         self,
         request_messages: list[ChatCompletionMessageParam],
         request_tools: list[ChatCompletionToolUnionParam],
+        cap: int | None = None,
     ) -> ChatCompletion:
         """One HTTP attempt; every SDK failure leaves as a key-free ``ModelError``."""
         try:
@@ -147,7 +171,12 @@ class OpenAIModel:
                 model=self._model,
                 messages=request_messages,
                 tools=request_tools if request_tools else openai.omit,
-                extra_body=self._settings or None,
+                max_completion_tokens=(cap if cap is not None and
+                                       self._output_cap_param == "max_completion_tokens"
+                                       else openai.omit),
+                max_tokens=(cap if cap is not None and self._output_cap_param == "max_tokens"
+                            else openai.omit),
+                extra_body=self._extra_body or None,
             )
         except openai.APITimeoutError as exc:
             raise ModelError(

@@ -6,30 +6,84 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Message, ModelError, ModelResponse, ToolCall, ToolSpec, Usage, model_turn_index
+from pydantic import ValidationError
+
+from .base import (
+    MalformedModelOutput,
+    Message,
+    ModelError,
+    ModelResponse,
+    ModelSettings,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    model_turn_index,
+)
 
 ScriptItem = ModelResponse | str | dict[str, Any]
+
+
+EXPECTED = ("a string (the final answer), a mapping with 'tool' (and optional 'args', 'id', "
+            "'text', 'usage') or with 'calls': [{'tool': ..., 'args': ...}], or a ModelResponse")
 
 
 def to_response(item: ScriptItem, turn: int) -> ModelResponse:
     """Accept shorthand: a string is a final answer; a dict names tool calls.
 
     ``{"tool": "add", "args": {...}}`` or ``{"calls": [{"tool": ..., "args": ...}], "text": ...}``.
-    ``args`` may be a string to script malformed JSON on purpose.
+    ``args`` may be a string to script malformed JSON on purpose. Anything else raises
+    MalformedModelOutput naming what was expected (never a KeyError deep in the runner).
     """
     if isinstance(item, ModelResponse):
         return item
     if isinstance(item, str):
         return ModelResponse(content=item, usage=Usage(input_tokens=10, output_tokens=5))
-    calls = item.get("calls", [item])
-    tool_calls = []
-    for i, call in enumerate(calls):
-        args = call.get("args", {})
+    if not isinstance(item, dict):
+        raise MalformedModelOutput(f"turn {turn}: got {_kind(item)}; expected {EXPECTED}")
+    if "calls" in item:
+        calls = item["calls"]
+        if not isinstance(calls, list):
+            raise MalformedModelOutput(
+                f"turn {turn}: 'calls' is {_kind(calls)}; expected a list of tool calls")
+    elif "tool" in item:
+        calls = [item]
+    else:
+        raise MalformedModelOutput(
+            f"turn {turn}: a mapping without 'tool' or 'calls' (keys: "
+            f"{', '.join(map(str, item)) or 'none'}); expected {EXPECTED}")
+    tool_calls = [_call(call, turn, i) for i, call in enumerate(calls)]
+    try:
+        usage = Usage(**item.get("usage", {"input_tokens": 10, "output_tokens": 5}))
+        return ModelResponse(content=item.get("text"), tool_calls=tool_calls, usage=usage)
+    except (TypeError, ValidationError) as exc:
+        detail = str(exc).splitlines()[0]
+        raise MalformedModelOutput(
+            f"turn {turn}: 'text' must be a string and 'usage' a mapping of "
+            f"input_tokens/output_tokens integers ({detail})") from None
+
+
+def _call(call: Any, turn: int, index: int) -> ToolCall:
+    if not isinstance(call, dict) or not isinstance(call.get("tool"), str):
+        raise MalformedModelOutput(
+            f"turn {turn}: tool call {index} is {_kind(call)}; expected a mapping with a "
+            "string 'tool' and optional 'args' (a mapping, or a string of raw JSON)")
+    args = call.get("args", {})
+    try:
         raw = args if isinstance(args, str) else json.dumps(args, sort_keys=True)
-        tool_calls.append(ToolCall(id=call.get("id", f"call_{turn}_{i}"), name=call["tool"],
-                                   arguments=raw))
-    usage = item.get("usage", {"input_tokens": 10, "output_tokens": 5})
-    return ModelResponse(content=item.get("text"), tool_calls=tool_calls, usage=Usage(**usage))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise MalformedModelOutput(
+            f"turn {turn}: the args of tool call {index} are not JSON-encodable "
+            f"({type(exc).__name__}); pass a mapping of JSON values or a JSON string") from None
+    call_id = call.get("id", f"call_{turn}_{index}")
+    if not isinstance(call_id, str):
+        raise MalformedModelOutput(f"turn {turn}: the id of tool call {index} must be a string")
+    return ToolCall(id=call_id, name=call["tool"], arguments=raw)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 class ScriptedModel:
@@ -49,8 +103,11 @@ class ScriptedModel:
         return self._name
 
     async def complete(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
     ) -> ModelResponse:
+        """Usage is reported as scripted: the output cap is not applied (tests rely on that
+        to exercise the budget's overspend check)."""
         self.calls.append(list(messages))
         turn = model_turn_index(messages)
         if turn >= len(self._script):

@@ -95,11 +95,15 @@ from .records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    StepStatus,
+    unfinished_step_error,
 )
 
 Doc = dict[str, Any]
 Session = AsyncClientSession
-_StepOutcome = tuple[ledger_logic.BudgetExceeded | None, dict[str, float] | None]
+_StepOutcome = tuple[
+    ledger_logic.BudgetExceeded | None, dict[str, float] | None, ledger_logic.BudgetExceeded | None
+]
 _T = TypeVar("_T")
 
 DEFAULT_DATABASE = "alpaca"
@@ -719,6 +723,14 @@ class MongoStore:
         doc = await self._c("runs").find_one_and_update(
             {"_id": run.id}, {"$set": changes}, return_document=ReturnDocument.AFTER, session=s
         )
+        if to.terminal:
+            # A terminal run has no step in flight (see SQLiteStore._close_started_steps).
+            closed = {"status": str(StepStatus.FAILED), "finished_at": now,
+                      "error": encode(unfinished_step_error(to, error_code))}
+            while await self._c("steps").find_one_and_update(
+                    {"run_id": run.id, "status": str(StepStatus.STARTED)},
+                    {"$set": closed}, session=s) is not None:
+                pass
         await self._append(s, run.id, [*audit, event], now)
         if doc is None:  # pragma: no cover - the run is locked by this transaction
             raise NotFound(f"run {run.id} not found")
@@ -836,19 +848,30 @@ class MongoStore:
                             {"$set": {"exhausted": exc.resource}},
                             session=s,
                         )
-                        return exc, None
+                        return exc, None, None
                     await self._debit(s, ledgers, reserve)
                     reserved = dict(reserve)
+            over = None
             if settle:
-                await self._debit(s, await self._lock_ledgers(s, run.ledgers), settle)
+                ledgers = await self._lock_ledgers(s, run.ledgers)
+                await self._debit(s, ledgers, settle)
+                over = ledger_logic.overspent(ledgers, settle)
+                if over is not None:  # the usage stays recorded; the tree stops
+                    await self._c("ledgers").update_one(
+                        {"_id": over.ledger_id, "exhausted": None},
+                        {"$set": {"exhausted": over.resource}},
+                        session=s,
+                    )
             await self._write_step(s, step, reserved)
             await self._append(s, step.run_id, audit, step.finished_at or step.started_at)
-            return None, reserved
+            return None, reserved, over
 
-        refused, reserved = await self._tx(body)
+        refused, reserved, over = await self._tx(body)
         if refused is not None:
             raise refused
         step.reserved = reserved
+        if over is not None:
+            raise over
 
     async def _write_step(
         self, s: Session, step: StepRecord, reserved: dict[str, float] | None

@@ -37,6 +37,8 @@ from .records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    StepStatus,
+    unfinished_step_error,
 )
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
@@ -457,6 +459,14 @@ class PostgresStore:
             ),
         )
         row = await cur.fetchone()
+        if to.terminal:
+            # A terminal run has no step in flight (see SQLiteStore._close_started_steps).
+            await cur.execute(
+                "UPDATE steps SET status=%s, error=COALESCE(error, %s), finished_at=%s "
+                "WHERE run_id=%s AND status=%s",
+                (str(StepStatus.FAILED), Jsonb(unfinished_step_error(to, error_code)), now,
+                 run.id, str(StepStatus.STARTED)),
+            )
         await self._audit(cur, run.id, [*audit, event], now)
         if row is None:  # pragma: no cover - the row is locked by this transaction
             raise NotFound(f"run {run.id} not found")
@@ -540,6 +550,7 @@ class PostgresStore:
         the ledger is then marked exhausted in its own transaction and BudgetExceeded raised.
         """
         refused: ledger_logic.BudgetExceeded | None = None
+        over: ledger_logic.BudgetExceeded | None = None
         async with self._tx() as cur:
             run = await self._fence(cur, step.run_id, epoch)
             if reserve:
@@ -561,7 +572,14 @@ class PostgresStore:
                         step.reserved = dict(reserve)
             if refused is None:
                 if settle:
-                    await self._debit(cur, await self._lock_ledgers(cur, run.ledgers), settle)
+                    ledgers = await self._lock_ledgers(cur, run.ledgers)
+                    await self._debit(cur, ledgers, settle)
+                    over = ledger_logic.overspent(ledgers, settle)
+                    if over is not None:  # the usage stays recorded; the tree stops
+                        await cur.execute(
+                            "UPDATE ledgers SET exhausted=COALESCE(exhausted, %s) WHERE id=%s",
+                            (over.resource, over.ledger_id),
+                        )
                 await self._write_step(cur, step)
                 await self._audit(cur, step.run_id, audit, step.finished_at or step.started_at)
         if refused is not None:
@@ -571,6 +589,8 @@ class PostgresStore:
                     (refused.resource, refused.ledger_id),
                 )
             raise refused
+        if over is not None:
+            raise over
 
     @staticmethod
     async def _write_step(cur: Cursor, step: StepRecord) -> None:

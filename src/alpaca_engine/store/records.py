@@ -55,6 +55,12 @@ class RunRecord(BaseModel):
     traceparent: str | None = None
 
 
+def unfinished_step_error(state: RunState, error_code: str | None) -> dict[str, Any]:
+    """The error every store writes on a step still ``started`` when its run ends."""
+    return {"code": error_code or str(state),
+            "message": f"the run ended {state} before this step finished"}
+
+
 class StepRecord(BaseModel):
     run_id: str
     seq: int

@@ -27,6 +27,8 @@ from .records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    StepStatus,
+    unfinished_step_error,
 )
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
@@ -319,8 +321,20 @@ class SQLiteStore:
                  json.dumps(usage) if usage is not None else None, now, epoch_after,
                  keep_lease, keep_lease, run_id),
             )
+            if to.terminal:
+                self._close_started_steps(db, run_id, to, error_code, now)
             self._audit(db, run_id, [*audit, event], now)
             return self._fetch_run(db, run_id)
+
+    @staticmethod
+    def _close_started_steps(db: sqlite3.Connection, run_id: str, to: RunState,
+                             error_code: str | None, now: float) -> None:
+        """A terminal run has no step in flight: one still ``started`` (a cancelled approval
+        wait, a crash the runner could not record) is failed in the same transaction."""
+        error = json.dumps(unfinished_step_error(to, error_code))
+        db.execute("UPDATE steps SET status=?, error=COALESCE(error, ?), finished_at=? "
+                   "WHERE run_id=? AND status=?",
+                   (str(StepStatus.FAILED), error, now, run_id, str(StepStatus.STARTED)))
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         run = await self.get_run(run_id, tenant)
@@ -363,6 +377,7 @@ class SQLiteStore:
         """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
         with the journal write), ``settle`` corrects them with actual usage."""
         refused: ledger_logic.BudgetExceeded | None = None
+        over: ledger_logic.BudgetExceeded | None = None
         with self._tx() as db:
             ledger_ids = self._fence_light(db, step.run_id, epoch)
             if reserve:
@@ -381,7 +396,12 @@ class SQLiteStore:
                         step.reserved = dict(reserve)
             if refused is None:
                 if settle:
-                    self._debit(db, self._ledgers(db, ledger_ids), settle)
+                    ledgers = self._ledgers(db, ledger_ids)
+                    self._debit(db, ledgers, settle)
+                    over = ledger_logic.overspent(ledgers, settle)
+                    if over is not None:  # the usage stays recorded; the tree stops
+                        db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
+                                   "WHERE id=?", (over.resource, over.ledger_id))
                 self._write_step(db, step)
                 self._audit(db, step.run_id, audit, step.finished_at or step.started_at)
         if refused is not None:
@@ -389,6 +409,8 @@ class SQLiteStore:
                 db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) WHERE id=?",
                            (refused.resource, refused.ledger_id))
             raise refused
+        if over is not None:
+            raise over
 
     def _write_step(self, db: sqlite3.Connection, step: StepRecord) -> None:
         db.execute(

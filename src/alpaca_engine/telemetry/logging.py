@@ -37,18 +37,23 @@ __all__ = [
     "current_fields",
     "redact_text",
     "redact_value",
+    "register_environment_secrets",
     "register_secret",
 ]
 
 MIN_SECRET_LENGTH = 4
 """Shorter values are not registered: masking every "ab" would wreck the logs for no gain."""
 
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # The look-behind keeps words such as "task-12345678" intact.
-    (re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{8,}"), REDACTED),
-    # Real tokens are long; the minimum keeps prose such as "bearer of" readable.
-    (re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE), r"\1 " + REDACTED),
-)
+# The look-behind keeps words such as "task-12345678" intact.
+_SK_PATTERN = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{8,}")
+# Real tokens are long; the minimum keeps prose such as "bearer of" readable.
+_BEARER_PATTERN = re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE)
+# A str can hold lone surrogates (from "\\ud800" JSON escapes or surrogateescape'd bytes);
+# UTF-8 cannot, so SQLite, PostgreSQL and the audit hash would all refuse the text.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+MAX_REDACT_DEPTH = 100
+TOO_DEEP = "[nested too deep]"
 
 _secrets_lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -79,6 +84,25 @@ def register_secret(value: str | None) -> None:
             _secrets = tuple(sorted({*_secrets, value}, key=len, reverse=True))
 
 
+SECRET_ENV = "ALPACA_SECRET_ENV"
+"""Comma-separated names of more environment variables whose values are secrets."""
+MIN_ENV_SECRET_LENGTH = 8
+"""A secret-looking variable set to ``true`` or ``1`` must not mask that word everywhere."""
+
+
+def register_environment_secrets(environ: Mapping[str, str]) -> None:
+    """Register the values of secret-looking variables (``*_TOKEN``, ``*_API_KEY``,
+    ``*_SECRET``, ``*_PASSWORD``...) and of those named in ``ALPACA_SECRET_ENV``.
+
+    Tools read credentials from the environment; an exception or a result that quotes one
+    must be masked even though no workflow field declared it."""
+    named = {n.strip() for n in environ.get(SECRET_ENV, "").split(",") if n.strip()}
+    for name, value in environ.items():
+        looks_secret = is_secret_key(name) and len(value.strip()) >= MIN_ENV_SECRET_LENGTH
+        if name in named or looks_secret:
+            register_secret(value)
+
+
 def clear_secrets() -> None:
     """Forget registered secrets (tests; a process normally keeps them for its lifetime)."""
     global _secrets
@@ -87,32 +111,48 @@ def clear_secrets() -> None:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with registered secrets, ``sk-...`` keys and bearer tokens replaced by ``***``."""
+    """``text`` safe to store and show: registered secrets, ``sk-...`` keys and bearer tokens
+    replaced by ``***``, lone surrogates (not encodable as UTF-8) by U+FFFD.
+
+    This is the one redaction pass of the engine; it sits on the hot path, so each costly scan
+    runs only when a cheap substring test says it can match (a clean 250 kB string costs a few
+    plain ``in`` searches, not four regular-expression scans).
+    """
     secrets = _secrets
-    if secrets:
+    if secrets and any(secret in text for secret in secrets):
         text = redact(text, secrets)
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
+    if "sk-" in text:
+        text = _SK_PATTERN.sub(REDACTED, text)
+    if "bearer" in text.lower():
+        text = _BEARER_PATTERN.sub(r"\1 " + REDACTED, text)
+    if not text.isascii():
+        text = _SURROGATES.sub("\ufffd", text)
     return text
 
 
-def redact_value(value: Any) -> Any:
+def redact_value(value: Any, _depth: int = 0, *, mask_keys: bool = True) -> Any:
     """A JSON-friendly, secret-free copy of ``value``; other objects become redacted text.
 
-    Values under secret-looking keys (``api_key``, ``Authorization``...) are masked whole.
+    Values under secret-looking keys (``api_key``, ``Authorization``...) are masked whole,
+    unless ``mask_keys`` is false (tool arguments: a ``next_token`` parameter is data).
+    Containers nested deeper than ``MAX_REDACT_DEPTH`` are cut: a log line or an audit record
+    must never fail on a pathological value (the tool gate refuses those earlier).
     """
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
         return redact_text(value)
+    if _depth >= MAX_REDACT_DEPTH and isinstance(value, Mapping | list | tuple | set | frozenset):
+        return TOO_DEEP
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
             name = redact_text(str(key))
-            out[name] = REDACTED if is_secret_key(str(key)) else redact_value(item)
+            out[name] = (REDACTED if mask_keys and is_secret_key(str(key))
+                         else redact_value(item, _depth + 1, mask_keys=mask_keys))
         return out
     if isinstance(value, list | tuple | set | frozenset):
-        return [redact_value(item) for item in value]
+        return [redact_value(item, _depth + 1, mask_keys=mask_keys) for item in value]
     return redact_text(str(value))
 
 

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .breaker import BreakerPolicy
 from .contracts import Contract
 from .retry import NO_RETRY, RetryPolicy
+
+T = TypeVar("T")
+
+
+class AbruptExit(Exception):
+    """Tool or model code raised ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit`` or
+    another ``BaseException``: to the engine that is one failed call, not the end of the
+    process (a worker serves other runs; ``alpaca run`` must record the outcome)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """Await untrusted code, turning any ``BaseException`` but cancellation into AbruptExit.
+
+    It must wrap the coroutine *inside* any task that runs it (``asyncio.wait_for`` makes
+    one): a SystemExit leaving a task's step is re-raised by the event loop itself and stops
+    it, whoever awaits the task."""
+    try:
+        return await call
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise AbruptExit(exc) from None
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ annotation, so the contract the model sees and the types the function receives c
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, get_type_hints, overload
@@ -18,6 +16,7 @@ from .base import ApprovalRule, Tool, ToolContext
 from .breaker import BreakerPolicy
 from .contracts import DRAFT
 from .retry import NO_RETRY, RetryPolicy
+from .threads import run_sync
 
 
 def _description(fn: Callable[..., Any]) -> str:
@@ -80,7 +79,7 @@ def make_tool(
         if is_async:
             result = await fn(**kwargs)
         else:
-            result = await asyncio.to_thread(functools.partial(fn, **kwargs))
+            result = await run_sync(fn, **kwargs)  # a daemon thread: see tools/threads.py
         if output_adapter is not None:
             return output_adapter.dump_python(result, mode="json", warnings=False)
         return result

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..models.base import Message, Model, ModelError, ModelResponse, ToolSpec
+from ..models.base import Message, Model, ModelError, ModelResponse, ModelSettings, ToolSpec
 from ..models.function import FunctionModel
 from ..models.openai import OpenAIModel
 from ..models.scripted import ScriptedModel
@@ -72,7 +72,8 @@ class UnconfiguredModel:
         return self._name
 
     async def complete(
-        self, messages: Sequence[Message], tools: Sequence[ToolSpec]
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
     ) -> ModelResponse:
         raise ModelError(self.reason, transient=False)
 
@@ -97,6 +98,7 @@ def _openai(spec: OpenAIModelSpec) -> Model:
             timeout=spec.timeout,
             settings=spec.settings,
             retry=spec.retry.to_policy() if spec.retry is not None else None,
+            output_cap_param=spec.output_cap_param,
         )
     except (ModelError, ValueError) as exc:
         raise SpecError((), str(exc)) from None

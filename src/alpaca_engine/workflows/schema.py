@@ -391,6 +391,9 @@ class OpenAIModelSpec(Spec):
     timeout: float = Field(default=60.0, gt=0)
     settings: dict[str, Any] = Field(default_factory=dict)
     retry: RetrySpec | None = None
+    output_cap_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    """The request field that carries ``limits.max_output_tokens`` (servers that only know
+    the older ``max_tokens`` need that one)."""
 
     @model_validator(mode="after")
     def _settings_not_reserved(self) -> OpenAIModelSpec:
