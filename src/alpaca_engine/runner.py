@@ -618,20 +618,30 @@ class StepRunner:
                                            _err(ErrorCode.TOOL_ERROR, _describe(exc)),
                                            detail=_detail(exc))
         # 8. output contract
-        if nesting_exceeds(result):
-            problems = [too_deep_message("the result's arrays/objects")]
-        else:
-            problems = tool.output_errors(result)
-            if not problems and payload_size(result) > self.max_payload_bytes:
-                problems = [f"result exceeds {self.max_payload_bytes} bytes"]
+        problems, result = self._output_problems(tool, result)
         if problems:
             return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.INVALID_OUTPUT, "; ".join(problems)))
         audit += await self._breaker_record(tool, "success")
-        result = redact_value(result)  # once: the journal and the model get this same value
         audit.append(AuditEvent(kind="tool.result", data={"step": seq, "tool": tool.name,
                                                           "attempts": attempts}))
         return _Outcome(result, None, attempts, audit)
+
+    def _output_problems(self, tool: Tool, result: Any) -> tuple[list[str], Any]:
+        """Gate 8 and the one redaction of the result (the journal and the model get the
+        same value). A result that cannot even be encoded is the tool's failure too."""
+        if nesting_exceeds(result):
+            return [too_deep_message("the result's arrays/objects")], None
+        try:
+            try:
+                problems = tool.output_errors(result)
+            except UnicodeEncodeError:  # lone surrogates: validate the text we would keep
+                problems = tool.output_errors(redact_value(result, mask_keys=False))
+            if not problems and payload_size(result) > self.max_payload_bytes:
+                problems = [f"result exceeds {self.max_payload_bytes} bytes"]
+            return problems, (None if problems else redact_value(result))
+        except Exception as exc:
+            return [f"the result cannot be encoded as JSON ({_describe(exc)})"], None
 
     async def _tool_failed(self, tool: Tool, audit: list[AuditEvent], seq: int, attempts: int,
                            error: dict[str, Any], count_failure: bool = True,

@@ -152,6 +152,21 @@ class StoreConformance:
         assert verify_chain(records, key=store.audit_key).ok
         assert [r.seq for r in await store.list_audit("r1", after_seq=2)] == [3, 4]
 
+    async def test_a_terminal_transition_closes_steps_left_started(self, store):
+        await store.create_run(new_run("r1"))
+        run = await store.claim_run("r1", "w", 10, 100)
+        for seq, status in ((1, "completed"), (2, "started")):
+            await store.save_step(StepRecord(run_id="r1", seq=seq, kind="tool", name="t",
+                                             status=status, started_at=100), run.epoch)
+        await store.transition("r1", RunState.WAITING, 101, epoch=run.epoch)
+        assert [s.status for s in await store.list_steps("r1")] == ["completed", "started"]
+        assert (await store.request_cancel("r1")).state == RunState.CANCELLED
+        done, closed = await store.list_steps("r1")
+        assert done.status == "completed" and done.error is None
+        assert closed.status == "failed" and closed.finished_at is not None
+        assert closed.error == {"code": "cancelled",
+                                "message": "the run ended cancelled before this step finished"}
+
     async def test_failed_write_leaves_no_audit(self, store):
         await store.create_run(new_run("r1"))
         with pytest.raises(IllegalTransition):
@@ -186,6 +201,24 @@ class LedgerApprovalKeyConformance:
         assert exhausted.exhausted == "tool_calls" and exhausted.used == ledger.used
         with pytest.raises(BudgetExceeded):  # an exhausted ledger refuses everything after
             await store.save_step(StepRecord(run_id="r1", seq=3, kind="model", name="m"),
+                                  run.epoch, reserve={"tokens": 1})
+
+    async def test_a_settlement_past_the_limit_is_recorded_and_exhausts_the_ledger(self, store):
+        run = await self._leased(store, limits={"tokens": 100})
+        step = StepRecord(run_id="r1", seq=1, kind="model", name="m")
+        await store.save_step(step, run.epoch, reserve={"tokens": 60})
+        done = step.model_copy(update={"status": "completed", "output": {"content": "long"}})
+        with pytest.raises(BudgetExceeded) as info:
+            await store.save_step(done, run.epoch, settle={"tokens": 210},
+                                  audit=[AuditEvent(kind="model.output")])
+        assert info.value.resource == "tokens"
+        ledger = await store.get_ledger("r1")
+        assert ledger.used == {"tokens": 270} and ledger.exhausted == "tokens"
+        [saved] = await store.list_steps("r1")  # the step and its audit were written
+        assert saved.status == "completed" and saved.output == {"content": "long"}
+        assert "model.output" in [r.kind for r in await store.list_audit("r1")]
+        with pytest.raises(BudgetExceeded):  # and the tree can reserve nothing more
+            await store.save_step(StepRecord(run_id="r1", seq=2, kind="model", name="m"),
                                   run.epoch, reserve={"tokens": 1})
 
     async def test_a_step_reserves_once_even_when_saved_again(self, store):

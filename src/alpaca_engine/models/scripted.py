@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ def to_response(item: ScriptItem, turn: int) -> ModelResponse:
     except (TypeError, ValidationError) as exc:
         detail = str(exc).splitlines()[0]
         raise MalformedModelOutput(
-            f"turn {turn}: 'text' must be a string and 'usage' a mapping of "
+            f"turn {turn}: expected 'text' to be a string and 'usage' a mapping of "
             f"input_tokens/output_tokens integers ({detail})") from None
 
 
@@ -83,7 +84,7 @@ def _call(call: Any, turn: int, index: int) -> ToolCall:
 def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
-    return f"{type(value).__name__} {str(value)[:40]!r}"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
 
 
 class ScriptedModel:

@@ -112,7 +112,8 @@ def clear_secrets() -> None:
 
 def redact_text(text: str) -> str:
     """``text`` safe to store and show: registered secrets, ``sk-...`` keys and bearer tokens
-    replaced by ``***``, lone surrogates (not encodable as UTF-8) by U+FFFD.
+    replaced by ``***``; lone surrogates (not encodable as UTF-8) and NUL characters (which
+    PostgreSQL cannot store) by U+FFFD.
 
     This is the one redaction pass of the engine; it sits on the hot path, so each costly scan
     runs only when a cheap substring test says it can match (a clean 250 kB string costs a few
@@ -127,6 +128,8 @@ def redact_text(text: str) -> str:
         text = _BEARER_PATTERN.sub(r"\1 " + REDACTED, text)
     if not text.isascii():
         text = _SURROGATES.sub("\ufffd", text)
+    if "\x00" in text:  # valid Unicode, but PostgreSQL text and jsonb cannot hold it
+        text = text.replace("\x00", "\ufffd")
     return text
 
 
