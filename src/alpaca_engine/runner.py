@@ -145,7 +145,8 @@ def _redacted(response: ModelResponse) -> ModelResponse:
         content=redact_text(response.content) if response.content is not None else None,
         tool_calls=[ToolCall(id=redact_text(c.id), name=redact_text(c.name),
                              arguments=redact_text(c.arguments)) for c in response.tool_calls],
-        usage=response.usage, model=response.model, finish_reason=response.finish_reason)
+        usage=response.usage, finish_reason=response.finish_reason,
+        model=redact_text(response.model) if response.model is not None else None)
 
 
 def _estimate_tokens(messages: Conversation) -> int:
@@ -314,7 +315,10 @@ class StepRunner:
                 raise AlpacaError(ErrorCode.INTERNAL_ERROR,
                                   f"journal replay diverged at step {seq}: conversation differs")
             if done.status == StepStatus.FAILED:
-                raise AlpacaError(ErrorCode.MODEL_ERROR, (done.error or {}).get("message", ""))
+                error = done.error or {}
+                code = str(error.get("code"))
+                raise AlpacaError(ErrorCode(code) if code in set(ErrorCode)
+                                  else ErrorCode.MODEL_ERROR, error.get("message", ""))
             response = ModelResponse.model_validate(done.output)
             self._count(StepKind.MODEL, response, agent)
             return response
@@ -375,7 +379,8 @@ class StepRunner:
                                   response.usage.output_tokens)
         settle = {"tokens": actual_tokens - reserve["tokens"],
                   "cost": actual_cost - reserve["cost"]}
-        audit = [AuditEvent(kind="model.output", data={
+        # Built from the redacted turn: no second scan of a long answer (see _redacted).
+        audit = [AuditEvent.of_redacted(kind="model.output", data={
             "step": seq, "model": response.model or model_name,
             "content": response.content,
             "tool_calls": [c.model_dump() for c in response.tool_calls],

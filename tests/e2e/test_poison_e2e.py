@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 WORKFLOW = Path(__file__).parent / "poisonwf" / "workflow.yaml"
 
 
-def alpaca(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def alpaca(*args: str, env: dict[str, str],
+           timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "alpaca_engine", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -94,6 +94,12 @@ class AuditEvent(BaseModel):
         redacted: dict[str, Any] = redact_value(value)
         return redacted
 
+    @classmethod
+    def of_redacted(cls, kind: str, data: dict[str, Any], actor: str = "engine") -> AuditEvent:
+        """An entry whose data is built only from values already through ``redact_value``
+        (the runner's redacted model turn): skips scanning a long answer a second time."""
+        return cls.model_construct(kind=kind, data=data, actor=actor)
+
 
 class ApprovalStatus(StrEnum):
     PENDING = "pending"
