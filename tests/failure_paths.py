@@ -191,21 +191,24 @@ def model_path(answer: Any) -> Callable[[Store], Awaitable[Ended]]:
     return run
 
 
-async def cancel_while_waiting(store: Store) -> Ended:
-    """A gated call pauses the run with its step ``started``; then the user cancels."""
+async def _paused_on_approval(store: Store) -> tuple[Engine, RunRecord]:
+    """A gated call pauses the run with its step ``started``."""
     model = ScriptedModel([_call("echo", {"text": "x"}), "done"])
     wf = _workflow(model, approval_tools=["echo"])
     engine = Engine(store, lambda ref: wf)
     waiting = await engine.run(wf, "agent", "go")
     assert waiting.state == "waiting"
+    return engine, waiting
+
+
+async def cancel_while_waiting(store: Store) -> Ended:
+    engine, waiting = await _paused_on_approval(store)
     await engine.cancel(waiting.id)
     return Ended(await store.get_run(waiting.id), [])
 
 
 async def cancel_mid_run(store: Store) -> Ended:
     """A tool asks for its own run's cancellation; the runner stops at the next turn."""
-    engine: Engine
-
     @tool(name="echo")
     async def cancel_me(text: str) -> str:
         for run in await store.list_runs(limit=10):
@@ -215,8 +218,7 @@ async def cancel_mid_run(store: Store) -> Ended:
 
     model = ScriptedModel([_call("echo", {"text": "x"}), "never reached"])
     wf = _workflow(model, tools=[cancel_me])
-    engine = Engine(store, lambda ref: wf)
-    return Ended(await engine.run(wf, "agent", "go"), [])
+    return Ended(await Engine(store, lambda ref: wf).run(wf, "agent", "go"), [])
 
 
 async def deadline_passes(store: Store) -> Ended:
@@ -234,11 +236,7 @@ async def deadline_passes(store: Store) -> Ended:
 
 async def approval_expires(store: Store) -> Ended:
     """Policy deny on expiry: the woken run fails; the gated step must not stay ``started``."""
-    model = ScriptedModel([_call("echo", {"text": "x"}), "done"])
-    wf = _workflow(model, approval_tools=["echo"])
-    engine = Engine(store, lambda ref: wf)
-    waiting = await engine.run(wf, "agent", "go")
-    assert waiting.state == "waiting"
+    engine, waiting = await _paused_on_approval(store)
     await store.expire_approvals(time.time() + 2 * 24 * 3600)  # expired; the run requeued
     return Ended(await engine.run_tree(waiting.id), [])
 

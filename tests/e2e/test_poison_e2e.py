@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import stop
 
 pytestmark = pytest.mark.e2e
 
@@ -96,10 +97,5 @@ def test_a_worker_survives_a_poison_tool_and_serves_the_next_run(
         assert poison_step["error"] == {"code": "tool_error", "message": "SystemExit: 3"}
         assert worker.poll() is None  # still serving
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(5)
+        stop(worker, 30)
     assert worker.returncode == 0, worker.stderr.read() if worker.stderr else ""
