@@ -93,7 +93,7 @@ class ProgressPrinter:
         else:
             if event.get("error"):
                 err = event["error"]
-                outcome = f"[red]✗ {err['code']}[/red]: {short(err['message'], 70)}"
+                outcome = f"[red]✗ {err['code']}[/red]: {short(err['message'], 300)}"
             else:
                 outcome = f"[green]→[/green] {short(event['result'])}"
             self.console.print(
