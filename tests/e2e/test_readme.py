@@ -32,6 +32,7 @@ from alpaca_engine.engine import Engine
 from alpaca_engine.store.sqlite import SQLiteStore
 from alpaca_engine.workflows.loader import load_workflow, resolve_workflow
 from alpaca_engine.workflows.schema import WorkflowSpec
+from tests.helpers import PATIENCE
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +41,7 @@ README = ROOT / "README.md"
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _MARKER = re.compile(r"^<!--\s*([\w-]+)(?:\s+\"([^\"]+)\")?:\s*(.+?)\s*-->$")
 # Generous for a loaded 2-core machine: `uv run` may sync, the demo starts servers.
-COMMAND_TIMEOUT = 600
+COMMAND_TIMEOUT = 2 * PATIENCE
 
 
 @dataclass
@@ -105,6 +106,7 @@ def runnable(block: Block) -> bool:
     return "synopsis" not in block.markers and not whole_skip
 
 
+@pytest.mark.timeout(3 * COMMAND_TIMEOUT)
 @pytest.mark.parametrize("block", [b for b in of("bash") if runnable(b)], ids=lambda b: b.name)
 def test_bash_blocks_run_line_by_line(block: Block, tmp_path: Path) -> None:
     skip_prefix = block.markers.get("not-run", (None, ""))[0]

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from alpaca_engine.tools.decorator import tool
 from alpaca_engine.tools.registry import ToolRegistry
 from alpaca_engine.worker import Worker
 from alpaca_engine.workflow import Workflow
+from tests.helpers import PATIENCE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "src" / "alpaca_engine" / "examples_builtin" / "demo.yaml"
@@ -109,14 +111,15 @@ def test_piped_cli_lists_show_whole_ids(tmp_path: Path) -> None:
     env = {**os.environ, "ALPACA_DATABASE_URL": f"sqlite:///{tmp_path}/p.db", "COLUMNS": "80"}
     alpaca = [sys.executable, "-m", "alpaca_engine"]
     demo = subprocess.run([*alpaca, "demo", "--json"], env=env, capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL, check=True)
+                          text=True, timeout=PATIENCE, stdin=subprocess.DEVNULL, check=True)
     root = json.loads(demo.stdout)["id"]
     listed = subprocess.run([*alpaca, "runs", "list"], env=env, capture_output=True,
-                            text=True, timeout=120, check=True).stdout
+                            text=True, timeout=PATIENCE, check=True).stdout
     for child in (f"{root}.2", f"{root}.4", f"{root}.6", f"{root}.8"):
         assert child in listed
     approvals = subprocess.run([*alpaca, "approvals", "list", "--all"], env=env,
-                               capture_output=True, text=True, timeout=120, check=True).stdout
+                               capture_output=True, text=True, timeout=PATIENCE,
+                               check=True).stdout
     assert f"{root}.8" in approvals and "apr_" in approvals and "apr_…" not in approvals
 
 
@@ -237,12 +240,12 @@ async def test_worker_logs_claimed_finished_and_released(store, caplog) -> None:
     slow = await engine.submit(wf, "slow", "go")
     worker = Worker(engine, concurrency=1, drain_timeout=0.05)
     running = asyncio.create_task(worker.run())
-    for _ in range(600):  # generous: the claim happens at the first poll
-        if (await store.get_run(slow.id)).state == "running":
-            break
+    deadline = time.monotonic() + PATIENCE
+    while (await store.get_run(slow.id)).state != "running":
+        assert time.monotonic() < deadline, "the worker never claimed the run"
         await asyncio.sleep(0.05)
     worker.stop()
-    await asyncio.wait_for(running, timeout=60)
+    await asyncio.wait_for(running, timeout=PATIENCE)
     assert ("run.claimed", slow.id) in _events(caplog)
     assert ("run.released", slow.id) in _events(caplog)
     assert (await store.get_run(slow.id)).state == "queued"
