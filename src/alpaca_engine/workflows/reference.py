@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from annotated_types import Ge, Gt, Le, MaxLen, MinLen
 from pydantic import AfterValidator, Tag
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -259,19 +258,15 @@ def default_text(field: FieldInfo) -> str:
     return f"`{json.dumps(value)}`"
 
 
+# The annotated-types constraints pydantic puts in field metadata (Ge, Gt, Le, MinLen...),
+# by the attribute each carries.
+_BOUNDS = (("ge", "≥ {}"), ("gt", "> {}"), ("le", "≤ {}"), ("lt", "< {}"),
+           ("min_length", "at least {}"), ("max_length", "at most {}"))
+
+
 def constraints(field: FieldInfo) -> str:
-    parts: list[str] = []
-    for item in field.metadata:
-        if isinstance(item, Ge):
-            parts.append(f"≥ {item.ge}")
-        elif isinstance(item, Gt):
-            parts.append(f"> {item.gt}")
-        elif isinstance(item, Le):
-            parts.append(f"≤ {item.le}")
-        elif isinstance(item, MinLen):
-            parts.append(f"at least {item.min_length}")
-        elif isinstance(item, MaxLen):
-            parts.append(f"at most {item.max_length}")
+    parts = [text.format(getattr(item, attr)) for item in field.metadata
+             for attr, text in _BOUNDS if getattr(item, attr, None) is not None]
     return ", ".join(parts)
 
 
