@@ -19,6 +19,11 @@ from alpaca_engine.tools.base import Tool
 from alpaca_engine.tools.registry import ToolRegistry
 from alpaca_engine.workflow import Workflow
 
+PATIENCE = 300.0
+"""Seconds to wait for something that must eventually happen (a process ready, an event
+delivered). Tests assert that it happens, never how fast: this is generous for a 2-core
+machine shared with other work, and only bounds how long a broken build takes to fail."""
+
 
 def workflow(model: Model | Sequence[Any], tools: Sequence[Tool], *, allow: Sequence[str] = ("*",),
              capabilities: frozenset[str] | None = None, max_steps: int = 25,
@@ -56,7 +61,7 @@ def alpaca_serve(env: dict[str, str], *args: str) -> Iterator[str]:
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + PATIENCE
         while True:
             assert proc.poll() is None, proc.communicate()[0]
             try:

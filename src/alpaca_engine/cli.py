@@ -27,11 +27,13 @@ from .render import (
     ProgressPrinter,
     approvals_table,
     budget_line,
+    print_table,
     run_summary,
     run_tree,
     runs_table,
     short,
     steps_table,
+    table_width,
     timeline_view,
 )
 from .store.base import Store
@@ -44,6 +46,23 @@ from .worker import Worker
 from .workflows.loader import WorkflowError, load_workflow, resolve_workflow
 
 T = TypeVar("T")
+
+
+def _flags_take_no_value() -> None:
+    """Typer's Rich help prints a type beside every option, ``--json <bool>`` included, though
+    a flag takes no value (its plain help skips flags; the Rich panel calls
+    ``display_type_rich`` unconditionally). Flags and counters show no type here."""
+    original = typer.core.TyperOption.display_type_rich
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        return original(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 app = typer.Typer(help="Alpaca Agent Engine: run governed, durable, auditable AI agents.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -207,7 +226,7 @@ async def _demo(cfg: Settings, as_json: bool, yes: bool) -> int:
             return exit_code(final)
         console.print()
         console.print(run_tree(final, tree))
-        console.print(budget_line(ledger.used, ledger.limits))
+        console.print(budget_line(ledger.used, ledger.limits, runs=len(tree)))
         for post in world.posts:
             console.print(f"[green]Slack[/green] {post.get('channel', '')}: {post.get('text')}")
         bad = [rid for rid, v in verified if not v.ok]
@@ -294,7 +313,7 @@ def runs_list(
     if as_json:
         dump([r.model_dump(mode="json") for r in runs])
     else:
-        console.print(runs_table(runs))
+        print_table(console, runs_table(runs, table_width(console)))
 
 
 @runs_app.command("show")
@@ -488,7 +507,7 @@ def approvals_list(
     if as_json:
         dump([a.model_dump(mode="json") for a in items])
     else:
-        console.print(approvals_table(items))
+        print_table(console, approvals_table(items, table_width(console)))
 
 
 def _decide(approval_id: str, approve: bool, by: str, comment: str | None, db: str | None,
@@ -588,14 +607,24 @@ def db_upgrade(db: DbOpt = None) -> None:
     """Apply pending schema migrations (SQLite, PostgreSQL) or index sets (MongoDB)."""
     cfg = settings(db)
 
-    async def go() -> int:
+    async def go() -> tuple[tuple[int, ...], int]:
         async with open_store(cfg) as store:  # opening applies what is pending
             version: Any = store.schema_version()  # type: ignore[attr-defined]
             if inspect.isawaitable(version):
                 version = await version
-            return int(version)
+            return tuple(getattr(store, "migrations_applied", ())), int(version)
 
-    console.print(f"{redact_url(cfg.database_url)}: schema at version {run_async(go)}")
+    applied, version = run_async(go)
+    console.print(f"{redact_url(cfg.database_url)}: {upgrade_report(applied, version)}")
+
+
+def upgrade_report(applied: tuple[int, ...], version: int) -> str:
+    """What `db upgrade` did, not only where the schema ends up."""
+    if not applied:
+        return f"already at schema version {version}; nothing to apply"
+    plural = "s" if len(applied) > 1 else ""
+    return (f"applied {len(applied)} migration{plural} ({', '.join(map(str, applied))}); "
+            f"schema now at version {version}")
 
 
 def redact_url(url: str) -> str:

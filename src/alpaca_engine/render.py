@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
-from rich.table import Table
+from rich.table import Column, Table
 from rich.tree import Tree
 
 from .delegation import children_of
@@ -22,10 +24,29 @@ STATE_STYLE = {
 }
 
 
+# Run, approval and key ids: users copy them into the next command, so they are never cut.
+_ID = re.compile(r"\b(?:run|apr|key)_[0-9a-f]{8,}(?:\.\d+)*")
+
+
 def short(value: Any, limit: int = 80) -> str:
+    """One line of at most ``limit`` characters, except that an id is never cut in half."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    cut = limit - 1
+    for match in _ID.finditer(text):
+        if match.start() < cut < match.end():
+            cut = match.end()
+            break
+    return text if cut >= len(text) else text[:cut] + "…"
+
+
+def id_column(header: str, ids: Iterable[str]) -> Column:
+    """A table column as wide as its longest id: other columns wrap first, at any width and
+    when piped; only a terminal narrower than one id folds it (never an ellipsis)."""
+    return Column(header, no_wrap=True, overflow="fold",
+                  min_width=max((len(i) for i in ids), default=len(header)))
 
 
 def when(ts: float | None) -> str:
@@ -72,7 +93,7 @@ class ProgressPrinter:
         else:
             if event.get("error"):
                 err = event["error"]
-                outcome = f"[red]✗ {err['code']}[/red]: {short(err['message'], 70)}"
+                outcome = f"[red]✗ {err['code']}[/red]: {short(err['message'], 300)}"
             else:
                 outcome = f"[green]→[/green] {short(event['result'])}"
             self.console.print(
@@ -89,20 +110,14 @@ def run_summary(run: RunRecord) -> Panel:
     else:
         body = f"run is {run.state}"
     usage = run.usage
-    subtitle = (f"{usage.get('steps', 0)} steps · {usage.get('tool_calls', 0)} tool calls · "
+    # This run's own usage, not its sub-runs' (budget_line has the tree); its "calls" count
+    # delegations too, where the tree's tool_calls budget does not.
+    subtitle = (f"this run only: {usage.get('steps', 0)} steps · "
+                f"{usage.get('tool_calls', 0)} tool/delegation calls · "
                 f"{usage.get('input_tokens', 0)}+{usage.get('output_tokens', 0)} tokens"
                 if usage else None)
     return Panel(body, title=f"[{style}]{run.state}[/{style}] {run.id}", subtitle=subtitle,
                  title_align="left")
-
-
-def runs_table(runs: list[RunRecord]) -> Table:
-    table = Table("id", "agent", "state", "depth", "created", "error", box=None)
-    for r in runs:
-        style = STATE_STYLE.get(str(r.state), "white")
-        table.add_row(r.id, r.agent, f"[{style}]{r.state}[/{style}]", str(r.depth),
-                      when(r.created_at), r.error_code or "")
-    return table
 
 
 def steps_table(steps: list[StepRecord]) -> Table:
@@ -139,12 +154,89 @@ def run_tree(root: RunRecord, runs: list[RunRecord]) -> Tree:
     return tree
 
 
-def approvals_table(items: list[ApprovalRecord]) -> Table:
-    table = Table("id", "run", "action", "arguments", "reason", "status", "decided by", box=None)
-    for a in items:
-        table.add_row(a.id, a.run_id, a.action, short(a.arguments, 50), short(a.reason, 40),
-                      str(a.status), a.decided_by or "")
+def table_width(console: Console) -> int | None:
+    """The width a table must fit: the terminal's, or None when piped (drawn whole)."""
+    return console.width if console.is_terminal else None
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Piped output keeps every row on one line (for grep and cut) instead of wrapping at
+    the 80 columns Rich assumes without a terminal."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update(max_width=100_000))
+    # Console.print never draws wider than its console: a second one on the same file does.
+    Console(file=console.file, width=max(console.width, natural.maximum)).print(table)
+
+
+_CELL_PADDING = 2  # a box-less table pads every cell by one space on each side
+_NARROWEST = 8  # below this a wrapped text column is unreadable
+_WIDEST_WORD = 24  # a name longer than this may fold; shorter ones are never cut
+
+
+def word_column(header: str, values: Iterable[str]) -> Column:
+    """A column of names and codes (agent, state, error code): kept whole up to
+    ``_WIDEST_WORD`` characters, folded (never cut with an ellipsis) beyond."""
+    longest = max((len(v) for v in values), default=0)
+    return Column(header, overflow="fold", min_width=min(max(longest, len(header)),
+                                                         _WIDEST_WORD))
+
+
+def fit_columns(columns: list[Column], drop_first: list[str], width: int | None) -> list[Column]:
+    """The columns that fit ``width``, dropping those named in ``drop_first`` in that order.
+
+    Column priorities: id and name columns never shrink below their words, so at 80 columns
+    something else has to give; ``None`` (output piped, drawn whole) keeps every column.
+    """
+    kept = list(columns)
+    for name in drop_first:
+        need = sum(max(c.min_width or 0, _NARROWEST) + _CELL_PADDING for c in kept)
+        if width is None or need <= width:
+            break
+        kept = [c for c in kept if c.header != name]
+    return kept
+
+
+def _fitted(columns: list[Column], rows: list[dict[str, str]], drop_first: list[str],
+            width: int | None) -> Table:
+    kept = fit_columns(columns, drop_first, width)
+    hidden = [str(c.header) for c in columns if c not in kept]
+    table = Table(*kept, box=None, caption_justify="left", caption=(
+        f"hidden at this width: {', '.join(hidden)} (--json shows every field)"
+        if hidden else None))
+    for row in rows:
+        table.add_row(*(row[str(c.header)] for c in kept))
     return table
+
+
+def runs_table(runs: list[RunRecord], width: int | None = None) -> Table:
+    """Runs; at ``width`` columns depth, then created, give way to whole ids and names."""
+    rows = [{"id": r.id, "agent": r.agent, "state": str(r.state), "depth": str(r.depth),
+             "created": when(r.created_at), "error": r.error_code or ""} for r in runs]
+    columns = [id_column("id", (r["id"] for r in rows)),
+               word_column("agent", (r["agent"] for r in rows)),
+               word_column("state", (r["state"] for r in rows)), Column("depth"),
+               Column("created", min_width=10),
+               word_column("error", (r["error"] for r in rows))]
+    for row in rows:
+        style = STATE_STYLE.get(row["state"], "white")
+        row["state"] = f"[{style}]{row['state']}[/{style}]"
+    return _fitted(columns, rows, ["depth", "created"], width)
+
+
+def approvals_table(items: list[ApprovalRecord], width: int | None = None) -> Table:
+    """Approvals; at ``width`` columns the least needed ones go first (decided by, status,
+    reason), so a supervisor still sees ids, action and arguments."""
+    rows = [{"id": a.id, "run": a.run_id, "action": a.action,
+             "arguments": short(a.arguments, 50), "reason": short(a.reason, 40),
+             "status": str(a.status), "decided by": a.decided_by or ""} for a in items]
+    columns = [id_column("id", (r["id"] for r in rows)),
+               id_column("run", (r["run"] for r in rows)),
+               word_column("action", (r["action"] for r in rows)), Column("arguments"),
+               Column("reason"), word_column("status", (r["status"] for r in rows)),
+               Column("decided by")]
+    return _fitted(columns, rows, ["decided by", "status", "reason"], width)
 
 
 _DECISION_STYLE = {
@@ -203,11 +295,13 @@ def timeline_view(run: RunRecord, steps: list[StepRecord], audit: list[AuditReco
     return tree
 
 
-def budget_line(used: dict[str, float], limits: dict[str, float]) -> str:
+def budget_line(used: dict[str, float], limits: dict[str, float], runs: int | None = None) -> str:
+    """The tree's shared ledger: every run of it counts (delegations count as steps only)."""
     parts = []
     for resource in ("steps", "tool_calls", "tokens", "cost"):
         value = used.get(resource, 0.0)
         limit = limits.get(resource)
         shown = f"{value:.6f}".rstrip("0").rstrip(".") if resource == "cost" else f"{value:g}"
         parts.append(f"{resource} {shown}" + (f"/{limit:g}" if limit is not None else ""))
-    return "budget used (whole tree): " + " · ".join(parts)
+    tree = f"the whole tree ({runs} runs)" if runs is not None else "the whole tree"
+    return f"budget used by {tree}: " + " · ".join(parts)

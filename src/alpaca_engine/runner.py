@@ -524,7 +524,8 @@ class StepRunner:
             return self._refuse(seq, call.name, ErrorCode.UNKNOWN_TOOL,
                                 f"no tool named {call.name!r}")
         # 2. permission
-        decision = check_tool(tool, agent.tools, self.capabilities(agent), self.tenant_policy)
+        decision = check_tool(tool, agent.tools, self.capabilities(agent), self.tenant_policy,
+                              declared=agent.capabilities)
         if not decision.allowed:
             return self._refuse(seq, call.name, ErrorCode.PERMISSION_DENIED, decision.rule,
                                 rule=decision.rule)
@@ -723,10 +724,12 @@ class StepRunner:
             return refusal or _Outcome(None)
         step.input["args"] = args
         step.input["child_id"] = delegation.child_id(run.id, seq)
-        await self._save_started(step, {"steps": 1.0}, [AuditEvent(
+        # Audited once: a step journaled before this run paused (or crashed) was allowed then.
+        allowed = [] if seq in self._interrupted else [AuditEvent(
             kind="delegation.allowed", data={"step": seq, "target": target,
                                              "ancestry": [*run.ancestry, target],
-                                             "depth": run.depth + 1})])
+                                             "depth": run.depth + 1})]
+        await self._save_started(step, {"steps": 1.0}, allowed)
         reason = agent.approval.reason_for_delegation(target)
         if reason is not None:
             gated = await self._approval_gate(agent, seq, "delegation", target, args, reason)

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import signal
+import time
 
 from .engine import Engine
 from .errors import NotFound
@@ -28,6 +29,7 @@ class Worker:
         self.drain_timeout = drain_timeout
         self._stopping = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[object]] = {}
+        self._started: dict[str, float] = {}
         self._slot_freed = asyncio.Event()
         self._reaping: asyncio.Task[None] | None = None
         self.completed = 0
@@ -72,15 +74,20 @@ class Worker:
     async def _reap(self) -> None:
         try:
             requeued = await self.engine.reap()
-            if requeued:
-                log.info("requeued %d run(s): %s", len(requeued), ", ".join(requeued))
+            for run_id in requeued:
+                log.info("requeued run %s", run_id,
+                         extra={"run_id": run_id, "event": "run.requeued"})
             await self._reclaim()
         except Exception:
             log.exception("reaper sweep failed; retrying at the next interval")
 
     def _start(self, run: RunRecord) -> None:
+        log.info("claimed run %s (agent %s, epoch %d)", run.id, run.agent, run.epoch,
+                 extra={"run_id": run.id, "event": "run.claimed", "agent": run.agent,
+                        "epoch": run.epoch})
         task = asyncio.create_task(self.engine.drive(run))
         self._tasks[run.id] = task
+        self._started[run.id] = time.monotonic()
         task.add_done_callback(functools.partial(self._done, run.id))
 
     async def _wait_for_work(self) -> None:
@@ -127,10 +134,21 @@ class Worker:
 
     def _done(self, run_id: str, task: asyncio.Task[object]) -> None:
         self._tasks.pop(run_id, None)
+        seconds = round(time.monotonic() - self._started.pop(run_id, time.monotonic()), 3)
         self.completed += 1
         self._slot_freed.set()
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return  # drained: _drain logs the release
+        if task.exception() is not None:
             log.error("run %s crashed the worker task: %r", run_id, task.exception())
+            return
+        result = task.result()
+        if not isinstance(result, RunRecord):
+            return
+        event = "run.finished" if result.state.terminal else "run.paused"
+        log.info("run %s %s after %.3f s", run_id, result.state, seconds,
+                 extra={"run_id": run_id, "event": event, "state": str(result.state),
+                        "duration_s": seconds})
 
     async def _drain(self) -> None:
         """Let in-flight runs finish for a while, then hand the rest back to the queue."""
@@ -147,3 +165,5 @@ class Worker:
             run = await self.engine.store.get_run(run_id)
             if run.lease_owner == self.engine.owner and not run.state.terminal:
                 await self.engine.release(run_id, run.epoch)
+                log.info("released run %s back to the queue (shutting down)", run_id,
+                         extra={"run_id": run_id, "event": "run.released"})

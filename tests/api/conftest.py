@@ -94,7 +94,7 @@ def start_api(tmp_path: Path, gated_workflow: Path) -> ApiFactory:
         made = {}
         for name, (tenant, role) in (keys or {}).items():
             made[name], _ = await create_api_key(store, tenant, role, name=name)
-        settings = Settings(database_url=url, poll_interval=0.02, lease_seconds=5)
+        settings = Settings(database_url=url, poll_interval=0.02, lease_seconds=30)
         app = create_app(settings, store=store, embedded_worker=worker,
                          workflows=workflows or [str(gated_workflow), "builtin:quickstart"],
                          **kw)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
+
+from tests.helpers import PATIENCE
 
 from .conftest import ApiFactory
 
@@ -14,13 +17,15 @@ QS = {"agent": "researcher", "input": "When did Alpaca 1.0 ship?",
 
 
 async def wait_state(client: httpx.AsyncClient, run_id: str, *states: str,
-                     seconds: float = 10.0) -> dict[str, Any]:
-    for _ in range(int(seconds / 0.02)):
+                     seconds: float = PATIENCE) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
         run: dict[str, Any] = (await client.get(f"/v1/runs/{run_id}")).json()
         if run["state"] in states:
             return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run {run_id} never reached {states}: {run}")
         await asyncio.sleep(0.02)
-    raise AssertionError(f"run {run_id} never reached {states}: {run}")
 
 
 async def test_create_is_idempotent_per_key_and_wait_returns_the_final_state(
@@ -48,7 +53,7 @@ async def test_create_is_idempotent_per_key_and_wait_returns_the_final_state(
 async def test_wait_stops_at_a_pending_approval_and_times_out_without_a_worker(
         start_api: ApiFactory) -> None:
     async with start_api() as api, api.client() as c:
-        waiting = await c.post("/v1/runs?wait=true&timeout=10",
+        waiting = await c.post("/v1/runs?wait=true&timeout=300",
                                json={"agent": "announcer", "input": "go"})
         assert waiting.status_code == 201 and waiting.json()["state"] == "waiting"
     async with start_api(worker=False) as api, api.client() as c:

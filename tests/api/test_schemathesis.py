@@ -27,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
 
 from alpaca_engine.api import create_app
 from alpaca_engine.config import Settings
+from tests.helpers import PATIENCE
 
 _DIR = Path(tempfile.mkdtemp(prefix="alpaca-schemathesis-"))
 app = create_app(Settings(database_url=f"sqlite:///{_DIR}/api.db", poll_interval=0.02),
@@ -47,4 +48,4 @@ def _shutdown() -> Iterator[None]:
 def test_api_conforms_to_its_openapi_document(case: schemathesis.Case) -> None:
     case.call_and_validate(
         checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
-        timeout=20)
+        timeout=PATIENCE)

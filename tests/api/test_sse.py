@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import alpaca_serve
+from tests.helpers import PATIENCE, alpaca_serve
 
 from .conftest import ApiFactory, parse_sse
 from .test_runs import QS
@@ -76,22 +77,21 @@ async def collect(client: httpx.AsyncClient, url: str, out: list[dict[str, Any]]
 
 @pytest.mark.e2e
 async def test_live_stream_from_a_real_server_follows_the_run_to_its_end(server: str) -> None:
-    async with httpx.AsyncClient(base_url=server, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=server, timeout=PATIENCE) as c:
         run = (await c.post("/v1/runs", json={"agent": "announcer", "input": "go"})).json()
         events: list[dict[str, Any]] = []
         reader = asyncio.create_task(collect(c, f"/v1/runs/{run['id']}/events", events))
-        for _ in range(300):  # the run pauses for the approval while we listen
-            if any(e.get("event") == "approval.requested" for e in events):
-                break
+        deadline = time.monotonic() + PATIENCE
+        while not any(e.get("event") == "approval.requested" for e in events):
+            # the run pauses for the approval while we listen
+            assert time.monotonic() < deadline, f"no approval.requested event: {events}"
             await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"no approval.requested event: {events}")
         assert not reader.done()
         [approval] = (await c.get("/v1/approvals")).json()["items"]
         r = await c.post(f"/v1/approvals/{approval['id']}/decision",
                          json={"decision": "approve"})
         assert r.status_code == 200
-        await asyncio.wait_for(reader, 20)
+        await asyncio.wait_for(reader, PATIENCE)
 
         *records, end = events
         seqs = [int(e["id"]) for e in records]

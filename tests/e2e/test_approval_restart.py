@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import PATIENCE
+
 pytestmark = pytest.mark.e2e
 
 WORKFLOW = Path(__file__).parent / "approvalwf" / "workflow.yaml"
@@ -21,10 +23,10 @@ WORKFLOW = Path(__file__).parent / "approvalwf" / "workflow.yaml"
 
 def alpaca(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "alpaca_engine", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=PATIENCE)
 
 
-def poll(fn: Any, what: str, seconds: float = 30) -> Any:
+def poll(fn: Any, what: str, seconds: float = PATIENCE) -> Any:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = fn()

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import PATIENCE
+
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).parent
@@ -25,7 +27,7 @@ WORKFLOW = HERE / "crashwf" / "workflow.yaml"
 
 def alpaca(*args: str, env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "alpaca_engine", *args], env=env,
-                          capture_output=True, text=True, timeout=60, **kw)
+                          capture_output=True, text=True, timeout=PATIENCE, **kw)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -45,7 +47,7 @@ def start_and_kill(env: dict[str, str], tmp_path: Path) -> str:
     proc = subprocess.Popen(
         [sys.executable, "-m", "alpaca_engine", "run", str(WORKFLOW), "--agent", "writer",
          "--input", "go"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + PATIENCE
     while not (tmp_path / "marker").exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the blocking tool call never started"

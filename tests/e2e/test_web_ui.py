@@ -26,7 +26,7 @@ from alpaca_engine.config import Settings
 from alpaca_engine.store.sqlite import SQLiteStore
 from alpaca_engine.ui import ASSETS, STATIC
 from tests.conftest import service_unavailable
-from tests.helpers import alpaca_serve
+from tests.helpers import PATIENCE, alpaca_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -107,7 +107,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     made = subprocess.run(
         [sys.executable, "-m", "alpaca_engine", "keys", "create", "--tenant", "acme",
          "--role", "supervisor", "--name", "sue", "--json"],
-        env=env, capture_output=True, text=True, timeout=60)
+        env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)["key"]
     with alpaca_serve(env) as base:
@@ -115,7 +115,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(1200)
 def test_approve_in_the_inbox_and_watch_the_run_finish(
         chromium: Path, served: tuple[str, str], tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
@@ -126,7 +126,8 @@ def test_approve_in_the_inbox_and_watch_the_run_finish(
                                     args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(20_000)
+            page.set_default_timeout(PATIENCE * 1000)
+            expect.set_options(timeout=PATIENCE * 1000)  # the page waits; speed is not tested
             problems: list[str] = []
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("console", lambda m: problems.append(f"console: {m.text}")

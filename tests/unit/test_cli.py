@@ -35,7 +35,7 @@ def test_demo_shows_tree_gate_budget_and_answer(cli) -> None:  # type: ignore[no
         assert f"delegates to {agent}" in out
     assert "web_search" in out and "fetch_page" in out and "notify_slack" in out
     assert "needs approval" in out and "demo's own supervisor" in out
-    assert "budget used (whole tree): steps 21/60 · tool_calls 5/20" in out
+    assert "budget used by the whole tree (5 runs): steps 21/60 · tool_calls 5/20" in out
     assert "Slack #eu-launch: Decision: GO" in out
     assert "audit: 5/5 chains verified" in out
     assert "succeeded" in out

@@ -12,6 +12,7 @@ from alpaca_engine.engine import Engine
 from alpaca_engine.models.scripted import ScriptedModel
 from alpaca_engine.store.records import LedgerRecord, RunRecord, StepRecord
 from alpaca_engine.tools.decorator import tool
+from alpaca_engine.tools.governance import TenantPolicy, check_tool
 from alpaca_engine.tools.registry import ToolRegistry
 from alpaca_engine.workflow import Workflow
 
@@ -127,7 +128,21 @@ async def test_capabilities_are_attenuated(store):
     run = await Engine(store, lambda r: w).run(w, "parent", "go")
     [c] = await store.list_runs(parent_id=run.id)
     assert c.capabilities == ["math"]
-    assert results(child_model)[0]["error"]["code"] == "permission_denied"
+    error = results(child_model)[0]["error"]
+    assert error["code"] == "permission_denied"
+    assert error["message"] == (
+        "tool 'fetch' needs capabilities not granted: net (the agent declares net, but its"
+        " parent run does not hold it, and a delegated run keeps only what its parent has)")
+
+
+def test_a_denial_names_who_narrowed_the_capabilities() -> None:
+    # The agent never declared it: the plain reason. The tenant took it: the tenant is named.
+    assert check_tool(fetch, ["*"], frozenset({"math"}), declared=frozenset({"math"})).rule \
+        == "tool 'fetch' needs capabilities not granted: net"
+    tenant = TenantPolicy(capabilities=frozenset({"math"}))
+    assert check_tool(fetch, ["*"], frozenset({"net"}), tenant, declared=None).rule == (
+        "tool 'fetch' needs capabilities not granted: net"
+        " (the tenant policy does not allow net)")
 
 
 async def test_budget_exceeded_stops_the_whole_tree(store):
@@ -202,3 +217,23 @@ async def test_cancel_cancels_the_subtree(store):
     cancelled = await eng.cancel(run.id)
     assert [r.id for r in cancelled] == [child.id, run.id]
     assert all(r.state == "cancelled" for r in cancelled)
+
+
+async def test_each_delegation_is_audited_allowed_once(store):
+    # The parent pauses twice on the same step (approval of the delegation, then the running
+    # child) and resumes each time; the record still says "allowed" once per delegation.
+    boss = Agent(name="boss", model=ScriptedModel([delegate("a"), delegate("b"), "done"]),
+                 delegates_to=["a", "b"], approval=ApprovalPolicy(delegations=("b",)))
+    a = Agent(name="a", model=ScriptedModel(["a done"]))
+    b = Agent(name="b", model=ScriptedModel(["b done"]))
+    w = wf([boss, a, b])
+    eng = Engine(store, lambda r: w)
+    run = await eng.run(w, "boss", "go")
+    assert run.state == "waiting"
+    [pending] = await store.list_approvals(run_id=run.id)
+    await store.decide_approval(pending.id, approve=True, by="sue", comment=None, now=0.0)
+    run = await eng.run_tree(run.id)
+    assert run.state == "succeeded"
+    allowed = [r.data["target"] for r in await store.list_audit(run.id)
+               if r.kind == "delegation.allowed"]
+    assert allowed == ["a", "b"]

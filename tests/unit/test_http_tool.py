@@ -98,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif route == "/not-json":
                 self._send(200, b"{oops", "application/json")
             elif route == "/slow":
-                time.sleep(1.5)
+                time.sleep(20)  # a daemon thread: the server does not wait for it
                 self._json(200, {"late": True})
             else:
                 self._json(404, {"error": "no route"})
@@ -250,7 +250,7 @@ async def test_a_slow_endpoint_times_out(store, upstream):
     started = time.monotonic()
     _, [result] = await run_calls(store, [slow], [{"tool": "slow", "args": {}}])
     assert result["error"]["code"] == "tool_timeout"
-    assert time.monotonic() - started < 1.4
+    assert time.monotonic() - started < 15  # it gave up well before the response (20 s)
 
 
 async def test_an_unreachable_endpoint_is_a_transient_connection_error(store, upstream):

@@ -22,12 +22,20 @@ def _results(messages: Sequence[Message]) -> Results:
     return [(m.name or "", json.loads(m.content or "null")) for m in messages if m.role == "tool"]
 
 
+def _failure(value: Any) -> str:
+    """A tool's error result as a sentence (``{"error": {code, message}}`` is what it gets)."""
+    error = value.get("error") if isinstance(value, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return f"{error['message']} ({error.get('code', 'error')})"
+    return json.dumps(value, default=str)
+
+
 def _child_output(results: Results, agent: str) -> str | None:
     for name, value in results:
         if name == f"delegate_to_{agent}":
             if isinstance(value, dict) and "output" in value:
                 return str(value["output"])
-            return f"(failed: {value})"
+            return f"(failed: {_failure(value)})"
     return None
 
 
@@ -103,4 +111,4 @@ def notification(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
     delivery = got[-1][1]
     if isinstance(delivery, dict) and delivery.get("ok"):
         return f"Posted to {delivery.get('channel')} (HTTP {delivery.get('status')})."
-    return f"Not posted: {delivery}"
+    return f"Not posted: {_failure(delivery)}."

@@ -321,6 +321,9 @@ class MongoStore:
     the collections and indexes.
     """
 
+    migrations_applied: tuple[int, ...] = ()
+    """What the last :meth:`open` applied (``alpaca db upgrade`` reports it)."""
+
     def __init__(
         self,
         url: str,
@@ -348,7 +351,7 @@ class MongoStore:
             require_transactions(await client.admin.command("hello"))
             self._client = client
             self._db = client.get_database(self.database, read_preference=ReadPreference.PRIMARY)
-            await self.upgrade()
+            self.migrations_applied = tuple(await self.upgrade())
         except BaseException:
             self._client = self._db = None
             await client.close()

@@ -63,6 +63,9 @@ class PostgresStore:
     """The :class:`~.base.Store` on PostgreSQL; ``schema`` isolates tenants of one database
     (tests use a fresh one each), ``pool_size`` caps this process's connections."""
 
+    migrations_applied: tuple[int, ...] = ()
+    """What the last :meth:`open` applied (``alpaca db upgrade`` reports it)."""
+
     def __init__(
         self,
         url: str,
@@ -106,7 +109,7 @@ class PostgresStore:
             raise
         self._pool = pool
         try:
-            await self.upgrade()
+            self.migrations_applied = tuple(await self.upgrade())
         except BaseException:
             await self.close()
             raise

@@ -47,6 +47,9 @@ def sqlite_path(url: str) -> str:
 
 
 class SQLiteStore:
+    migrations_applied: tuple[int, ...] = ()
+    """What the last :meth:`open` applied (``alpaca db upgrade`` reports it)."""
+
     def __init__(self, url: str = "sqlite:///./alpaca.db", audit_key: bytes | None = None):
         self.url = url
         self.path = sqlite_path(url)
@@ -67,7 +70,7 @@ class SQLiteStore:
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
         self._db = db
-        self.upgrade()
+        self.migrations_applied = tuple(self.upgrade())
 
     def schema_version(self) -> int:
         db = self._conn

@@ -46,9 +46,10 @@ OPEN_POLICY = TenantPolicy()
 
 def check_tool(
     tool: Tool, allowlist: Iterable[str], granted: frozenset[str] | None,
-    tenant: TenantPolicy = OPEN_POLICY,
+    tenant: TenantPolicy = OPEN_POLICY, declared: frozenset[str] | None = None,
 ) -> Decision:
-    """``granted=None`` means the agent declares no capability limit."""
+    """``granted=None`` means no capability limit; ``declared`` is what the agent's own
+    definition grants (``None``: no limit), so a denial can say who narrowed it."""
     denied = matching_pattern(tool.name, tenant.deny_tools)
     if denied is not None:
         return Decision(False, f"tenant policy denies tools matching {denied!r}")
@@ -61,5 +62,25 @@ def check_tool(
         if missing:
             return Decision(
                 False, f"tool {tool.name!r} needs capabilities not granted: {', '.join(missing)}"
+                + _narrowed_by(missing, declared, tenant)
             )
     return Decision(True, f"allowlist pattern {pattern!r}, capabilities granted")
+
+
+def _narrowed_by(missing: list[str], declared: frozenset[str] | None,
+                 tenant: TenantPolicy) -> str:
+    """Who took away capabilities the agent declares: the tenant policy or the parent run.
+
+    A delegated run holds its own capabilities ∩ its parent's (attenuation), so a capability
+    the agent declares but does not hold, and the tenant allows, is one its parent lacks.
+    """
+    own = [c for c in missing if declared is None or c in declared]
+    by_tenant = [c for c in own if tenant.capabilities is not None and c not in tenant.capabilities]
+    by_parent = [c for c in own if c not in by_tenant]
+    notes = []
+    if by_parent:
+        notes.append(f"the agent declares {', '.join(by_parent)}, but its parent run does not"
+                     " hold it, and a delegated run keeps only what its parent has")
+    if by_tenant:
+        notes.append(f"the tenant policy does not allow {', '.join(by_tenant)}")
+    return f" ({'; '.join(notes)})" if notes else ""

@@ -6,7 +6,9 @@ effect as ``INSERT ... ON CONFLICT (key) DO NOTHING`` in PostgreSQL, so a re-exe
 crash, a lease takeover or a stale (paused) worker never duplicates it. Random sleeps before and
 after the effect make SIGKILL and SIGSTOP land in the middle of tool steps.
 
-The database is named by ``ALPACA_CHAOS_EFFECTS_URL`` (the test creates both tables).
+The database is named by ``ALPACA_CHAOS_EFFECTS_URL`` (the test creates both tables). A task
+with ``hold=NAME`` makes each effect wait, after its attempt, until the file NAME exists in
+the directory ``ALPACA_CHAOS_GATES``: the test decides when, instead of guessing a duration.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -27,7 +30,8 @@ from alpaca_engine.tools.decorator import tool
 
 LABELS = ("reserve", "charge", "notify")
 URL_ENV = "ALPACA_CHAOS_EFFECTS_URL"
-PAUSE = re.compile(r"pause=([0-9.]+)")
+GATES_ENV = "ALPACA_CHAOS_GATES"
+HOLD = re.compile(r"hold=(\w+)")
 
 _pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
 _pool_lock = asyncio.Lock()
@@ -46,10 +50,18 @@ async def _connections() -> AsyncConnectionPool[AsyncConnection[Any]]:
         return _pool
 
 
+async def _gate(name: str) -> None:
+    gate = Path(os.environ[GATES_ENV]) / name  # a file: the test process opens it
+    while True:
+        if gate.exists():
+            return
+        await asyncio.sleep(0.05)
+
+
 @tool
-async def record_effect(label: str, ctx: ToolContext, pause: float = 0.0) -> str:
-    """Perform an external side effect once per idempotency key (``pause``: seconds to wait
-    between the attempt and the effect; 0 waits a random 10-40 ms)."""
+async def record_effect(label: str, ctx: ToolContext, hold: str = "") -> str:
+    """Perform an external side effect once per idempotency key (``hold``: a gate to wait for
+    between the attempt and the effect; otherwise a random 10-40 ms)."""
     pool = await _connections()
     async with pool.connection() as conn:
         await conn.execute(
@@ -57,7 +69,9 @@ async def record_effect(label: str, ctx: ToolContext, pause: float = 0.0) -> str
             "VALUES (%s, %s, %s, %s, %s, %s)",
             (ctx.idempotency_key, ctx.run_id, ctx.step, label, os.getpid(), ctx.attempt))
     # a kill here: an attempt without an effect
-    await asyncio.sleep(pause or random.uniform(0.01, 0.04))
+    if hold:
+        await _gate(hold)
+    await asyncio.sleep(random.uniform(0.01, 0.04))
     async with pool.connection() as conn:
         await conn.execute(
             "INSERT INTO chaos_effects (key, run_id, step, label, pid) "
@@ -80,14 +94,14 @@ async def coordinator_model(messages: Sequence[Message], tools: Sequence[ToolSpe
 
 
 async def executor_model(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
-    """Three effects in order; a task ending in ``pause=SECONDS`` slows each effect down."""
+    """Three effects in order; a task with ``hold=NAME`` makes each wait for that gate."""
     await asyncio.sleep(random.uniform(0.002, 0.01))
     done = _done(messages)
     if done < len(LABELS):
         task = next(m.content or "" for m in messages if m.role == "user")
-        found = PAUSE.search(task)
+        found = HOLD.search(task)
         args: dict[str, Any] = {"label": LABELS[done]}
         if found:
-            args["pause"] = float(found.group(1))
+            args["hold"] = found.group(1)
         return {"tool": "record_effect", "args": args}
     return "executed " + ", ".join(LABELS)
