@@ -25,7 +25,7 @@ from .agents import Agent
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Outcome
 from .coord.local import LocalBreakerBoard
-from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
+from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound, Paused
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import RunState
@@ -83,12 +83,11 @@ class _Outcome:
     settle: dict[str, float] | None = None
 
 
-class _Wait(Exception):
+class _Wait(Paused):
     """The run pauses: an approval is pending or a child run has not finished."""
 
     def __init__(self, reason: str, child_id: str | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.child_id = child_id
 
 
