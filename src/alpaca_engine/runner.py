@@ -297,8 +297,6 @@ class StepRunner:
                                   attempts, audit, settle=settle)
         elapsed = time.perf_counter() - t0
         self.metrics.observe_step("model", elapsed)
-        self.metrics.budget("input_tokens", response.usage.input_tokens)
-        self.metrics.budget("output_tokens", response.usage.output_tokens)
         self.emit({"type": "step.completed", "run_id": step.run_id, "seq": seq, "kind": "model",
                    "name": model_name, "content": response.content,
                    "tool_calls": [c.name for c in response.tool_calls],
@@ -337,8 +335,6 @@ class StepRunner:
                 kind="step.resumed", data={"step": step.seq, "idempotency_key":
                                            step.idempotency_key})]
         await self.store.save_step(step, self.epoch, audit, reserve=reserve)
-        if reserve and step.seq not in self._interrupted:
-            self.metrics.budget("steps", 1)
 
     async def _save_finished(self, step: StepRecord, status: StepStatus, output: Any,
                              error: dict[str, Any] | None, attempts: int,
@@ -656,7 +652,6 @@ class StepRunner:
             usage=self.usage.as_dict(), audit=[AuditEvent(kind="run.paused",
                                                           data={"reason": wait.reason})])
         self.run_record = record
-        self.metrics.run_state(str(record.state))
         self.emit({"type": "run.waiting", "run_id": record.id, "reason": wait.reason})
         if wait.child_id is not None:
             # The child may have finished before we paused: nobody else would wake us then.
@@ -675,7 +670,6 @@ class StepRunner:
             error_code=str(error.code) if error else None,
             error_message=error.message if error else None, usage=self.usage.as_dict())
         self.run_record = record
-        self.metrics.run_state(str(record.state))
         self.emit({"type": "run.finished", "run_id": record.id, "state": str(record.state),
                    "output": record.output, "error_code": record.error_code,
                    "error_message": record.error_message, "usage": record.usage})
