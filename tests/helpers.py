@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from alpaca_engine.agents import Agent
 from alpaca_engine.engine import Engine
@@ -50,12 +54,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def alpaca_serve(env: dict[str, str], *args: str) -> Iterator[str]:
-    """A real `alpaca serve` process on a free port; yields its base URL once /readyz answers,
-    and stops it with SIGTERM (then SIGKILL) afterwards."""
+def alpaca_serve(env: dict[str, str], *args: str, port: int | None = None) -> Iterator[str]:
+    """A real `alpaca serve` process on ``port`` (default: a free one); yields its base URL
+    once /readyz answers, and stops it with SIGTERM (then SIGKILL) afterwards."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "alpaca_engine", "serve", "--port", str(port), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -84,3 +88,61 @@ def stop(proc: subprocess.Popen[str], grace: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+PG_URL = os.environ.get("ALPACA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("ALPACA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """The URL of a fresh, empty database on the test PostgreSQL server (dropped afterwards):
+    what a real `alpaca` process needs, where in-process tests use a schema."""
+    import psycopg
+    from psycopg import sql
+
+    from tests.conftest import service_unavailable
+
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        service_unavailable("PostgreSQL", str(exc).strip())
+        raise
+    name = f"alpaca_t_{uuid.uuid4().hex[:10]}"
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlunsplit(urlsplit(PG_URL)._replace(path="/" + name))
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        admin.close()
+
+
+@contextmanager
+def redis_database() -> Iterator[str]:
+    """The URL of a numbered database of the test Redis that no run stream uses yet (its
+    `alpaca:*` keys are deleted afterwards); pub/sub is server-wide, which only wakes pollers."""
+    import redis
+
+    from tests.conftest import service_unavailable
+
+    base = urlsplit(REDIS_URL)
+    try:
+        probe = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        probe.ping()
+    except redis.RedisError as exc:
+        service_unavailable("Redis", str(exc))
+        raise
+    for _ in range(50):
+        url = urlunsplit(base._replace(path=f"/{random.randint(1, 15)}"))
+        client = redis.Redis.from_url(url)
+        if not client.exists("alpaca:runs"):
+            break
+    try:
+        yield url
+    finally:
+        for key in client.scan_iter("alpaca:*"):
+            client.delete(key)
+        client.close()
+        probe.close()
+

@@ -20,7 +20,7 @@ from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
 from .delegation import children_of
-from .errors import LeaseLost, NotFound
+from .errors import ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
 from .lifecycle import RunState
 from .runner import StepRunner
@@ -227,31 +227,37 @@ class Engine:
         return await self.drive(claimed)
 
     async def drive(self, run: RunRecord) -> RunRecord:
-        """Run the StepRunner under a heartbeat that renews the lease."""
+        """Run the StepRunner under a heartbeat that renews the lease, inside one run span
+        that lasts as long as this execution (the runner's task inherits it)."""
         workflow = self.resolve(run.workflow)
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
                             breakers=self.breakers, emit=self.emit, on_queued=self.dispatch,
                             tenant_policy=self.tenant_policies.get(run.tenant, OPEN_POLICY))
         with tracing.run_span(run.id, run.agent, tenant=run.tenant,
-                              parent_traceparent=run.traceparent):
+                              parent_traceparent=run.traceparent, epoch=run.epoch) as span:
             task = asyncio.ensure_future(runner.run())
-        beat = asyncio.ensure_future(self._heartbeat(run, task))
-        try:
-            record = await task
-            if record.parent_id and record.state.terminal:
-                await self.wake_parent(record.parent_id)
-            return record
-        except LeaseLost:
-            log.warning("run %s: lease lost, another worker owns it now", run.id)
-            return await self.store.get_run(run.id)
-        except asyncio.CancelledError:
-            if task.cancelled() and beat.done() and not beat.cancelled():
+            beat = asyncio.ensure_future(self._heartbeat(run, task))
+            try:
+                record = await task
+                tracing.end_run(span, str(record.state), record.error_code,
+                                record.error_message)
+                if record.parent_id and record.state.terminal:
+                    await self.wake_parent(record.parent_id)
+                return record
+            except LeaseLost as exc:
+                log.warning("run %s: lease lost, another worker owns it now", run.id)
+                tracing.mark_error(span, str(exc.code), exc.message)
                 return await self.store.get_run(run.id)
-            raise
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await beat
+            except asyncio.CancelledError:
+                if task.cancelled() and beat.done() and not beat.cancelled():
+                    tracing.mark_error(span, str(ErrorCode.LEASE_LOST),
+                                       "the heartbeat lost the lease")
+                    return await self.store.get_run(run.id)
+                raise
+            finally:
+                beat.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await beat
 
     async def wake_parent(self, parent_id: str) -> None:
         """A finished child requeues its waiting parent (the reaper is the safety net)."""

@@ -69,3 +69,13 @@ class NotFound(Exception):
 
 class ApprovalConflict(Exception):
     """The approval was already decided (or expired): decisions are final."""
+
+
+class Paused(Exception):
+    """Raised through a step when the run must wait (an approval pending, a child running).
+
+    Not a failure: telemetry ends the spans it crosses OK, with ``reason`` as the cause."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -26,7 +26,7 @@ from .agents import Agent
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Outcome
 from .coord.local import LocalBreakerBoard
-from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound
+from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound, Paused
 from .events import EventSink, discard
 from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import RunState
@@ -93,12 +93,11 @@ class _Outcome:
     settle: dict[str, float] | None = None
 
 
-class _Wait(Exception):
+class _Wait(Paused):
     """The run pauses: an approval is pending or a child run has not finished."""
 
     def __init__(self, reason: str, child_id: str | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.child_id = child_id
 
 
@@ -394,8 +393,6 @@ class StepRunner:
                                   attempts, audit, settle=settle)
         elapsed = time.perf_counter() - t0
         self.metrics.observe_step("model", elapsed)
-        self.metrics.budget("input_tokens", response.usage.input_tokens)
-        self.metrics.budget("output_tokens", response.usage.output_tokens)
         self.emit({"type": "step.completed", "run_id": step.run_id, "seq": seq, "kind": "model",
                    "name": model_name, "content": response.content,
                    "tool_calls": [c.name for c in response.tool_calls],
@@ -435,8 +432,6 @@ class StepRunner:
                                            step.idempotency_key})]
         await self.store.save_step(step, self.epoch, audit, reserve=reserve)
         self._open = step
-        if reserve and step.seq not in self._interrupted:
-            self.metrics.budget("steps", 1)
 
     async def _save_finished(self, step: StepRecord, status: StepStatus, output: Any,
                              error: dict[str, Any] | None, attempts: int,
@@ -786,7 +781,6 @@ class StepRunner:
             usage=self.usage.as_dict(), audit=[AuditEvent(kind="run.paused",
                                                           data={"reason": wait.reason})])
         self.run_record = record
-        self.metrics.run_state(str(record.state))
         self.emit({"type": "run.waiting", "run_id": record.id, "reason": wait.reason})
         if wait.child_id is not None:
             # The child may have finished before we paused: nobody else would wake us then.
@@ -807,7 +801,6 @@ class StepRunner:
             error_message=redact_text(error.message) if error else None,
             usage=self.usage.as_dict())
         self.run_record = record
-        self.metrics.run_state(str(record.state))
         self.emit({"type": "run.finished", "run_id": record.id, "state": str(record.state),
                    "output": record.output, "error_code": record.error_code,
                    "error_message": record.error_message, "usage": record.usage})

@@ -1,10 +1,10 @@
 """Property-based check of the app against its own OpenAPI document (in-process, no network).
 
 Schemathesis generates requests from the document the app serves at ``/openapi.json``;
-every response must be a non-5xx, with a documented status code and a body that matches the
-documented schema. The schema is built eagerly from ``app.openapi()`` (schemathesis' lazy
-``from_fixture`` loader does not work with pytest 9); the app's lifespan (store, embedded
-worker) starts with the first request and is shut down after the module.
+every response must be a non-5xx, with a documented status code and media type and a body
+that matches the documented schema. The schema is built eagerly from ``app.openapi()``
+(schemathesis' lazy ``from_fixture`` loader does not work with pytest 9); the app's lifespan
+(store, embedded worker) starts with the first request and is shut down after the module.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -47,5 +48,6 @@ def _shutdown() -> Iterator[None]:
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi_document(case: schemathesis.Case) -> None:
     case.call_and_validate(
-        checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                response_schema_conformance],
         timeout=PATIENCE)

@@ -273,6 +273,29 @@ async def test_cancelled_subscriber_cleans_up(connect: Connect, prefix: str) -> 
     assert n == 0
 
 
+async def test_a_subscriber_cancelled_while_it_subscribes_still_stops(
+        connect: Connect, prefix: str) -> None:
+    """Cancelled at every point of its start (connect, handshake, SUBSCRIBE), it ends: on
+    Python 3.11 a cancellation landing as a socket write completes used to be swallowed by
+    ``wait_for`` and the subscriber then blocked forever (holding its SSE stream open)."""
+    bus = RedisEventBus(connect(), prefix)
+    stuck = []
+    for yields in range(16):
+        async def consume() -> None:
+            async for _ in bus.subscribe("run-y"):
+                pass
+
+        task = asyncio.create_task(consume())
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            stuck.append(yields)
+            task.cancel()
+    assert stuck == []
+
+
 # -- dispatch ---------------------------------------------------------------------------------
 
 

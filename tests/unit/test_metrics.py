@@ -9,7 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from alpaca_engine.lifecycle import RunState
-from alpaca_engine.telemetry.metrics import METRICS, Metrics
+from alpaca_engine.store.records import AuditEvent
+from alpaca_engine.telemetry.metrics import METRICS, UNKNOWN_TOOL, Metrics
 from alpaca_engine.tools.breaker import BreakerState
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -55,6 +56,67 @@ def test_counters_and_histogram_render() -> None:
     assert s[("alpaca_budget_used_total", (("resource", "cost"),))] == pytest.approx(0.25)
     assert s[("alpaca_budget_used_total", (("resource", "steps"),))] == 1
     assert ("alpaca_budget_used_total", (("resource", "tool_calls"),)) not in s
+
+
+def test_committed_audit_events_count_states_and_every_budget_resource() -> None:
+    m = Metrics()
+    m.committed("run_1", [
+        AuditEvent(kind="run.created", data={"agent": "a"}),
+        AuditEvent(kind="state.changed", data={"from": "queued", "to": "running"}),
+        AuditEvent(kind="budget.reserved", data={"step": 1, "steps": 1.0, "tokens": 900.0,
+                                                 "cost": 0.9}),  # a model's estimate
+        AuditEvent(kind="model.output", data={"usage": {"input_tokens": 10,
+                                                        "output_tokens": 4}, "cost": 0.02}),
+        AuditEvent(kind="budget.reserved", data={"step": 2, "steps": 1.0, "tool_calls": 1.0,
+                                                 "cost": 0.5}),  # a tool's price
+        AuditEvent(kind="state.changed", data={"from": "running", "to": "cancelled"}),
+    ])
+    s = scrape(m)
+    assert {labels[0][1]: v for (name, labels), v in s.items()
+            if name == "alpaca_runs_total"} == {"queued": 1, "running": 1, "cancelled": 1}
+    used = {labels[0][1]: v for (name, labels), v in s.items()
+            if name == "alpaca_budget_used_total"}
+    assert used == {"steps": 2, "tool_calls": 1, "input_tokens": 10, "output_tokens": 4,
+                    "cost": pytest.approx(0.52)}
+
+
+def test_an_invented_tool_name_is_one_label_and_no_created_series() -> None:
+    m = Metrics()
+    for name in ("made_up_1", "made_up_2"):
+        m.tool_error(name, "unknown_tool")
+    m.tool_error("search", "tool_timeout")
+    s = scrape(m)
+    assert s[("alpaca_tool_errors_total", (("code", "unknown_tool"), ("tool", UNKNOWN_TOOL)))] == 2
+    assert {dict(labels)["tool"] for name, labels in s if name == "alpaca_tool_errors_total"} \
+        == {UNKNOWN_TOOL, "search"}
+    body = m.render()[0].decode()
+    assert "_created" not in body
+
+
+async def test_only_committed_transactions_reach_observers() -> None:
+    from alpaca_engine.errors import LeaseLost
+    from alpaca_engine.store import observers
+    from alpaca_engine.store.records import RunRecord
+    from alpaca_engine.store.sqlite import SQLiteStore
+
+    seen: list[str] = []
+    store = SQLiteStore("sqlite:///:memory:")
+    await store.open()
+    stop = observers.subscribe(lambda run_id, events: seen.extend(e.kind for e in events))
+    try:
+        await store.create_run(RunRecord(id="r1", tenant="t", agent="a", workflow="w",
+                                         input="x", root_id="r1", created_at=0, updated_at=0),
+                               [AuditEvent(kind="run.created")])
+        claimed = await store.claim_run("r1", "me", 30, 1.0)
+        assert claimed is not None
+        with pytest.raises(LeaseLost):  # a stale epoch: rolled back, never happened
+            await store.transition("r1", RunState.SUCCEEDED, 2.0, epoch=claimed.epoch - 1)
+        await store.transition("r1", RunState.SUCCEEDED, 3.0, epoch=claimed.epoch)
+    finally:
+        stop()
+        await store.close()
+    assert seen.count("run.created") == 1
+    assert seen.count("state.changed") == 2  # queued → running, running → succeeded
 
 
 def test_instances_do_not_share_a_registry() -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from alpaca_engine.agents import Agent
 from alpaca_engine.engine import Engine
@@ -20,6 +21,12 @@ from tests.unit.test_tracing import spans  # noqa: F401  (the shared in-memory e
 def lookup(q: str) -> str:
     logging.getLogger("alpaca.tools").warning("looking up %s", q)
     return f"result for {q}"
+
+
+@tool(approval="required")
+def announce(text: str) -> str:
+    """A gated side effect."""
+    return f"announced {text}"
 
 
 async def test_spans_nest_across_the_delegation(store, spans: InMemorySpanExporter) -> None:  # noqa: F811
@@ -70,3 +77,38 @@ async def test_log_lines_carry_run_step_and_trace_ids(store, spans, capsys) -> N
     tool_line = next(line for line in lines if line["msg"] == "looking up x")
     assert tool_line["run_id"] == run.id and tool_line["step"] == 2
     assert tool_line["trace_id"] and len(tool_line["trace_id"]) == 32
+
+
+async def test_a_pause_is_not_an_error_and_each_execution_has_its_own_run_span(
+        store, spans: InMemorySpanExporter) -> None:  # noqa: F811
+    wf = Workflow(ref="t", agents={"a": Agent(name="a", tools=["announce"], model=ScriptedModel(
+        [{"tool": "announce", "args": {"text": "hi"}}, "done"]))}, tools=ToolRegistry([announce]))
+    engine = Engine(store, lambda r: wf)
+    run = await engine.run(wf, "a", "go")
+    assert run.state == "waiting"
+    [first] = [s for s in spans.get_finished_spans() if s.name == "invoke_agent a"]
+    [gated] = [s for s in spans.get_finished_spans() if s.name == "execute_tool announce"]
+    assert gated.status.status_code is StatusCode.OK and not gated.events
+    reason = gated.attributes["alpaca.run.paused_reason"]
+    assert "approval" in reason and "pending for announce" in reason
+    assert first.status.status_code is StatusCode.OK
+    assert first.attributes["alpaca.run.paused_reason"] == reason
+    assert first.attributes["alpaca.run.state"] == "waiting"
+    assert gated.parent.span_id == first.context.span_id
+    assert first.start_time <= gated.start_time and gated.end_time <= first.end_time
+
+    [approval] = await store.list_approvals(status="pending")
+    await store.decide_approval(approval.id, approve=True, by="sue", comment=None, now=1.0)
+    assert (await engine.run_tree(run.id)).state == "succeeded"
+    executions = [s for s in spans.get_finished_spans() if s.name == "invoke_agent a"]
+    assert len(executions) == 2
+    second = executions[1]
+    assert second.context.trace_id == first.context.trace_id
+    assert second.attributes["alpaca.run.epoch"] > first.attributes["alpaca.run.epoch"]
+    assert second.attributes["alpaca.run.state"] == "succeeded"
+    assert "alpaca.run.paused_reason" not in second.attributes
+    inside = [s for s in spans.get_finished_spans()
+              if s.parent is not None and s.parent.span_id == second.context.span_id]
+    assert {s.name for s in inside} == {"execute_tool announce", "chat scripted"}
+    assert all(second.start_time <= s.start_time and s.end_time <= second.end_time
+               for s in inside)

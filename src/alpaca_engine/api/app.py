@@ -15,7 +15,6 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from ..config import Settings
 from ..coord.factory import make_coordination
@@ -26,9 +25,9 @@ from ..telemetry.metrics import METRICS
 from ..ui import router as ui_router
 from ..worker import Worker
 from ..workflows.loader import resolve_workflow
+from . import openapi as openapi_document
 from .auth import Authenticator
 from .problems import (
-    PROBLEM_JSON,
     BodyLimitMiddleware,
     InternalErrorMiddleware,
     install_problem_handlers,
@@ -139,19 +138,9 @@ def create_app(
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:
-        """FastAPI documents error bodies as application/json; ours are problem+json."""
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                             routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                for code, response in operation.get("responses", {}).items():
-                    content = response.get("content", {})
-                    if (code == "default" or int(code) >= 400) and "application/json" in content:
-                        content[PROBLEM_JSON] = content.pop("application/json")
-        app.openapi_schema = schema
-        return schema
+        if not app.openapi_schema:
+            app.openapi_schema = openapi_document.build(app)
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app

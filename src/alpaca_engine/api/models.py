@@ -6,7 +6,7 @@ responses and make ``/openapi.json`` a complete, checkable contract.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -144,6 +144,30 @@ class AuditEntry(BaseModel):
 
 class AuditList(BaseModel):
     items: list[AuditEntry]
+
+
+class AuditRecordEvent(BaseModel):
+    """Stream event: one durable audit record of `run_id`. Its SSE `id` is the position to
+    resume after (the record's seq; a tree cursor on a `tree=true` stream)."""
+
+    type: Literal["audit"]
+    run_id: str = Field(description="The run the record belongs to (a child on a tree stream).")
+    record: AuditEntry
+
+
+class EndEvent(BaseModel):
+    """Stream event: the run (every run of the tree on a `tree=true` stream) is terminal and
+    every record was sent; the server closes the stream after it. It has no SSE `id`."""
+
+    type: Literal["end"]
+    run_id: str = Field(description="The run the stream was opened for.")
+    state: RunState = Field(description="That run's terminal state.")
+    last_event_id: str | None = Field(
+        description="The id of the last record event: reconnecting with it answers 204.")
+
+
+RunStreamEvent = Annotated[AuditRecordEvent | EndEvent, Field(discriminator="type")]
+"""The JSON `data` of every event of a run stream, told apart by `type`."""
 
 
 class AuditVerification(BaseModel):

@@ -7,15 +7,13 @@ found (404): the API never confirms that someone else's run exists.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.responses import PlainTextResponse
 
 from ..lifecycle import RunState
@@ -23,6 +21,7 @@ from ..store.base import Store
 from ..store.records import ApprovalStatus, RunRecord
 from ..telemetry.audit import verify_chain
 from ..telemetry.metrics import METRICS
+from . import events
 from .auth import Principal, Role, require
 from .models import (
     AgentInfo,
@@ -51,7 +50,6 @@ from .state import ApiState, Waker, get_state
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer alp_...`")
 
-SSE_POLL_SECONDS = 0.5
 WAIT_POLL_SECONDS = 0.25
 
 
@@ -203,50 +201,42 @@ async def cancel_run(run_id: RunId, st: State, who: Caller) -> CancelResult:
 
 
 @runs.get("/runs/{run_id}/events", response_class=EventSourceResponse,
-          responses={200: {"description": "Server-Sent Events: one per audit record "
-                           "(`id` = seq, `event` = kind, `data` = the record), then `end`.",
-                           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          responses={200: {"description": "Server-Sent Events (see the README's Events): "
+                           "one `message` event per audit record, then `end`."},
+                     204: {"description": "The stream is finished and the position sent "
+                           "(Last-Event-ID or ?after=) is at or past its end: nothing more "
+                           "will come (this stops an EventSource)."},
                      **errors(*AUTHED, 404)})
 async def run_events(
     run_id: RunId,
     st: State,
     who: Caller,
-    after: Annotated[int | None, Query(ge=0, description="Resume after this seq.")] = None,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
-) -> EventSourceResponse:
+    after: Annotated[int | None, Query(ge=0, le=events.INT64_MAX, description=(
+        "Start after this seq of the run (one run's stream only); Last-Event-ID wins."))] = None,
+    tree: Annotated[bool, Query(description=(
+        "Stream the run and every run below it (its delegations, recursively); each event "
+        "names its run, and its id is a tree cursor."))] = False,
+    last_event_id: Annotated[str | None, Header(
+        alias="Last-Event-ID", max_length=events.MAX_CURSOR_CHARS, description=(
+            "The id of the last event received (EventSource sends it when it reconnects): "
+            "a seq, or a tree cursor on a tree stream."))] = None,
+) -> Response:
     """Stream the run's audit records live; reconnect with Last-Event-ID to resume."""
     require(who, Role.USER)
     await st.store.get_run(run_id, who.tenant)
-    start = last_event_id if last_event_id is not None else (after or 0)
-    return EventSourceResponse(audit_stream(st, run_id, start), ping=15,
+    scope = events.Scope(run_id, tree=tree)
+    cursor = events.start_position(scope, last_event_id, after)
+    if await events.nothing_left(st.store, scope, cursor):
+        return Response(status_code=204)
+    return EventSourceResponse(events.stream(st, scope, cursor), ping=15,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def audit_stream(st: ApiState, run_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
-    """Send every record after ``after`` exactly once, in seq order, until the run ends.
-
-    The run's state is read *before* its records: the terminal transition is audited in the
-    same transaction, so once the state is terminal the next read holds every record.
-    """
-    last = after
-    async with Waker(st.engine, run_id) as waker:
-        while True:
-            run = await st.store.get_run(run_id)
-            for record in await st.store.list_audit(run_id, after_seq=last):
-                yield ServerSentEvent(data=json.dumps(record.to_dict(), sort_keys=True),
-                                      event=record.kind, id=str(record.seq))
-                last = record.seq
-            if run.state.terminal:
-                yield ServerSentEvent(event="end", data=json.dumps(
-                    {"run_id": run_id, "state": str(run.state), "last_seq": last}))
-                return
-            await waker.wait(SSE_POLL_SECONDS)
 
 
 @runs.get("/runs/{run_id}/audit", response_model=AuditList, responses=errors(*AUTHED, 404))
 async def run_audit(
     run_id: RunId, st: State, who: Caller,
-    after: Annotated[int, Query(ge=0, description="Only records after this seq.")] = 0,
+    after: Annotated[int, Query(ge=0, le=events.INT64_MAX,
+                                description="Only records after this seq.")] = 0,
 ) -> AuditList:
     """The run's hash-chained audit records, in order."""
     require(who, Role.USER)

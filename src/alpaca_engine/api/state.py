@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import Request
 
@@ -102,15 +102,21 @@ def get_state(request: Request) -> ApiState:
 
 
 class Waker:
-    """Wakes a poller early when the event bus reports activity on a run.
+    """Wakes a poller early when the event bus reports activity on a run (or, with
+    ``tree=True``, on the run or any run it delegated to: their ids extend its id).
 
     Events are only a hint (a publish can race the subscription or be dropped), so callers
-    always re-read the store and wait at most ``poll`` seconds.
+    always re-read the store and wait at most ``poll`` seconds. Leaving never waits on the
+    bus: the listener is cancelled and finishes on its own, so a response that used a Waker
+    ends as soon as its last byte is sent.
     """
 
-    def __init__(self, engine: Engine, run_id: str) -> None:
+    _leaving: ClassVar[set[asyncio.Task[None]]] = set()  # cancelled listeners still closing
+
+    def __init__(self, engine: Engine, run_id: str, *, tree: bool = False) -> None:
         self.engine = engine
         self.run_id = run_id
+        self.tree = tree
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -120,17 +126,24 @@ class Waker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            Waker._leaving.add(task)
+            task.add_done_callback(Waker._leaving.discard)
+
+    def _concerns(self, event: dict[str, Any]) -> bool:
+        run_id = str(event.get("run_id", ""))
+        return run_id == self.run_id or (self.tree and run_id.startswith(self.run_id + "."))
 
     async def _listen(self) -> None:
         assert self.engine.events is not None
         with contextlib.suppress(Exception):
-            stream: AsyncIterator[dict[str, Any]] = self.engine.events.subscribe(self.run_id)
-            async for _event in stream:
-                self._event.set()
+            stream: AsyncIterator[dict[str, Any]] = self.engine.events.subscribe(
+                "*" if self.tree else self.run_id)
+            async for event in stream:
+                if self._concerns(event):
+                    self._event.set()
 
     async def wait(self, poll: float) -> None:
         with contextlib.suppress(TimeoutError):

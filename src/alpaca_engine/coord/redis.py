@@ -174,13 +174,21 @@ class RedisEventBus:
             await pipe.execute()
 
     async def subscribe(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:
+        """Events on ``run_id`` until the consumer stops.
+
+        Python 3.11's ``asyncio.wait_for`` (which redis-py uses for socket writes) swallows a
+        cancellation that lands just as the write completes; a subscriber cancelled then would
+        block on ``get_message`` forever (and hold the SSE response that owns it open). So the
+        read is bounded and a swallowed cancellation is re-raised at each turn of the loop.
+        """
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         delay = 0.05
         try:
             await pubsub.subscribe(self.channel(run_id))
             while True:
+                _raise_if_cancelling()
                 try:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await pubsub.get_message(timeout=_READ_SECONDS)
                 except (AuthenticationError, AuthorizationError):
                     raise
                 except (ConnectionError, TimeoutError) as exc:
@@ -202,6 +210,17 @@ class RedisEventBus:
         finally:
             # Closing drops the connection, which also ends the subscription server-side.
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+_READ_SECONDS = 1.0
+"""How long one pub/sub read blocks before the subscriber checks it was not cancelled."""
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation of the current task that a library call swallowed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class _Unavailable(Exception):

@@ -87,6 +87,7 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
+from . import observers
 from .records import (
     ApiKeyRecord,
     ApprovalRecord,
@@ -412,13 +413,18 @@ class MongoStore:
         any exception it raises aborts the transaction and propagates."""
         if self._client is None:
             raise RuntimeError("store is not open")
-        async with self._client.start_session() as session:
-            return await session.with_transaction(
-                body,
-                read_concern=ReadConcern("snapshot"),
-                write_concern=WriteConcern("majority"),
-                read_preference=ReadPreference.PRIMARY,
-            )
+        async def attempt(session: Session) -> _T:
+            observers.restart()  # a re-run attempt: what the aborted one wrote never happened
+            return await body(session)
+
+        with observers.transaction():
+            async with self._client.start_session() as session:
+                return await session.with_transaction(
+                    attempt,
+                    read_concern=ReadConcern("snapshot"),
+                    write_concern=WriteConcern("majority"),
+                    read_preference=ReadPreference.PRIMARY,
+                )
 
     # -- locking helpers (writes that make concurrent transactions conflict) --------------------
     async def _lock_run(self, s: Session, run_id: str, epoch: int | None) -> RunRecord:
@@ -470,6 +476,7 @@ class MongoStore:
         """Append to the run's chain; callers hold the run's lock (or just inserted the run)."""
         if not events:
             return
+        observers.written(run_id, events)
         audit = self._c("audit")
         head = await audit.find_one(
             {"run_id": run_id}, projection=["seq", "hash"], sort=[("seq", DESCENDING)], session=s

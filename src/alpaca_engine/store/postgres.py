@@ -28,6 +28,7 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
+from . import observers
 from .postgres_migrations import POSTGRES as MIGRATIONS
 from .records import (
     ApiKeyRecord,
@@ -172,8 +173,10 @@ class PostgresStore:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Cursor]:
         """One transaction on one pooled connection; rolled back on any exception."""
-        async with self._conns.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            yield cur
+        with observers.transaction():
+            async with self._conns.connection() as conn, conn.transaction(), \
+                    conn.cursor() as cur:
+                yield cur
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[Cursor]:
@@ -217,6 +220,7 @@ class PostgresStore:
         so the head read here cannot be raced and seq/hash never fork."""
         if not events:
             return
+        observers.written(run_id, events)
         await cur.execute(
             "SELECT seq, hash FROM audit WHERE run_id=%s ORDER BY seq DESC LIMIT 1", (run_id,)
         )

@@ -18,6 +18,7 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, next_record
+from . import observers
 from .migrations import SQLITE as MIGRATIONS
 from .records import (
     ApiKeyRecord,
@@ -109,13 +110,14 @@ class SQLiteStore:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with observers.transaction():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -163,6 +165,7 @@ class SQLiteStore:
                now: float) -> None:
         if not events:
             return
+        observers.written(run_id, events)
         row = db.execute(
             "SELECT seq, hash FROM audit WHERE run_id=? ORDER BY seq DESC LIMIT 1", (run_id,)
         ).fetchone()

@@ -1,7 +1,10 @@
 """Prometheus metrics for the engine: runs by state, step latency, tool health, budgets.
 
 Each :class:`Metrics` owns its own ``CollectorRegistry`` (not the global one), so tests and
-several engines in one process never collide on metric names. Values that live in the store
+several engines in one process never collide on metric names. Run states and budget use are
+counted from the audit events each store commits (:mod:`..store.observers`): every change,
+wherever it is made (runner, API cancel, reaper, approval), is counted once, by the process
+that made it. Counters export no ``_created`` series. Values that live in the store
 (runs per state, orphaned runs) are *read at scrape time* through callables, never pushed, so
 a restarted process reports the truth at once. Those callables run inside the scrape: they
 must be cheap and must not block (an async store should hand in a cached value).
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from prometheus_client import (
@@ -26,11 +29,15 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..store import observers
+from ..store.records import AuditEvent
+
 __all__ = [
     "BREAKER_STATE_VALUES",
     "BUDGET_RESOURCES",
     "METRICS",
     "STEP_BUCKETS",
+    "UNKNOWN_TOOL",
     "Metrics",
 ]
 
@@ -41,6 +48,9 @@ BREAKER_STATE_VALUES: Mapping[str, int] = {"closed": 0, "half_open": 1, "open": 
 
 BUDGET_RESOURCES = frozenset({"steps", "tool_calls", "input_tokens", "output_tokens", "cost"})
 """Fixed label values: an open set would let a typo create a new series."""
+
+UNKNOWN_TOOL = "_unknown"
+"""The ``tool`` label of a call to a tool that does not exist: a model may invent any name."""
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """Model steps take seconds to minutes, so the defaults (which stop at 10 s) are too short."""
@@ -177,8 +187,10 @@ class Metrics:
             self.observe_step(kind, time.perf_counter() - start)
 
     def tool_error(self, tool: str, code: str) -> None:
-        """Count a failed tool call with the engine's error code."""
-        self.tool_errors_total.labels(tool=tool, code=str(code)).inc()
+        """Count a failed tool call with the engine's error code; a name that is not a tool
+        (``unknown_tool``) is counted under :data:`UNKNOWN_TOOL`, so labels stay bounded."""
+        label = UNKNOWN_TOOL if str(code) == "unknown_tool" else tool
+        self.tool_errors_total.labels(tool=label, code=str(code)).inc()
 
     def retry(self, tool: str, count: int = 1) -> None:
         """Count retries (attempts after the first) of ``tool``."""
@@ -217,12 +229,56 @@ class Metrics:
         if amount:
             self.budget_used.labels(resource=resource).inc(amount)
 
+    def committed(self, run_id: str, events: Sequence[AuditEvent]) -> None:
+        """Count what committed audit events record (see the module doc):
+
+        * ``run.created`` enters ``queued``; ``state.changed`` enters ``data.to``;
+        * ``budget.reserved`` spends its ``steps`` and ``tool_calls`` (never given back) and,
+          for a tool call, its ``cost`` (a tool's price is fixed);
+        * ``model.output`` spends its tokens and its priced ``cost``.
+        """
+        for event in events:
+            data = event.data
+            if event.kind == "run.created":
+                self.run_state("queued")
+            elif event.kind == "state.changed" and data.get("to"):
+                self.run_state(str(data["to"]))
+            elif event.kind == "budget.reserved":
+                self.budget("steps", _number(data.get("steps")))
+                self.budget("tool_calls", _number(data.get("tool_calls")))
+                if data.get("tool_calls"):
+                    self.budget("cost", _number(data.get("cost")))
+            elif event.kind == "model.output":
+                usage = data.get("usage") or {}
+                self.budget("input_tokens", _number(usage.get("input_tokens")))
+                self.budget("output_tokens", _number(usage.get("output_tokens")))
+                self.budget("cost", _number(data.get("cost")))
+
     # ------------------------------------------------------------------ exposition
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type, for a ``/metrics`` endpoint."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
+
+
+class _WithoutCreated(Collector):
+    """The registry without the ``*_created`` series (creation timestamps of each label set:
+    noise for Prometheus, which tracks resets itself), without a process-wide switch."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            created = metric.name + "_created"
+            metric.samples = [s for s in metric.samples if s.name != created]
+            yield metric
 
 
 METRICS = Metrics()
 """Process-wide default; attach store-backed sources with ``set_*_source`` at startup."""
+observers.subscribe(METRICS.committed)

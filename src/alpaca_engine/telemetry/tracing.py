@@ -23,6 +23,7 @@ import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -37,7 +38,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from ..errors import AlpacaError
+from ..errors import AlpacaError, Paused
 from .logging import redact_text
 
 __all__ = [
@@ -45,16 +46,19 @@ __all__ = [
     "configure_tracing",
     "current_traceparent",
     "delegation_span",
+    "end_run",
     "get_tracer",
     "mark_error",
     "model_span",
     "record_model_response",
+    "record_pause",
     "run_span",
     "step_span",
     "tool_span",
 ]
 
 TRACER_NAME = "alpaca_engine"
+PAUSED_REASON = "alpaca.run.paused_reason"
 _ENDPOINT_ENVS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 log = logging.getLogger("alpaca.telemetry")
@@ -65,6 +69,9 @@ _otlp_installed = False
 _exporters: list[SpanExporter] = []  # identity list: exporters are not necessarily hashable
 # Explicit W3C propagator: the stored string is a traceparent whatever OTEL_PROPAGATORS says.
 _propagator = TraceContextTextMapPropagator()
+# The run span of the execution in progress (the runner's task inherits it): a pause deep in a
+# step names its reason there too.
+_run: ContextVar[Span | None] = ContextVar("alpaca_run_span", default=None)
 
 
 # --------------------------------------------------------------------------- setup
@@ -146,9 +153,23 @@ def _span(
     ) as span:
         try:
             yield span
+        except Paused as exc:
+            record_pause(span, exc.reason)
+            raise
         except Exception as exc:
             _record_exception(span, exc)
             raise
+
+
+def record_pause(span: Span, reason: str) -> None:
+    """End-of-span facts for a step the run waits in: not an error, and why it waits.
+
+    The reason also goes on the run span around it, which the runner returns from normally."""
+    clean = redact_text(reason)
+    for target in (span, _run.get()):
+        if target is not None and target.is_recording():
+            target.set_attribute(PAUSED_REASON, clean)
+            target.set_status(Status(StatusCode.OK))
 
 
 def _record_exception(span: Span, exc: Exception) -> None:
@@ -187,8 +208,11 @@ def run_span(
     *,
     tenant: str | None = None,
     parent_traceparent: str | None = None,
+    epoch: int | None = None,
 ) -> Iterator[Span]:
-    """Span for one run of an agent (``invoke_agent {agent}``).
+    """Span for one execution of a run of an agent (``invoke_agent {agent}``): keep it open
+    while the run executes (tasks started inside inherit it); each resume opens another one
+    in the same trace, told apart by ``alpaca.run.epoch``.
 
     With ``parent_traceparent`` the span's parent is that remote span (the delegation span of
     the parent run), not whatever is current in this process. An unparsable value falls back to
@@ -209,11 +233,30 @@ def run_span(
             "gen_ai.agent.name": agent,
             "gen_ai.conversation.id": run_id,
             "alpaca.run.id": run_id,
+            "alpaca.run.epoch": epoch,
             "alpaca.tenant": tenant,
         },
         context,
     ) as span:
-        yield span
+        token = _run.set(span)
+        try:
+            yield span
+        finally:
+            _run.reset(token)
+
+
+_FAILED_STATES = frozenset({"failed", "timed_out", "budget_exceeded"})
+
+
+def end_run(span: Span, state: str, error_code: str | None = None,
+            error_message: str | None = None) -> None:
+    """Record where this execution left the run: an error only when the run failed (a pause
+    or a cancellation is an outcome, not a fault of the engine)."""
+    span.set_attribute("alpaca.run.state", state)
+    if state in _FAILED_STATES:
+        mark_error(span, error_code or state, error_message or state)
+    elif not (isinstance(span, ReadableSpan) and span.status.status_code is StatusCode.OK):
+        span.set_status(Status(StatusCode.OK))
 
 
 @contextmanager

@@ -88,7 +88,7 @@ const sleep = (ms, signal) => new Promise((resolve) => {
 });
 
 /**
- * Follow a Server-Sent Events stream until its `end` event (or close()).
+ * Follow a Server-Sent Events stream until its `end` event, or a 204 (or close()).
  * onEvent({id, event, data}) for each event; onStatus("live" | "reconnecting" | "ended" |
  * "unauthorized"). Reconnects after errors with Last-Event-ID, waiting `retry` ms (the
  * server may set it) growing up to 10 s.
@@ -104,6 +104,7 @@ export function follow(path, { onEvent, onStatus = () => {} }) {
     if (lastId !== null) extra["Last-Event-ID"] = lastId;
     const res = await fetch(path, { headers: headers(extra), cache: "no-store", signal });
     if (!res.ok) await fail(res);
+    if (res.status === 204) return true; // finished, and we have seen all of it
     onStatus("live");
     retry = 1000;
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -124,7 +125,7 @@ export function follow(path, { onEvent, onStatus = () => {} }) {
             try { data = JSON.parse(text); } catch { /* not JSON: keep the text */ }
             const name = event.event || "message";
             onEvent({ id: event.id ?? lastId, event: name, data });
-            if (name === "end") {
+            if (name === "message" && data?.type === "end") {
               reader.cancel().catch(() => {});
               return true;
             }

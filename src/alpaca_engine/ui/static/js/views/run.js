@@ -265,9 +265,9 @@ export function mount(root, id) {
     unauthorized: "needs an API key", error: "stream unavailable" };
   let burst = null;
   let stream = null;
-  // Polling keeps the tree current (children have their own streams); events make it instant.
+  // Polling keeps the tree current; the tree's events (children's too) make it instant.
   poller = poll(refresh, 2500);
-  stream = follow(`/v1/runs/${encodeURIComponent(id)}/events`, {
+  stream = follow(`/v1/runs/${encodeURIComponent(id)}/events?tree=true`, {
     onEvent() {
       clearTimeout(burst);
       burst = setTimeout(() => poller.now(), 150); // coalesce a burst of records

@@ -1,0 +1,157 @@
+"""Run event streams (Server-Sent Events): what is sent, in which order, and where to resume.
+
+The wire contract, for any client (a browser ``EventSource``, a generated client, curl):
+
+* Every event is the default SSE ``message`` event, so ``EventSource.onmessage`` sees all of
+  them, including types added later; its ``data`` is JSON told apart by ``type``
+  (:data:`.models.RunStreamEvent`): ``audit`` (one durable audit record) and ``end``.
+* Durable events carry an ``id``: the position to resume after. On one run's stream it is the
+  record's seq; on a ``tree=true`` stream it is a **tree cursor**, ``12,.3:7,.3.5:4``: the
+  last seq sent of the streamed run, then ``path:seq`` for each run below it that sent
+  something, where ``path`` is the run's id without the streamed run's id in front (child
+  ids extend their parent's, ``run_x.3``; any other id is written out in full).
+* Ephemeral events (``message.delta`` of streaming models, later) carry no ``id``: they are
+  never replayed, and a reconnect resumes after the last durable event.
+* ``end`` (no ``id``) comes once every run in the stream is terminal and every record was
+  sent; the server then closes. A request whose position is already at or past the end of a
+  finished stream answers **204**, which stops an ``EventSource`` for good.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sse_starlette import ServerSentEvent
+
+from ..delegation import children_of
+from ..store.base import Store
+from ..store.records import RunRecord
+from .models import AuditEntry, AuditRecordEvent, EndEvent
+from .problems import ProblemError
+from .state import ApiState, Waker
+
+INT64_MAX = 2**63 - 1
+"""Positions are seqs stored as 64-bit integers; anything larger is refused up front."""
+
+SSE_POLL_SECONDS = 0.5
+"""The longest a stream waits before re-reading the store when the event bus says nothing."""
+
+MAX_CURSOR_CHARS = 16_384
+_SEQ = re.compile(r"[0-9]{1,19}")
+
+Cursor = dict[str, int]
+"""The last seq sent, by run id."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one stream covers: a run, or a run and every run below it (``tree``)."""
+
+    run_id: str
+    tree: bool = False
+
+    async def runs(self, store: Store) -> list[RunRecord]:
+        """The runs of the stream, the streamed run first, then its subtree in creation order.
+
+        Read before their records: a terminal state is audited in the same transaction as
+        its record, so a run read terminal has every record in the read that follows."""
+        run = await store.get_run(self.run_id)
+        if not self.tree:
+            return [run]
+        children = children_of(await store.list_runs(root_id=run.root_id, limit=100_000))
+        found = [run]
+        for parent in found:  # grows while it is walked: breadth first
+            found.extend(children.get(parent.id, []))
+        return [run, *sorted(found[1:], key=lambda r: (r.created_at, r.id))]
+
+    def event_id(self, cursor: Cursor) -> str:
+        return format_cursor(self.run_id, cursor) if self.tree else str(cursor[self.run_id])
+
+
+def _invalid(detail: str) -> ProblemError:
+    return ProblemError(422, "invalid_position", detail)
+
+
+def _seq(text: str, what: str) -> int:
+    if not _SEQ.fullmatch(text) or int(text) > INT64_MAX:
+        raise _invalid(f"{what} must be a record seq from 0 to {INT64_MAX}, not {text[:40]!r}")
+    return int(text)
+
+
+def format_cursor(base: str, cursor: Cursor) -> str:
+    """The tree cursor of ``cursor`` for a stream opened on ``base`` (see the module doc)."""
+    parts = [str(cursor[base])] if base in cursor else []
+    for run_id in sorted(r for r in cursor if r != base):
+        path = run_id[len(base):] if run_id.startswith(base + ".") else run_id
+        parts.append(f"{path}:{cursor[run_id]}")
+    return ",".join(parts)
+
+
+def parse_cursor(base: str, text: str) -> Cursor:
+    """Read a tree cursor written by :func:`format_cursor`; 422 when it is not one."""
+    cursor: Cursor = {}
+    for part in text.split(","):
+        path, sep, seq = part.rpartition(":")
+        run_id = base if not sep else base + path if path.startswith(".") else path
+        if (sep and not path) or run_id in cursor:
+            raise _invalid(f"Last-Event-ID {text[:80]!r} is not a tree cursor "
+                           "(send back the id of the last event received)")
+        cursor[run_id] = _seq(seq, "each position of a tree cursor")
+    return cursor
+
+
+def start_position(scope: Scope, last_event_id: str | None, after: int | None) -> Cursor:
+    """Where a request resumes: ``Last-Event-ID`` (a reconnect) wins over ``?after=``."""
+    if last_event_id:
+        if len(last_event_id) > MAX_CURSOR_CHARS:
+            raise _invalid(f"Last-Event-ID is longer than {MAX_CURSOR_CHARS} characters")
+        if scope.tree:
+            return parse_cursor(scope.run_id, last_event_id)
+        return {scope.run_id: _seq(last_event_id, "Last-Event-ID")}
+    if after is None:
+        return {}
+    if scope.tree:
+        raise _invalid("?after= is a seq of one run; a tree stream resumes from Last-Event-ID "
+                       "(the id of the last event received)")
+    return {scope.run_id: after}
+
+
+async def nothing_left(store: Store, scope: Scope, cursor: Cursor) -> bool:
+    """True when the stream is finished and ``cursor`` is at or past its end (answer 204).
+
+    Checked before the stream starts, so a bad position is a 422, not a broken stream."""
+    runs = await scope.runs(store)
+    strangers = set(cursor) - {r.id for r in runs}
+    if strangers:
+        raise _invalid(f"Last-Event-ID names run {sorted(strangers)[0]}, which is not in "
+                       f"this stream (the tree of {scope.run_id})")
+    if not all(r.state.terminal for r in runs):
+        return False
+    for run in runs:
+        if await store.list_audit(run.id, after_seq=cursor.get(run.id, 0)):
+            return False
+    return True
+
+
+async def stream(st: ApiState, scope: Scope, cursor: Cursor) -> AsyncIterator[ServerSentEvent]:
+    """Send every record after ``cursor`` exactly once, in seq order per run, then ``end``."""
+    position = dict(cursor)
+    async with Waker(st.engine, scope.run_id, tree=scope.tree) as waker:
+        while True:
+            runs = await scope.runs(st.store)
+            for run in runs:
+                for record in await st.store.list_audit(run.id,
+                                                        after_seq=position.get(run.id, 0)):
+                    position[run.id] = record.seq
+                    event = AuditRecordEvent(type="audit", run_id=run.id,
+                                             record=AuditEntry.of(record))
+                    yield ServerSentEvent(data=event.model_dump_json(),
+                                          id=scope.event_id(position))
+            if all(r.state.terminal for r in runs):
+                end = EndEvent(type="end", run_id=scope.run_id, state=runs[0].state,
+                               last_event_id=scope.event_id(position) if position else None)
+                yield ServerSentEvent(data=end.model_dump_json())
+                return
+            await waker.wait(SSE_POLL_SECONDS)

@@ -1,0 +1,65 @@
+"""Committed audit events, handed to observers (metrics) once their transaction commits.
+
+Every change the engine makes is audited in the transaction that makes it (a state change is
+a ``state.changed`` record, whoever makes it: runner, API cancel, reaper, approval). So the
+one place that sees every change exactly once is the stores' audit append, *after* commit:
+a rolled-back or re-run transaction reports nothing. Stores wrap each transaction attempt in
+:func:`transaction` and report each append with :func:`written`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from .records import AuditEvent
+
+log = logging.getLogger("alpaca.store")
+
+Observer = Callable[[str, Sequence[AuditEvent]], None]
+
+_observers: list[Observer] = []
+_pending: ContextVar[list[tuple[str, Sequence[AuditEvent]]] | None] = ContextVar(
+    "alpaca_pending_audit", default=None)
+
+
+def subscribe(observer: Observer) -> Callable[[], None]:
+    """Call ``observer(run_id, events)`` after each commit that appended ``events``; returns
+    the function that unsubscribes it. Observers must be quick and must not raise."""
+    _observers.append(observer)
+    return lambda: _observers.remove(observer)
+
+
+@contextmanager
+def transaction() -> Iterator[None]:
+    """Wrap one transaction attempt (its commit included): what it wrote is delivered when
+    the block ends normally, and dropped when it raises."""
+    written_here: list[tuple[str, Sequence[AuditEvent]]] = []
+    token = _pending.set(written_here)
+    try:
+        yield
+    finally:
+        _pending.reset(token)
+    for run_id, events in written_here:
+        for observer in list(_observers):
+            try:
+                observer(run_id, events)
+            except Exception:
+                log.exception("audit observer %r failed", observer)
+
+
+def written(run_id: str, events: Sequence[AuditEvent]) -> None:
+    """Note ``events`` appended to ``run_id``'s chain in the current transaction."""
+    pending = _pending.get()
+    if pending is not None and events:
+        pending.append((run_id, list(events)))
+
+
+def restart() -> None:
+    """The transaction body is being run again (a retried conflict): forget what the aborted
+    attempt wrote."""
+    pending = _pending.get()
+    if pending is not None:
+        pending.clear()
