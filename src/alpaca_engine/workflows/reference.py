@@ -132,6 +132,9 @@ DESCRIPTIONS: dict[str, str] = {
     "OpenAIModelSpec.settings": "Extra request fields (`temperature`, ...); not `model`, "
                                 "`messages`, `tools`, `stream`.",
     "OpenAIModelSpec.retry": "Retries of transient errors (429, 5xx, timeouts).",
+    "OpenAIModelSpec.output_cap_param": "The request field that carries "
+                                        "`limits.max_output_tokens`; `max_tokens` for servers "
+                                        "that only know the older name.",
     "CallItem.text": "Text the model says along with the call.",
     "CallItem.usage": "Tokens to report for this turn. Unset: 10 in, 5 out.",
     "CallsItem.calls": "The tool calls of this turn, executed in order.",
