@@ -23,6 +23,7 @@ from ..store.base import Store
 from ..store.records import ApprovalStatus, RunRecord
 from ..telemetry.audit import verify_chain
 from ..telemetry.metrics import METRICS
+from ..workflow import Workflow
 from .auth import Principal, Role, require
 from .models import (
     AgentInfo,
@@ -48,6 +49,7 @@ from .models import (
 )
 from .problems import Problem, ProblemError
 from .state import ApiState, Waker, get_state
+from .workflow_names import run_workflow
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer alp_...`")
 
@@ -105,9 +107,9 @@ async def create_run(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                                   max_length=255)] = None,
 ) -> Run:
-    """Start a run of an agent of a served workflow."""
+    """Start a run of an agent of a registered (pinned to its version) or served workflow."""
     require(who, Role.USER)
-    workflow = st.served.get(body.workflow)
+    workflow = await run_workflow(st, who.tenant, body.workflow)
     if body.agent not in workflow.agents:
         known = ", ".join(sorted(workflow.agents))
         raise ProblemError(422, "unknown_agent",
@@ -312,10 +314,21 @@ async def list_agents(st: State, who: Caller) -> AgentList:
 
 @catalog.get("/tools", response_model=ToolList, responses=errors(*AUTHED))
 async def list_tools(st: State, who: Caller) -> ToolList:
-    """The tools of the served workflows with their contracts and policies."""
+    """The tools of the served workflows, then the rest of the server's tool catalog
+    (``workflow: catalog``). A registered workflow names a Python tool by its ``python``
+    path."""
     require(who, Role.USER)
-    return ToolList(items=[ToolInfo.model_validate({"workflow": wf.ref, **tool.describe()})
-                           for wf in st.served.workflows for tool in wf.tools])
+    items = [ToolInfo.model_validate({"workflow": wf.ref, **tool.describe(),
+                                      "python": _path_of(wf, tool.name)})
+             for wf in st.served.workflows for tool in wf.tools]
+    listed = {item.python for item in items}
+    items += [ToolInfo.model_validate({"workflow": "catalog", **tool.describe(), "python": path})
+              for path, tool in st.engine.registry.catalog.tools.items() if path not in listed]
+    return ToolList(items=items)
+
+
+def _path_of(workflow: Workflow, tool: str) -> str | None:
+    return next((p for p, name in workflow.python_paths.items() if name == tool), None)
 
 
 @catalog.get("/breakers", response_model=BreakerList, responses=errors(*AUTHED))

@@ -317,17 +317,19 @@ class _Loader:
             data = self._parse(text)
         except WorkflowError as exc:
             return Diagnosis(errors=[exc])
-        if self.rules is not None:
-            self._report(self.rules.check_document(data))
+        problems = self.rules.check_document(data) if self.rules is not None else []
+        self._report(problems)
         spec = self._validate(data)
         if spec is None:
             return Diagnosis(errors=self.errors, data=data)
-        refused: _Refused = frozenset()
         if self.rules is not None:
-            problems = self.rules.check_spec(spec)
-            self._report(problems)
-            refused = frozenset(loc[:3] if loc[:1] == ("agents",) else loc[:2]
-                                for loc, _ in problems)
+            spec_problems = self.rules.check_spec(spec)
+            self._report(spec_problems)
+            problems += spec_problems
+        # An entry or model with a reported problem is not built: nothing refused is
+        # imported or connected, and its problem is not reported twice.
+        refused: _Refused = frozenset(loc[:3] if loc[:1] == ("agents",) else loc[:2]
+                                      for loc, _ in problems)
         tools, failed = self._tools(spec, refused)
         agents = self._agents(spec, tools, refused, failed)
         warnings = [self._error(loc, message) for loc, message in delegation_cycles(spec)]
