@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import textwrap
 from collections.abc import Iterator
-from typing import Any
 
-import httpx
 import pytest
 
+from tests.helpers import gated_workflow as gated
 from tests.unit.toolkit_fixtures.server import LocalServer, Reply, Request, serve
 
 from .conftest import ApiFactory
+from .test_runs import wait_state
 
 YAML = {"Content-Type": "application/yaml"}
 KEYS = {"ann": ("acme", "builder"), "uma": ("acme", "user"), "sue": ("acme", "supervisor"),
@@ -45,26 +44,6 @@ def triage(port: int) -> str:
     """).lstrip("\n")
 
 
-def gated(answer: str, tool_arg: str) -> str:
-    """One agent that waits for approval on a catalog tool, then answers."""
-    return textwrap.dedent(f"""
-        version: 1
-        name: pinned
-        tools:
-          - python: "alpaca_engine.examples_builtin.quickstart_tools:calculate"
-            approval: required
-        agents:
-          - name: agent
-            instructions: "{answer}"
-            model:
-              provider: scripted
-              script:
-                - {{tool: calculate, args: {{expression: "{tool_arg}"}}}}
-                - "{answer}"
-            tools: [calculate]
-    """).lstrip("\n")
-
-
 @pytest.fixture
 def tickets(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalServer]:
     """A ticket service on 127.0.0.1; the operator allows private targets for this test."""
@@ -76,15 +55,6 @@ def tickets(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalServer]:
 
     with serve({"/tickets/42": ticket}) as server:
         yield server
-
-
-async def settle(c: httpx.AsyncClient, run_id: str, *states: str) -> dict[str, Any]:
-    for _ in range(1000):
-        run: dict[str, Any] = (await c.get(f"/v1/runs/{run_id}")).json()
-        if run["state"] in states:
-            return run
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"run {run_id} never reached {states}: {run}")
 
 
 async def test_a_pushed_workflow_with_an_http_and_a_catalog_tool_runs_to_succeeded(
@@ -125,7 +95,7 @@ async def test_a_run_waiting_on_v1_finishes_on_v1_after_v2_is_pushed(
         decided = await sue.post(f"/v1/approvals/{approval['id']}/decision",
                                  json={"decision": "approve"})
         assert decided.status_code == 200
-        done = await settle(ann, waiting["id"], "succeeded", "failed")
+        done = await wait_state(ann, waiting["id"], "succeeded", "failed", seconds=60)
         assert (done["state"], done["output"], done["workflow"]) == (
             "succeeded", "v1 answered", "registry:pinned@1")
         steps = (await ann.get(f"/v1/runs/{waiting['id']}/steps")).json()["items"]

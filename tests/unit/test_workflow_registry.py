@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from alpaca_engine.engine import Engine
@@ -19,27 +17,9 @@ from alpaca_engine.workflows.registry import (
     parse_name,
     registry_ref,
 )
+from tests.helpers import gated_workflow
 
 CATALOG = build_catalog([resolve_workflow("builtin:quickstart")])
-
-
-def gated(answer: str) -> str:
-    """A workflow whose agent calls a gated catalog tool, then answers ``answer``."""
-    return textwrap.dedent(f"""
-        version: 1
-        name: pinned
-        tools:
-          - python: "alpaca_engine.examples_builtin.quickstart_tools:calculate"
-            approval: required
-        agents:
-          - name: agent
-            model:
-              provider: scripted
-              script:
-                - {{tool: calculate, args: {{expression: "6 * 7"}}}}
-                - "{answer}"
-            tools: [calculate]
-    """).lstrip("\n")
 
 
 def test_names_and_refs() -> None:
@@ -55,9 +35,9 @@ def test_names_and_refs() -> None:
 async def test_push_versions_by_content_and_refuses_invalid_documents(
         store: SQLiteStore) -> None:
     registry = WorkflowRegistry(store, catalog=CATALOG, clock=lambda: 1000.0)
-    first, created, _ = await registry.push("acme", gated("v1"), author="ann")
+    first, created, _ = await registry.push("acme", gated_workflow("v1"), author="ann")
     assert (first.name, first.version, created, first.author) == ("pinned", 1, True, "ann")
-    comment_only = "# the same workflow, commented\n" + gated("v1")
+    comment_only = "# the same workflow, commented\n" + gated_workflow("v1")
     same, created, _ = await registry.push("acme", comment_only, author="bob")
     assert (same.version, created, same.author) == (1, False, "ann")
     as_json = await registry.push("acme", '{"version": 1, "name": "pinned", "agents": '
@@ -73,8 +53,8 @@ async def test_push_versions_by_content_and_refuses_invalid_documents(
 
 async def test_resolve_pins_the_version_and_caches_it(store: SQLiteStore) -> None:
     registry = WorkflowRegistry(store, catalog=CATALOG)
-    await registry.push("acme", gated("v1"))
-    await registry.push("acme", gated("v2"))
+    await registry.push("acme", gated_workflow("v1"))
+    await registry.push("acme", gated_workflow("v2"))
     latest = await registry.resolve("acme", "pinned")
     assert latest.ref == "registry:pinned@2"
     first = await registry.resolve("acme", "pinned@1")
@@ -93,12 +73,12 @@ async def test_a_run_waiting_on_v1_finishes_on_v1_after_v2_is_pushed(
     """The run records registry:pinned@1; a fresh engine (a restarted worker, empty cache)
     resumes it on v1 even though v2 is the latest by then."""
     pusher = WorkflowRegistry(store, catalog=CATALOG)
-    await pusher.push("acme", gated("answered by v1"))
+    await pusher.push("acme", gated_workflow("answered by v1"))
     engine = Engine(store, resolve_workflow)
     workflow = await engine.registry.resolve("acme", "pinned")
     run = await engine.run(workflow, "agent", "what is 6 * 7?", tenant="acme")
     assert (run.state, run.workflow) == (RunState.WAITING, "registry:pinned@1")
-    await pusher.push("acme", gated("answered by v2"))
+    await pusher.push("acme", gated_workflow("answered by v2"))
     [approval] = await store.list_approvals(tenant="acme")
     await store.decide_approval(approval.id, approve=True, by="sue", comment=None, now=1.0)
     restarted = Engine(store, resolve_workflow)
