@@ -308,3 +308,19 @@ async def test_the_graph_of_registered_and_served_workflows(start_api: ApiFactor
         paths = [t["python"] for t in tools]
         assert len(paths) == len(set(paths))  # each catalog tool once, served ones first
         assert "alpaca_engine.examples_builtin.quickstart_tools:calculate" in paths
+
+
+async def test_a_retry_with_the_same_idempotency_key_finds_its_run_after_a_new_version(
+        start_api: ApiFactory) -> None:
+    body = {"workflow": "pinned", "agent": "agent", "input": "go"}
+    key = {"Idempotency-Key": "retry-1"}
+    async with start_api(keys=KEYS, worker=False) as api, api.client("ann") as c:
+        await c.post("/v1/workflows", content=gated("one", "1"), headers=YAML)
+        first = await c.post("/v1/runs", json=body, headers=key)
+        await c.post("/v1/workflows", content=gated("two", "2"), headers=YAML)
+        again = await c.post("/v1/runs", json=body, headers=key)
+        assert (first.status_code, again.status_code) == (201, 200)
+        assert again.json()["id"] == first.json()["id"]
+        assert again.json()["workflow"] == "registry:pinned@1"
+        other = await c.post("/v1/runs", json={**body, "workflow": "pinned@2"}, headers=key)
+        assert other.status_code == 409 and other.json()["code"] == "idempotency_key_reused"

@@ -24,6 +24,7 @@ from ..store.records import ApprovalStatus, RunRecord
 from ..telemetry.audit import verify_chain
 from ..telemetry.metrics import METRICS
 from ..workflow import Workflow
+from ..workflows.registry import names_same_request
 from .auth import Principal, Role, require
 from .models import (
     AgentInfo,
@@ -118,8 +119,9 @@ async def create_run(
     record, created = await st.engine.submit_run(
         workflow, body.agent, body.input, tenant=who.tenant, idempotency_key=idempotency_key,
         budget=budget)
-    if not created and (record.agent, record.input, record.workflow) != (
-            body.agent, body.input, workflow.ref):
+    if not created and ((record.agent, record.input) != (body.agent, body.input)
+                        or not names_same_request(record.workflow, body.workflow,
+                                                  workflow.ref)):
         raise ProblemError(409, "idempotency_key_reused",
                            f"Idempotency-Key {idempotency_key!r} was used for run {record.id} "
                            "with a different agent, input or workflow")

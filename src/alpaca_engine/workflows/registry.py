@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 REF_PREFIX = "registry:"
-FORMATS = ("yaml", "json")
 _NAME_AT = re.compile(r"^([A-Za-z0-9_-]{1,64})(?:@([1-9][0-9]{0,8}))?$")
 
 
@@ -62,6 +61,17 @@ def parse_name(text: str) -> tuple[str, int | None] | None:
     if match is None or (is_registry_ref(text) and match.group(2) is None):
         return None
     return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def names_same_request(ref: str, requested: str | None, resolved: str) -> bool:
+    """Whether a run that recorded ``ref`` answers a request for ``requested`` (which resolves
+    to ``resolved`` now): an unpinned ``NAME`` matches any version of it, so a client's retry
+    with the same Idempotency-Key still finds its run after a newer version was pushed."""
+    if ref == resolved:
+        return True
+    asked = parse_name(requested) if requested else None
+    kept = parse_name(ref) if is_registry_ref(ref) else None
+    return asked is not None and kept is not None and asked[1] is None and asked[0] == kept[0]
 
 
 def content_hash(data: Any) -> str:
