@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -249,3 +250,10 @@ async def test_a_pushed_http_tool_calls_through_the_guard(local: LocalServer) ->
     assert found.workflow is not None
     tool = found.workflow.tools.get("item")
     assert tool is not None and await tool.invoke({"id": 7}, CTX) == {"id": 7}
+
+
+def test_the_example_in_the_readme_is_a_valid_pushed_workflow() -> None:
+    example = Path(__file__).parents[2] / "examples" / "builder" / "triage.yaml"
+    found = diagnose_workflow_text(example.read_text(), rules=RegistryRules(
+        catalog=build_catalog([resolve_workflow("builtin:demo")])))
+    assert found.errors == [] and found.spec is not None and found.spec.name == "triage"
