@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -129,11 +130,16 @@ def test_push_draw_and_watch_a_run_on_the_graph(
             expect(page.locator("#workflow-ref")).to_have_text("builtin:demo")
             expect(page.locator("#workflow-graph g.node")).to_have_count(9)
 
-            # a run of the pushed workflow, live on its graph
-            run = sue.post("/v1/runs", json={"workflow": "builder-demo", "agent": "orchestrator",
-                                             "input": "Should we launch in the EU?"}).json()
+            # a run of the latest version started from its page, live on its graph
+            page.goto(base + "/ui/#/workflows/builder-demo")
+            start = page.locator("#start-run")
+            expect(start).to_contain_text("builder-demo@2")
+            start.get_by_label("Agent").select_option("orchestrator")
+            start.get_by_label("Input").fill("Should we launch in the EU?")
+            start.get_by_role("button", name="Start run").click()
+            page.wait_for_url(re.compile(r"#/runs/run_[0-9a-f]+$"))
+            run = sue.get(f"/v1/runs/{page.url.rsplit('/', 1)[1]}").json()
             assert run["workflow"] == "registry:builder-demo@2"
-            page.goto(base + f"/ui/#/runs/{run['id']}")
             overlay = page.locator("#run-graph svg.graph")
             expect(overlay.locator("g.node.kind-agent")).to_have_count(5)
             notification = overlay.locator('g.node[data-id="agent:notification"]')

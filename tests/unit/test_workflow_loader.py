@@ -804,3 +804,11 @@ def test_a_delegation_cycle_is_a_warning_and_the_workflow_still_loads() -> None:
     [warning] = found.warnings
     assert (warning.line, warning.field) == (12, "agents[2].delegates_to[0]")
     assert warning.message.startswith("delegation cycle a -> b -> c -> a")
+
+
+def test_json_indented_with_tabs_loads_with_its_lines() -> None:
+    text = json.dumps({"version": 1, "agents": [{"name": "a", "model": {
+        "provider": "scripted", "script": ["hi"]}, "limits": {"max_steps": 0}}]}, indent="\t")
+    [(line, field, message)] = diagnosis(text)
+    assert (line, field) == (13, "agents[0].limits.max_steps") and "greater than" in message
+    assert load_workflow_text(text.replace('"max_steps": 0', '"max_steps": 2')).agents

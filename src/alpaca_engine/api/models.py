@@ -33,7 +33,7 @@ class RunCreate(BaseModel):
     agent: str = Field(min_length=1, max_length=200)
     input: str
     workflow: str | None = Field(
-        default=None, max_length=300,
+        default=None, max_length=4096,
         description="A registered workflow, `NAME` (its latest version) or `NAME@VERSION`, "
                     "or a served one (`builtin:demo`, `file:STEM`, its ref); default: the "
                     "first served one. The run records the version it resolved.")

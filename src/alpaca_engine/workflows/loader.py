@@ -14,6 +14,7 @@ import importlib
 import importlib.resources
 import importlib.util
 import inspect
+import json
 import re
 import sys
 import threading
@@ -349,6 +350,16 @@ class _Loader:
     # -- parsing and validation ----------------------------------------------------------------
 
     def _parse(self, text: str) -> Any:
+        try:
+            return self._parse_yaml(text)
+        except WorkflowError:
+            if "\t" not in text or not _is_json(text):
+                raise
+        # JSON is YAML, except that JSON may indent with tabs; in valid JSON a raw tab can
+        # only be whitespace (strings escape it), so spaces keep every line where it was.
+        return self._parse_yaml(text.replace("\t", " "))
+
+    def _parse_yaml(self, text: str) -> Any:
         loader: yaml.SafeLoader | None = None
         try:
             loader = yaml.SafeLoader(text)  # the reader already refuses control characters
@@ -751,6 +762,14 @@ def _policies(entry: GovernedSpec) -> dict[str, Any]:
     if "cost" in fields and entry.cost is not None:
         out["cost"] = entry.cost
     return out
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:

@@ -5,7 +5,7 @@
 import { api, withQuery } from "../api.js";
 import { fill, h, note, pretty, timeEl } from "../dom.js";
 import { drawGraph } from "../graph.js";
-import { errorText } from "../ui.js";
+import { errorText, toast } from "../ui.js";
 
 const link = (name) => `#/workflows/${encodeURIComponent(name)}`;
 
@@ -38,6 +38,34 @@ export function mountList(root) {
   return { unmount() {} };
 }
 
+/** Start a run of this very version (registered) or of the served workflow. */
+function startForm(target, agents) {
+  const agent = h("select", { id: "start-agent", name: "agent", required: true },
+    agents.map((a, i) => h("option", { value: a, selected: i === 0 }, a)));
+  const input = h("input", { id: "start-input", name: "input", type: "text", required: true,
+    placeholder: "What should the agent do?" });
+  const message = h("p", { class: "form-message", role: "status" });
+  const form = h("form", { id: "start-run", class: "panel new-run", "aria-labelledby": "start-title" },
+    h("h2", { id: "start-title" }, "Start a run of ", h("span", { class: "mono" }, target)),
+    h("div", { class: "row" },
+      h("div", { class: "field" }, h("label", { for: "start-agent" }, "Agent"), agent),
+      h("div", { class: "field grow" }, h("label", { for: "start-input" }, "Input"), input)),
+    h("div", { class: "row end" }, message, h("button", { type: "submit", class: "primary" }, "Start run")));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const run = await api("/v1/runs", { method: "POST",
+        body: { workflow: target, agent: agent.value, input: input.value } });
+      toast(`Started ${run.id} on ${run.workflow}`, "ok");
+      location.hash = `#/runs/${encodeURIComponent(run.id)}`;
+    } catch (error) {
+      message.textContent = error.message;
+      message.className = "form-message error";
+    }
+  });
+  return form;
+}
+
 function nodeDetails(node) {
   if (!node) return note("Select a node to see its settings.");
   return h("div", {},
@@ -51,6 +79,7 @@ export function mountDetail(root, name, params) {
   const graphBox = h("div", { class: "graph-box", id: "workflow-graph" });
   const details = h("section", { class: "panel", id: "node-details", "aria-live": "polite" }, nodeDetails(null));
   const source = h("section", { "aria-labelledby": "source-title", hidden: true });
+  const start = h("div", { id: "start-box" });
   fill(root,
     h("p", { class: "crumbs" }, h("a", { href: "#/workflows" }, "Workflows"), " / ", h("span", { class: "mono" }, name)),
     head,
@@ -62,6 +91,7 @@ export function mountDetail(root, name, params) {
         h("span", { class: "key key-denied" }, "not permitted")),
       graphBox),
     details,
+    start,
     source);
 
   (async () => {
@@ -97,6 +127,7 @@ export function mountDetail(root, name, params) {
       fill(details, nodeDetails(node));
     } });
     fill(graphBox, svg);
+    fill(start, startForm(detail.kind === "registered" ? `${name}@${shown}` : name, detail.agents));
     if (detail.kind === "registered" && shown) {
       try {
         const text = await api(`/v1/workflows/${encodeURIComponent(name)}/versions/${shown}`);
