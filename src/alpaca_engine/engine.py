@@ -36,6 +36,8 @@ from .workflows.schema import WorkflowError
 log = logging.getLogger("alpaca.engine")
 
 WorkflowResolver = Callable[[str], Workflow]
+_UNREACHABLE = (".mcp.url", ".mcp.command")
+"""Fields of a load error that say a server could not be reached (worth retrying later)."""
 
 
 def make_owner() -> str:
@@ -243,8 +245,10 @@ class Engine:
         try:
             workflow = await self.workflow_for(run)
         except (WorkflowError, NotFound) as exc:
-            # A workflow that no longer loads (a file edited, an MCP server gone) ends the
-            # run with the reason instead of leaving it running until its lease expires.
+            if isinstance(exc, WorkflowError) and exc.field.endswith(_UNREACHABLE):
+                raise  # an MCP server down for now: the lease expires, the run is retried
+            # A workflow that can no longer load (a file edited, a version gone, a setting
+            # missing on this worker) ends the run with the reason instead of a crash loop.
             log.error("run %s: its workflow %s does not load: %s", run.id, run.workflow, exc)
             failed = await self.store.transition(
                 run.id, RunState.FAILED, self.clock.now(), epoch=run.epoch,

@@ -7,8 +7,9 @@ import pytest
 from alpaca_engine.engine import Engine
 from alpaca_engine.errors import NotFound
 from alpaca_engine.lifecycle import RunState
+from alpaca_engine.store.records import WorkflowRecord
 from alpaca_engine.store.sqlite import SQLiteStore
-from alpaca_engine.workflows.loader import resolve_workflow
+from alpaca_engine.workflows.loader import WorkflowError, resolve_workflow
 from alpaca_engine.workflows.policy import build_catalog
 from alpaca_engine.workflows.registry import (
     WorkflowRegistry,
@@ -99,3 +100,23 @@ async def test_a_run_whose_workflow_no_longer_loads_fails_with_the_reason(
     done = await engine.drive(broken.model_copy(update={"epoch": claimed.epoch}))
     assert (done.state, done.error_code) == (RunState.FAILED, "config_error")
     assert "workflow registry:gone@1 does not load" in (done.error_message or "")
+
+
+async def test_an_unreachable_mcp_server_is_retried_later_not_failed(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALPACA_REGISTRY_ALLOW_PRIVATE", "1")
+    source = ("version: 1\nname: remote\ntools:\n  - mcp: {server: gone, url: "
+              "'http://127.0.0.1:9/mcp', connect_timeout: 2}\nagents:\n  - name: a\n"
+              "    model: {provider: scripted, script: [done]}\n")
+    await store.put_workflow(WorkflowRecord(tenant="acme", name="remote", content_hash="h",
+                                            source=source))
+    engine = Engine(store, resolve_workflow)
+    quickstart = resolve_workflow("builtin:quickstart")
+    run = await engine.submit(quickstart, "researcher", "hi", tenant="acme")
+    claimed = await store.claim_run(run.id, "w", 30, 1.0)
+    assert claimed is not None
+    pinned = claimed.model_copy(update={"workflow": "registry:remote@1"})
+    with pytest.raises(WorkflowError) as info:
+        await engine.drive(pinned)
+    assert info.value.field == "tools[0].mcp.url"
+    assert (await store.get_run(run.id)).state == RunState.RUNNING  # its lease will expire
