@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,27 @@ def workflow(model: Model | Sequence[Any], tools: Sequence[Tool], *, allow: Sequ
 
 def engine(store: Store, wf: Workflow, **kw: Any) -> Engine:
     return Engine(store, lambda ref: wf, **kw)
+
+
+def gated_workflow(answer: str, expression: str = "6 * 7") -> str:
+    """A registered workflow ``pinned`` whose agent waits for approval on a catalog tool
+    (``calculate`` of builtin:quickstart), then answers ``answer``: what a version pins."""
+    return textwrap.dedent(f"""
+        version: 1
+        name: pinned
+        tools:
+          - python: "alpaca_engine.examples_builtin.quickstart_tools:calculate"
+            approval: required
+        agents:
+          - name: agent
+            instructions: "{answer}"
+            model:
+              provider: scripted
+              script:
+                - {{tool: calculate, args: {{expression: "{expression}"}}}}
+                - "{answer}"
+            tools: [calculate]
+    """).lstrip("\n")
 
 
 def free_port() -> int:

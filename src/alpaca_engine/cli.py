@@ -696,7 +696,8 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant the key acts for.")],
-    role: Annotated[str, typer.Option(help="user, supervisor or admin.")] = "user",
+    role: Annotated[str, typer.Option(
+        help="user, supervisor, builder (a user who may push workflows) or admin.")] = "user",
     name: Annotated[str, typer.Option(help="A label, recorded as who decided.")] = "",
     db: DbOpt = None,
     as_json: JsonOpt = False,
@@ -705,8 +706,8 @@ def keys_create(
     from .api.auth import Role, create_api_key
 
     if role not in {r.value for r in Role}:
-        err_console.print(f"[red]error:[/red] role must be user, supervisor or admin, "
-                          f"not {role!r}")
+        err_console.print(f"[red]error:[/red] role must be one of "
+                          f"{', '.join(r.value for r in Role)}, not {role!r}")
         raise typer.Exit(EXIT_FAILED)
     if not tenant.strip():
         err_console.print("[red]error:[/red] --tenant must not be empty")
@@ -739,3 +740,9 @@ def _configure() -> None:
 
 def main() -> None:
     app()
+
+
+# Registered workflows live in their own module; the import is here, after ``app`` exists.
+from .cli_workflows import workflows_app  # noqa: E402
+
+app.add_typer(workflows_app, name="workflows")

@@ -30,10 +30,14 @@ from .telemetry import tracing
 from .tools.governance import OPEN_POLICY, TenantPolicy
 from .wakeups import wake_finished_waiters, wake_if_ready
 from .workflow import Workflow
+from .workflows.registry import WorkflowRegistry, is_registry_ref
+from .workflows.schema import WorkflowError
 
 log = logging.getLogger("alpaca.engine")
 
 WorkflowResolver = Callable[[str], Workflow]
+_UNREACHABLE = (".mcp.url", ".mcp.command")
+"""Fields of a load error that say a server could not be reached (worth retrying later)."""
 
 
 def make_owner() -> str:
@@ -85,9 +89,12 @@ class Engine:
         events: EventBus | None = None,
         dispatcher: Dispatcher | None = None,
         tenant_policies: Mapping[str, TenantPolicy] | None = None,
+        registry: WorkflowRegistry | None = None,
     ) -> None:
         self.store = store
         self.resolve = resolve
+        self.registry = registry or WorkflowRegistry(store)
+        """Registered workflows (``registry:NAME@V`` refs), read from this engine's store."""
         self.clock = clock or SystemClock()
         self.owner = owner or make_owner()
         self.lease_seconds = lease_seconds
@@ -226,10 +233,31 @@ class Engine:
             return None
         return await self.drive(claimed)
 
+    async def workflow_for(self, run: RunRecord) -> Workflow:
+        """The workflow a run was submitted to: a registered version (within the run's
+        tenant), a file or a builtin."""
+        if is_registry_ref(run.workflow):
+            return await self.registry.resolve(run.tenant, run.workflow)
+        return self.resolve(run.workflow)
+
     async def drive(self, run: RunRecord) -> RunRecord:
         """Run the StepRunner under a heartbeat that renews the lease, inside one run span
         that lasts as long as this execution (the runner's task inherits it)."""
-        workflow = self.resolve(run.workflow)
+        try:
+            workflow = await self.workflow_for(run)
+        except (WorkflowError, NotFound) as exc:
+            if isinstance(exc, WorkflowError) and exc.field.endswith(_UNREACHABLE):
+                raise  # an MCP server down for now: the lease expires, the run is retried
+            # A workflow that can no longer load (a file edited, a version gone, a setting
+            # missing on this worker) ends the run with the reason instead of a crash loop.
+            log.error("run %s: its workflow %s does not load: %s", run.id, run.workflow, exc)
+            failed = await self.store.transition(
+                run.id, RunState.FAILED, self.clock.now(), epoch=run.epoch,
+                error_code=str(ErrorCode.CONFIG_ERROR),
+                error_message=f"workflow {run.workflow} does not load: {exc}")
+            if failed.parent_id:
+                await self.wake_parent(failed.parent_id)
+            return failed
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
                             breakers=self.breakers, emit=self.emit, on_queued=self.dispatch,
                             tenant_policy=self.tenant_policies.get(run.tenant, OPEN_POLICY))

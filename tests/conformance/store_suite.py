@@ -3,6 +3,8 @@ provides a ``store`` fixture yielding an open, empty store."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from alpaca_engine.budget import BudgetExceeded
@@ -15,6 +17,7 @@ from alpaca_engine.store.records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    WorkflowRecord,
 )
 from alpaca_engine.telemetry.audit import verify_chain
 
@@ -294,3 +297,61 @@ class LedgerApprovalKeyConformance:
         assert await store.get_api_key("nope") is None
         assert [k.id for k in await store.list_api_keys("t1")] == ["k1"]
         assert await store.list_api_keys("t2") == []
+
+
+def new_workflow(name: str = "wf", content: str = "a", *, tenant: str = "t1",
+                 at: float = 100.0) -> WorkflowRecord:
+    return WorkflowRecord(tenant=tenant, name=name, content_hash=f"hash-{content}",
+                          author="ann", created_at=at, format="yaml",
+                          source=f"version: 1\nname: {name}\n# {content}\n")
+
+
+class WorkflowConformance:
+    """Registered workflows: immutable versions per tenant and name (DESIGN §11)."""
+
+    async def test_versions_are_numbered_and_the_same_content_is_not_stored_twice(self, store):
+        first, created = await store.put_workflow(new_workflow(content="a"))
+        assert created and first.version == 1
+        again, created_again = await store.put_workflow(new_workflow(content="a", at=200))
+        assert not created_again and again == first  # the existing version, unchanged
+        second, created = await store.put_workflow(new_workflow(content="b", at=300))
+        assert created and second.version == 2 and second.created_at == 300
+        back, created = await store.put_workflow(new_workflow(content="a", at=400))
+        assert created and back.version == 3  # only the latest is compared: a revert is new
+
+    async def test_get_latest_or_a_version_and_every_field_round_trips(self, store):
+        await store.put_workflow(new_workflow(content="a"))
+        await store.put_workflow(new_workflow(content="b"))
+        latest = await store.get_workflow("t1", "wf")
+        assert (latest.version, latest.content_hash) == (2, "hash-b")
+        v1 = await store.get_workflow("t1", "wf", 1)
+        assert v1 == new_workflow(content="a").model_copy(update={"version": 1})
+        with pytest.raises(NotFound, match="version 3 of workflow 'wf' not found"):
+            await store.get_workflow("t1", "wf", 3)
+        with pytest.raises(NotFound, match="workflow 'nope' not found"):
+            await store.get_workflow("t1", "nope")
+
+    async def test_tenants_are_isolated_and_numbered_independently(self, store):
+        await store.put_workflow(new_workflow(content="a"))
+        await store.put_workflow(new_workflow(content="b"))
+        theirs, created = await store.put_workflow(new_workflow(content="a", tenant="t2"))
+        assert created and theirs.version == 1
+        with pytest.raises(NotFound):
+            await store.get_workflow("t3", "wf")
+        assert await store.list_workflows("t3") == []
+        assert await store.list_workflow_versions("t3", "wf") == []
+        assert [w.version for w in await store.list_workflow_versions("t2", "wf")] == [1]
+
+    async def test_list_gives_the_latest_of_each_name_and_versions_newest_first(self, store):
+        for name, content in (("zeta", "1"), ("alpha", "1"), ("alpha", "2"), ("mid", "1")):
+            await store.put_workflow(new_workflow(name, content))
+        listed = await store.list_workflows("t1")
+        assert [(w.name, w.version) for w in listed] == [("alpha", 2), ("mid", 1), ("zeta", 1)]
+        versions = await store.list_workflow_versions("t1", "alpha")
+        assert [(w.version, w.content_hash) for w in versions] == [(2, "hash-2"), (1, "hash-1")]
+
+    async def test_concurrent_pushes_of_one_name_never_share_a_version(self, store):
+        results = await asyncio.gather(*(store.put_workflow(new_workflow(content=str(i)))
+                                         for i in range(8)))
+        assert sorted(r.version for r, _created in results) == list(range(1, 9))
+        assert all(created for _r, created in results)

@@ -50,6 +50,7 @@ from alpaca_engine.telemetry.audit import verify_chain
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    WorkflowConformance,
     new_run,
 )
 
@@ -105,7 +106,7 @@ async def store(database: str) -> AsyncIterator[MongoStore]:
 
 
 @needs_mongo
-class TestMongo(StoreConformance, LedgerApprovalKeyConformance):
+class TestMongo(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
     pass  # uses the fresh-database ``store`` fixture above
 
 
@@ -806,7 +807,9 @@ def _fake_server(monkeypatch: pytest.MonkeyPatch, **hello: Any) -> _FakeServer:
     return server
 
 
-class TestMongoStoreLogicOnAFakeDriver(StoreConformance, LedgerApprovalKeyConformance):
+class TestMongoStoreLogicOnAFakeDriver(
+    StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance
+):
     @pytest.fixture
     async def store(self, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MongoStore]:
         _fake_server(monkeypatch)

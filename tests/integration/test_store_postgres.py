@@ -34,7 +34,9 @@ from alpaca_engine.telemetry.audit import verify_chain
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    WorkflowConformance,
     new_run,
+    new_workflow,
 )
 from tests.conftest import service_unavailable
 
@@ -79,7 +81,7 @@ async def store(schema: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
-class TestPostgres(StoreConformance, LedgerApprovalKeyConformance):
+class TestPostgres(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
     pass  # uses the fresh-schema ``store`` fixture above
 
 
@@ -351,6 +353,38 @@ async def test_concurrent_decisions_on_one_approval_exactly_one_wins(schema: str
         await b.close()
 
 
+async def test_concurrent_pushers_of_one_workflow_get_distinct_versions(schema: str):
+    """Ten stores (ten connections) push different content under one name at once: the
+    primary key refuses a duplicate number and the losers retry, so 1..10 are each taken
+    once; a second round of the same contents changes nothing only for the latest one."""
+    setup = await _open(schema)
+    pushers = [await _open(schema, pool_size=1) for _ in range(10)]
+    barrier = asyncio.Barrier(len(pushers))
+
+    async def push(n: int, s: PostgresStore):
+        await barrier.wait()
+        return await s.put_workflow(new_workflow(content=f"c{n}", at=float(n)))
+
+    try:
+        results = await asyncio.gather(*(push(n, s) for n, s in enumerate(pushers)))
+    finally:
+        for s in pushers:
+            await s.close()
+    try:
+        assert sorted(r.version for r, _ in results) == list(range(1, 11))
+        assert all(created for _, created in results)
+        stored = await setup.list_workflow_versions("t1", "wf")
+        assert [w.version for w in stored] == list(range(10, 0, -1))
+        by_version = {r.version: r.content_hash for r, _ in results}
+        assert {w.version: w.content_hash for w in stored} == by_version
+        latest = stored[0]
+        again, created = await setup.put_workflow(
+            new_workflow(content=latest.content_hash.removeprefix("hash-")))
+        assert not created and again.version == 10
+    finally:
+        await setup.close()
+
+
 # -- schema and migrations --------------------------------------------------------------------
 
 
@@ -382,6 +416,7 @@ async def test_migrations_are_versioned_and_idempotent(schema: str):
                 "runs",
                 "schema_migrations",
                 "steps",
+                "workflows",
             ]
         finally:
             await admin.close()
@@ -398,8 +433,8 @@ async def test_existing_empty_schema_starts_at_version_zero(schema: str):
         assert await s.schema_version() == len(POSTGRES)
         await admin.execute(
             sql.SQL(
-                "DROP TABLE {0}.api_keys, {0}.approvals, {0}.ledgers, {0}.audit, {0}.steps, "
-                "{0}.runs, {0}.schema_migrations"
+                "DROP TABLE {0}.workflows, {0}.api_keys, {0}.approvals, {0}.ledgers, {0}.audit, "
+                "{0}.steps, {0}.runs, {0}.schema_migrations"
             ).format(sql.Identifier(schema))
         )
         assert await s.schema_version() == 0

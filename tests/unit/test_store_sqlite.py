@@ -10,14 +10,18 @@ import pytest
 from alpaca_engine.store.factory import make_store
 from alpaca_engine.store.migrations import SQLITE
 from alpaca_engine.store.sqlite import SQLiteStore
-from tests.conformance.store_suite import LedgerApprovalKeyConformance, StoreConformance
+from tests.conformance.store_suite import (
+    LedgerApprovalKeyConformance,
+    StoreConformance,
+    WorkflowConformance,
+)
 
 
-class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance):
+class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
     pass  # uses the in-memory ``store`` fixture of tests/unit/conftest.py
 
 
-class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance):
+class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         s = SQLiteStore(f"sqlite:///{tmp_path}/alpaca.db", audit_key=b"k")

@@ -22,7 +22,7 @@ from alpaca_engine.toolkit import (
     html_to_text,
 )
 from alpaca_engine.toolkit import extract as extract_mod
-from alpaca_engine.toolkit import fetch as fetch_mod
+from alpaca_engine.toolkit import net as net_mod
 from alpaca_engine.toolkit.net import is_public_address
 from alpaca_engine.tools.base import ToolContext
 from alpaca_engine.tools.retry import TransientError, call_with_retry, default_is_transient
@@ -273,7 +273,7 @@ async def test_every_redirect_hop_is_checked(
 ) -> None:
     """A public page must not bounce the fetcher into a private address."""
     monkeypatch.delenv("ALPACA_FETCH_ALLOW_PRIVATE", raising=False)
-    monkeypatch.setattr(fetch_mod, "is_public_address", lambda ip: str(ip) == "127.0.0.1")
+    monkeypatch.setattr(net_mod, "is_public_address", lambda ip: str(ip) == "127.0.0.1")
     server.routes["/bounce"] = lambda _r: Reply(
         302, headers={"Location": f"http://127.0.0.2:{server.port}/article"}
     )

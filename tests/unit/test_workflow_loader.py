@@ -715,3 +715,100 @@ def test_a_shadowed_module_is_loaded_once_under_its_private_name(tmp_path: Path)
     assert pick_a.invoke is not pick_b.invoke  # distinct Tools ...
     added = {n for n in sys.modules if n.startswith("_alpaca_workflow_")} - private
     assert len(added) <= 1  # ... at most one more module (none if "tools" was free)
+
+
+# -- every error at once (the one code path behind files, validation and pushes) ---------------
+
+
+def diagnosis(text: str) -> list[tuple[int | None, str, str]]:
+    found = loader_module._Loader("wf.yaml", loader_module._Importer(base_dir=FIXTURES)) \
+        .diagnose(doc(text), "wf.yaml")
+    assert found.workflow is None
+    return [(e.line, e.field, e.message) for e in found.errors]
+
+
+def test_schema_errors_are_all_reported_with_field_and_line() -> None:
+    assert diagnosis("""
+        version: 1
+        agents:
+          - name: a
+            model: {provider: scripted, script: [done]}
+            limits: {max_steps: 0}
+          - name: b
+            model: {provider: bogus}
+            colour: red
+    """) == [
+        (5, "agents[0].limits.max_steps", "Input should be greater than or equal to 1"),
+        (7, "agents[1].model.provider",
+         "expected a mapping with provider: scripted, function or openai"),
+        (8, "agents[1].colour", "unknown field 'colour'"),
+    ]
+
+
+def test_build_errors_of_different_entries_and_agents_are_all_reported() -> None:
+    found = diagnosis("""
+        version: 1
+        tools:
+          - python: "wf_tools:add"
+          - python: "no_such_module_xyz:thing"
+          - python: "wf_tools:subtract"
+        agents:
+          - name: a
+            model: {provider: scripted, script: [done]}
+            tools: [add, thing, multipy]
+            delegates_to: [a, c]
+          - name: b
+            model: {provider: function, function: "wf_missing_xyz:reply"}
+    """)
+    assert [(line, field) for line, field, _ in found] == [
+        (4, "tools[1].python"), (5, "tools[2].python"), (9, "agents[0].tools[2]"),
+        (10, "agents[0].delegates_to[0]"), (10, "agents[0].delegates_to[1]"),
+        (12, "agents[1].model.function")]
+    messages = [m for _, _, m in found]
+    assert "unknown tool 'thing'" not in " ".join(messages)  # its entry failed: said once
+    assert "cannot delegate to itself" in messages[3]
+    assert messages[4].startswith("unknown agent 'c'")
+
+
+def test_a_file_load_raises_the_first_error_and_counts_the_rest() -> None:
+    err = error_of("""
+        version: 1
+        tools:
+          - python: "wf_tools:subtract"
+        agents:
+          - name: a
+            model: {provider: scripted, script: [done]}
+            tools: [nope]
+    """)
+    assert (err.line, err.field) == (3, "tools[0].python")
+    assert err.message.endswith("has no attribute 'subtract' (and 1 more error)")
+
+
+def test_a_delegation_cycle_is_a_warning_and_the_workflow_still_loads() -> None:
+    found = loader_module._Loader("wf.yaml", loader_module._Importer()).diagnose(doc("""
+        version: 1
+        name: loop
+        agents:
+          - name: a
+            model: {provider: scripted, script: [done]}
+            delegates_to: [b]
+          - name: b
+            model: {provider: scripted, script: [done]}
+            delegates_to: [c]
+          - name: c
+            model: {provider: scripted, script: [done]}
+            delegates_to: [a]
+    """), "wf.yaml")
+    assert found.errors == [] and found.workflow is not None
+    assert found.spec is not None and found.spec.name == "loop"
+    [warning] = found.warnings
+    assert (warning.line, warning.field) == (12, "agents[2].delegates_to[0]")
+    assert warning.message.startswith("delegation cycle a -> b -> c -> a")
+
+
+def test_json_indented_with_tabs_loads_with_its_lines() -> None:
+    text = json.dumps({"version": 1, "agents": [{"name": "a", "model": {
+        "provider": "scripted", "script": ["hi"]}, "limits": {"max_steps": 0}}]}, indent="\t")
+    [(line, field, message)] = diagnosis(text)
+    assert (line, field) == (13, "agents[0].limits.max_steps") and "greater than" in message
+    assert load_workflow_text(text.replace('"max_steps": 0', '"max_steps": 2')).agents

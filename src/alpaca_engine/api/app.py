@@ -25,6 +25,7 @@ from ..telemetry.metrics import METRICS
 from ..ui import router as ui_router
 from ..worker import Worker
 from ..workflows.loader import resolve_workflow
+from ..workflows.policy import build_catalog, catalog_modules
 from . import openapi as openapi_document
 from .auth import Authenticator
 from .problems import (
@@ -33,6 +34,7 @@ from .problems import (
     install_problem_handlers,
 )
 from .routes import approvals, catalog, ops, runs
+from .routes_workflows import workflows as workflows_router
 from .state import ApiState, LocalDispatcher, MetricsCache, ServedWorkflows, workflow_ref
 
 log = logging.getLogger("alpaca.api")
@@ -106,6 +108,8 @@ def create_app(
                 eng = Engine(the_store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                              breakers=coord.breakers, events=coord.events,
                              dispatcher=dispatcher, tenant_policies=cfg.tenant_policies())
+            # What pushed workflows may name: the catalog modules and the served workflows.
+            eng.registry.catalog = build_catalog(served.workflows, catalog_modules())
             auth = Authenticator(eng.store)
             await auth.refresh()
             cache = MetricsCache(eng.store)
@@ -134,7 +138,7 @@ def create_app(
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit)
     app.add_middleware(InternalErrorMiddleware)
-    for router in (runs, approvals, catalog, ops, ui_router):
+    for router in (runs, approvals, workflows_router, catalog, ops, ui_router):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:

@@ -29,13 +29,16 @@ class Role(StrEnum):
     USER = "user"
     SUPERVISOR = "supervisor"
     ADMIN = "admin"
+    BUILDER = "builder"
+    """A user who may also push workflows (DESIGN §11); not a supervisor, so whoever builds a
+    workflow does not also approve what it does."""
 
     @property
     def rank(self) -> int:
         return _RANK[self]
 
 
-_RANK = {Role.USER: 0, Role.SUPERVISOR: 1, Role.ADMIN: 2}
+_RANK = {Role.USER: 0, Role.BUILDER: 0, Role.SUPERVISOR: 1, Role.ADMIN: 2}
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Principal:
         return self.name or self.key_id or self.tenant
 
     def allows(self, role: Role) -> bool:
+        if role == Role.BUILDER:  # beside the ranks: only builders and admins push workflows
+            return self.role in (Role.BUILDER, Role.ADMIN)
         return self.role.rank >= role.rank
 
 

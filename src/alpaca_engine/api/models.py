@@ -33,7 +33,10 @@ class RunCreate(BaseModel):
     agent: str = Field(min_length=1, max_length=200)
     input: str
     workflow: str | None = Field(
-        default=None, description="A served workflow ref (default: the first served one).")
+        default=None, max_length=4096,
+        description="A registered workflow, `NAME` (its latest version) or `NAME@VERSION`, "
+                    "or a served one (`builtin:demo`, `file:STEM`, its ref); default: the "
+                    "first served one. The run records the version it resolved.")
     budget: Budget | None = None
 
 
@@ -195,7 +198,9 @@ class AgentList(BaseModel):
 
 
 class ToolInfo(BaseModel):
-    workflow: str
+    workflow: str = Field(description="The served workflow's ref, or `catalog`.")
+    python: str | None = Field(default=None, description="The import path a registered "
+                               "workflow names this tool by (`python:`), for Python tools.")
     name: str
     description: str
     source: str

@@ -21,6 +21,8 @@ from ..store.base import Store
 from ..store.records import ApprovalStatus, RunRecord
 from ..telemetry.audit import verify_chain
 from ..telemetry.metrics import METRICS
+from ..workflow import Workflow
+from ..workflows.registry import names_same_request
 from . import events
 from .auth import Principal, Role, require
 from .models import (
@@ -47,6 +49,7 @@ from .models import (
 )
 from .problems import Problem, ProblemError
 from .state import ApiState, Waker, get_state
+from .workflow_names import run_workflow
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer alp_...`")
 
@@ -103,9 +106,9 @@ async def create_run(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                                   max_length=255)] = None,
 ) -> Run:
-    """Start a run of an agent of a served workflow."""
+    """Start a run of an agent of a registered (pinned to its version) or served workflow."""
     require(who, Role.USER)
-    workflow = st.served.get(body.workflow)
+    workflow = await run_workflow(st, who.tenant, body.workflow)
     if body.agent not in workflow.agents:
         known = ", ".join(sorted(workflow.agents))
         raise ProblemError(422, "unknown_agent",
@@ -114,8 +117,9 @@ async def create_run(
     record, created = await st.engine.submit_run(
         workflow, body.agent, body.input, tenant=who.tenant, idempotency_key=idempotency_key,
         budget=budget)
-    if not created and (record.agent, record.input, record.workflow) != (
-            body.agent, body.input, workflow.ref):
+    if not created and ((record.agent, record.input) != (body.agent, body.input)
+                        or not names_same_request(record.workflow, body.workflow,
+                                                  workflow.ref)):
         raise ProblemError(409, "idempotency_key_reused",
                            f"Idempotency-Key {idempotency_key!r} was used for run {record.id} "
                            "with a different agent, input or workflow")
@@ -302,10 +306,21 @@ async def list_agents(st: State, who: Caller) -> AgentList:
 
 @catalog.get("/tools", response_model=ToolList, responses=errors(*AUTHED))
 async def list_tools(st: State, who: Caller) -> ToolList:
-    """The tools of the served workflows with their contracts and policies."""
+    """The tools of the served workflows, then the rest of the server's tool catalog
+    (``workflow: catalog``). A registered workflow names a Python tool by its ``python``
+    path."""
     require(who, Role.USER)
-    return ToolList(items=[ToolInfo.model_validate({"workflow": wf.ref, **tool.describe()})
-                           for wf in st.served.workflows for tool in wf.tools])
+    items = [ToolInfo.model_validate({"workflow": wf.ref, **tool.describe(),
+                                      "python": _path_of(wf, tool.name)})
+             for wf in st.served.workflows for tool in wf.tools]
+    listed = {item.python for item in items}
+    items += [ToolInfo.model_validate({"workflow": "catalog", **tool.describe(), "python": path})
+              for path, tool in st.engine.registry.catalog.tools.items() if path not in listed]
+    return ToolList(items=items)
+
+
+def _path_of(workflow: Workflow, tool: str) -> str | None:
+    return next((p for p, name in workflow.python_paths.items() if name == tool), None)
 
 
 @catalog.get("/breakers", response_model=BreakerList, responses=errors(*AUTHED))

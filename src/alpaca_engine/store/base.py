@@ -1,4 +1,4 @@
-"""The Store protocol: runs, steps, audit (and later approvals and keys) behind one interface.
+"""The Store protocol: runs, steps, audit, approvals, keys and workflows behind one interface.
 
 Every mutation of a leased run carries the lease epoch; a store refuses a write whose epoch
 is stale (``LeaseLost``), so a worker paused past its lease cannot write anything. Audit
@@ -20,6 +20,7 @@ from .records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    WorkflowRecord,
 )
 
 
@@ -134,3 +135,20 @@ class Store(Protocol):
         """The active (not revoked) key with this hash."""
 
     async def list_api_keys(self, tenant: str | None = None) -> list[ApiKeyRecord]: ...
+
+    async def put_workflow(self, workflow: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        """Store a new version of ``(tenant, name)``: the next number after the latest.
+
+        When the latest version already has this ``content_hash``, return it and ``False``
+        (nothing stored). Concurrent puts of one name never get the same number (a unique
+        key on tenant, name, version, and a retry on conflict)."""
+
+    async def get_workflow(self, tenant: str, name: str,
+                           version: int | None = None) -> WorkflowRecord:
+        """One version (``None``: the latest); NotFound when absent or another tenant's."""
+
+    async def list_workflows(self, tenant: str) -> list[WorkflowRecord]:
+        """The latest version of each of the tenant's workflows, by name."""
+
+    async def list_workflow_versions(self, tenant: str, name: str) -> list[WorkflowRecord]:
+        """Every version of one workflow, newest first (empty when there is none)."""

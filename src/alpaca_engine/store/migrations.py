@@ -111,3 +111,29 @@ SQLITE.append(
     );
     """
 )
+
+SQLITE.append(
+    # 3: PLACEHOLDER, not a real migration. Another branch adds migration 3 (runs); this
+    # no-op only keeps the registry's migration at number 4 until the branches are merged,
+    # when the real migration 3 replaces it.
+    """
+    SELECT 1;
+    """
+)
+
+SQLITE.append(
+    # 4: registered workflows (DESIGN §11): immutable versions per tenant and name
+    """
+    CREATE TABLE workflows (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        content_hash TEXT NOT NULL,
+        author TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        format TEXT NOT NULL,
+        source TEXT NOT NULL,
+        PRIMARY KEY (tenant, name, version)
+    );
+    """
+)

@@ -23,6 +23,8 @@ newer (the oldest server PyMongo 4.20 talks to).
 ``approvals``       ``_id`` = approval id; unique ``(run_id, step)``; ``(tenant, status,
                     created_at)``; ``(status, expires_at)``.
 ``api_keys``        ``_id`` = key id; unique ``key_hash``; ``(tenant, created_at)``.
+``workflows``       one document per registered workflow version; unique ``(tenant, name,
+                    version)``.
 ``schema_migrations`` one document per applied index-set version (``_id`` = version).
 =================== ===========================================================================
 
@@ -97,7 +99,9 @@ from .records import (
     RunRecord,
     StepRecord,
     StepStatus,
+    WorkflowRecord,
     unfinished_step_error,
+    workflow_not_found,
 )
 
 Doc = dict[str, Any]
@@ -108,7 +112,8 @@ _StepOutcome = tuple[
 _T = TypeVar("_T")
 
 DEFAULT_DATABASE = "alpaca"
-COLLECTIONS = ("runs", "steps", "audit", "ledgers", "approvals", "api_keys", "schema_migrations")
+COLLECTIONS = ("runs", "steps", "audit", "ledgers", "approvals", "api_keys", "workflows",
+               "schema_migrations")
 
 MIGRATIONS: list[dict[str, list[IndexModel]]] = [
     # 1: the initial index set
@@ -153,9 +158,27 @@ MIGRATIONS: list[dict[str, list[IndexModel]]] = [
             IndexModel([("tenant", ASCENDING), ("created_at", ASCENDING)], name="api_keys_tenant"),
         ],
     },
+    # 2: nothing new (the SQL stores' migration 2 added tables and columns only)
+    {},
+    # 3: PLACEHOLDER, not a real index set: another branch adds migration 3; this keeps the
+    # registry's index set at number 4 until the branches are merged.
+    {},
+    # 4: registered workflows; the unique key is what keeps concurrent pushes of one name
+    # from taking the same version number
+    {
+        "workflows": [
+            IndexModel(
+                [("tenant", ASCENDING), ("name", ASCENDING), ("version", DESCENDING)],
+                name="workflows_version",
+                unique=True,
+            ),
+        ],
+    },
 ]
 """Versioned index sets. Append, never edit, a version."""
 
+_PUT_ATTEMPTS = 50
+"""Retries of a workflow push that lost the race for its version number to another push."""
 _NAMESPACE_EXISTS = 48  # server error code of ``create`` on an existing collection
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _BIGINT = "~int"
@@ -279,6 +302,11 @@ def _approval(doc: Mapping[str, Any]) -> ApprovalRecord:
 
 def _api_key(doc: Mapping[str, Any]) -> ApiKeyRecord:
     return ApiKeyRecord.model_validate(_fields(doc))
+
+
+def _workflow(doc: Mapping[str, Any]) -> WorkflowRecord:
+    # Not _fields: a workflow's ``version`` is its number, not a lock counter to drop.
+    return WorkflowRecord.model_validate({k: v for k, v in doc.items() if k != "_id"})
 
 
 def _ledger_state(doc: Mapping[str, Any]) -> ledger_logic.LedgerState:
@@ -1133,3 +1161,45 @@ class MongoStore:
         order = [("created_at", ASCENDING), ("_id", ASCENDING)]
         cursor = self._c("api_keys").find(query).sort(order)
         return [_api_key(d) for d in await cursor.to_list()]
+
+    # -- registered workflows ------------------------------------------------------------------
+    async def put_workflow(self, workflow: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        """Read the latest version, insert the next; the unique ``(tenant, name, version)``
+        index refuses a number a concurrent push took first, and the read-insert is retried."""
+        key = {"tenant": workflow.tenant, "name": workflow.name}
+        for _attempt in range(_PUT_ATTEMPTS):
+            latest = await self._c("workflows").find_one(key, sort=[("version", DESCENDING)])
+            if latest is not None and latest["content_hash"] == workflow.content_hash:
+                return _workflow(latest), False
+            number = int(latest["version"]) + 1 if latest is not None else 1
+            stored = workflow.model_copy(update={"version": number})
+            try:
+                await self._c("workflows").insert_one(stored.model_dump())
+            except DuplicateKeyError:
+                continue  # another push took this number first: read the new latest
+            return stored, True
+        raise RuntimeError(f"workflow {workflow.name!r}: {_PUT_ATTEMPTS} concurrent pushes "
+                           "won the version number first; push again")
+
+    async def get_workflow(self, tenant: str, name: str,
+                           version: int | None = None) -> WorkflowRecord:
+        query: Doc = {"tenant": tenant, "name": name}
+        if version is not None:
+            query["version"] = version
+        doc = await self._c("workflows").find_one(query, sort=[("version", DESCENDING)])
+        if doc is None:
+            raise NotFound(workflow_not_found(name, version))
+        return _workflow(doc)
+
+    async def list_workflows(self, tenant: str) -> list[WorkflowRecord]:
+        cursor = self._c("workflows").find({"tenant": tenant}).sort(
+            [("name", ASCENDING), ("version", DESCENDING)])
+        latest: dict[str, WorkflowRecord] = {}
+        for doc in await cursor.to_list():
+            latest.setdefault(str(doc["name"]), _workflow(doc))
+        return list(latest.values())
+
+    async def list_workflow_versions(self, tenant: str, name: str) -> list[WorkflowRecord]:
+        cursor = self._c("workflows").find({"tenant": tenant, "name": name}).sort(
+            "version", DESCENDING)
+        return [_workflow(d) for d in await cursor.to_list()]

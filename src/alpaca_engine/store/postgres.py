@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor, sql
+from psycopg import AsyncConnection, AsyncCursor, errors, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Json, Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -39,10 +39,15 @@ from .records import (
     RunRecord,
     StepRecord,
     StepStatus,
+    WorkflowRecord,
     unfinished_step_error,
+    workflow_not_found,
 )
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
+
+_PUT_ATTEMPTS = 50
+"""Retries of a workflow push that lost the race for its version number to another push."""
 
 Cursor = AsyncCursor[DictRow]
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
@@ -877,3 +882,58 @@ class PostgresStore:
             await cur.execute(f"SELECT * FROM api_keys{where} ORDER BY created_at, id", args)
             rows = await cur.fetchall()
         return [ApiKeyRecord.model_validate(r) for r in rows]
+
+    # -- registered workflows ------------------------------------------------------------------
+    async def put_workflow(self, workflow: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        """Read the latest version and insert the next; a concurrent push that took the same
+        number makes the insert violate the primary key, and the whole read-insert is
+        retried against the new latest (READ COMMITTED sees the winner's commit)."""
+        for _attempt in range(_PUT_ATTEMPTS):
+            try:
+                async with self._tx() as cur:
+                    await cur.execute(
+                        "SELECT * FROM workflows WHERE tenant=%s AND name=%s "
+                        "ORDER BY version DESC LIMIT 1", (workflow.tenant, workflow.name))
+                    row = await cur.fetchone()
+                    if row is not None and row["content_hash"] == workflow.content_hash:
+                        return WorkflowRecord.model_validate(row), False
+                    stored = workflow.model_copy(
+                        update={"version": (int(row["version"]) if row else 0) + 1})
+                    await cur.execute(
+                        "INSERT INTO workflows(tenant, name, version, content_hash, author, "
+                        "created_at, format, source) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                        (stored.tenant, stored.name, stored.version, stored.content_hash,
+                         stored.author, stored.created_at, stored.format, stored.source))
+                return stored, True
+            except errors.UniqueViolation:
+                continue  # another push took this number first: read the new latest
+        raise RuntimeError(f"workflow {workflow.name!r}: {_PUT_ATTEMPTS} concurrent pushes "
+                           "won the version number first; push again")
+
+    async def get_workflow(self, tenant: str, name: str,
+                           version: int | None = None) -> WorkflowRecord:
+        query = "SELECT * FROM workflows WHERE tenant=%s AND name=%s"
+        args: tuple[object, ...] = (tenant, name)
+        if version is not None:
+            query, args = query + " AND version=%s", (*args, version)
+        async with self._read() as cur:
+            await cur.execute(query + " ORDER BY version DESC LIMIT 1", args)
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(workflow_not_found(name, version))
+        return WorkflowRecord.model_validate(row)
+
+    async def list_workflows(self, tenant: str) -> list[WorkflowRecord]:
+        async with self._read() as cur:
+            await cur.execute(
+                "SELECT DISTINCT ON (name) * FROM workflows WHERE tenant=%s "
+                "ORDER BY name, version DESC", (tenant,))
+            rows = await cur.fetchall()
+        return [WorkflowRecord.model_validate(r) for r in rows]
+
+    async def list_workflow_versions(self, tenant: str, name: str) -> list[WorkflowRecord]:
+        async with self._read() as cur:
+            await cur.execute("SELECT * FROM workflows WHERE tenant=%s AND name=%s "
+                              "ORDER BY version DESC", (tenant, name))
+            rows = await cur.fetchall()
+        return [WorkflowRecord.model_validate(r) for r in rows]

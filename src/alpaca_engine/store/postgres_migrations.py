@@ -129,3 +129,30 @@ POSTGRES.append(
     CREATE INDEX api_keys_tenant ON api_keys(tenant, created_at);
     """
 )
+
+POSTGRES.append(
+    # 3: PLACEHOLDER, not a real migration. Another branch adds migration 3 (runs); this
+    # no-op only keeps the registry's migration at number 4 until the branches are merged,
+    # when the real migration 3 replaces it.
+    """
+    SELECT 1;
+    """
+)
+
+POSTGRES.append(
+    # 4: registered workflows (as SQLite migration 4); the primary key is what makes two
+    # concurrent pushes of one name unable to take the same version number
+    """
+    CREATE TABLE workflows (
+        tenant TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        version BIGINT NOT NULL,
+        content_hash TEXT NOT NULL,
+        author TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        format TEXT NOT NULL,
+        source TEXT NOT NULL,
+        PRIMARY KEY (tenant, name, version)
+    );
+    """
+)

@@ -1,4 +1,4 @@
-"""The records every store keeps: runs, steps and audit entries."""
+"""The records every store keeps: runs, steps, audit entries, approvals, keys, workflows."""
 
 from __future__ import annotations
 
@@ -149,3 +149,28 @@ class LedgerRecord(BaseModel):
     limits: dict[str, float] = Field(default_factory=dict)
     used: dict[str, float] = Field(default_factory=dict)
     exhausted: str | None = None
+
+
+class WorkflowRecord(BaseModel):
+    """One immutable version of a registered workflow (DESIGN §11), per tenant and name.
+
+    ``version`` is assigned by the store (1, 2, 3 ... per tenant and name); ``content_hash``
+    is the SHA-256 of the document's canonical JSON, so a re-push that only changes comments
+    or layout is the same content. ``source`` is the text exactly as pushed.
+    """
+
+    tenant: str
+    name: str
+    version: int = 0
+    content_hash: str
+    author: str = ""
+    created_at: float = 0.0
+    format: str = "yaml"
+    """``yaml`` or ``json``: how ``source`` is written."""
+    source: str
+
+
+def workflow_not_found(name: str, version: int | None = None) -> str:
+    """The one NotFound message of every store for a missing workflow (or version)."""
+    which = f"workflow {name!r}" if version is None else f"version {version} of workflow {name!r}"
+    return f"{which} not found"

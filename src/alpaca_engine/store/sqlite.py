@@ -29,7 +29,9 @@ from .records import (
     RunRecord,
     StepRecord,
     StepStatus,
+    WorkflowRecord,
     unfinished_step_error,
+    workflow_not_found,
 )
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
@@ -596,3 +598,42 @@ class SQLiteStore:
             sql, args = sql + " WHERE tenant=?", (tenant,)
         rows = self._conn.execute(sql + " ORDER BY created_at", args).fetchall()
         return [ApiKeyRecord.model_validate(dict(r)) for r in rows]
+
+    # -- registered workflows ------------------------------------------------------------------
+    async def put_workflow(self, workflow: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        # BEGIN IMMEDIATE serializes writers across processes: the max read here is final.
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM workflows WHERE tenant=? AND name=? "
+                             "ORDER BY version DESC LIMIT 1",
+                             (workflow.tenant, workflow.name)).fetchone()
+            if row is not None and row["content_hash"] == workflow.content_hash:
+                return WorkflowRecord.model_validate(dict(row)), False
+            stored = workflow.model_copy(update={"version": (row["version"] if row else 0) + 1})
+            db.execute("INSERT INTO workflows(tenant, name, version, content_hash, author, "
+                       "created_at, format, source) VALUES (?,?,?,?,?,?,?,?)",
+                       (stored.tenant, stored.name, stored.version, stored.content_hash,
+                        stored.author, stored.created_at, stored.format, stored.source))
+        return stored, True
+
+    async def get_workflow(self, tenant: str, name: str,
+                           version: int | None = None) -> WorkflowRecord:
+        sql = "SELECT * FROM workflows WHERE tenant=? AND name=?"
+        args: tuple[object, ...] = (tenant, name)
+        if version is not None:
+            sql, args = sql + " AND version=?", (*args, version)
+        row = self._conn.execute(sql + " ORDER BY version DESC LIMIT 1", args).fetchone()
+        if row is None:
+            raise NotFound(workflow_not_found(name, version))
+        return WorkflowRecord.model_validate(dict(row))
+
+    async def list_workflows(self, tenant: str) -> list[WorkflowRecord]:
+        rows = self._conn.execute(
+            "SELECT w.* FROM workflows w JOIN (SELECT name, MAX(version) AS v FROM workflows "
+            "WHERE tenant=? GROUP BY name) latest ON w.name=latest.name AND w.version=latest.v "
+            "WHERE w.tenant=? ORDER BY w.name", (tenant, tenant)).fetchall()
+        return [WorkflowRecord.model_validate(dict(r)) for r in rows]
+
+    async def list_workflow_versions(self, tenant: str, name: str) -> list[WorkflowRecord]:
+        rows = self._conn.execute("SELECT * FROM workflows WHERE tenant=? AND name=? "
+                                  "ORDER BY version DESC", (tenant, name)).fetchall()
+        return [WorkflowRecord.model_validate(dict(r)) for r in rows]

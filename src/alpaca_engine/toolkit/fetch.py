@@ -30,11 +30,9 @@ from .extract import extract_readable
 from .net import (
     USER_AGENT,
     IPAddress,
-    URLNotAllowed,
+    checked_addresses,
     env_flag,
-    is_public_address,
     parse_http_url,
-    resolve_host,
     transport_error,
     upstream_error,
 )
@@ -97,18 +95,8 @@ def _pinned(url: httpx.URL, ip: IPAddress) -> httpx.URL:
 
 
 async def _addresses(url: httpx.URL, config: FetchConfig) -> list[IPAddress]:
-    host = url.raw_host.decode("ascii")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    addresses = await resolve_host(host, port)
-    if not config.allow_private:
-        # One non-public answer is enough to refuse: a mixed answer is a rebinding trick.
-        blocked = [ip for ip in addresses if not is_public_address(ip)]
-        if blocked:
-            raise URLNotAllowed(
-                f"refusing to fetch {url.host!r}: it resolves to a non-public address "
-                f"({blocked[0]}); set {ALLOW_PRIVATE_ENV}=1 to allow private networks"
-            )
-    return addresses
+    return await checked_addresses(url, allow_private=config.allow_private,
+                                   setting=ALLOW_PRIVATE_ENV)
 
 
 async def _get(client: httpx.AsyncClient, url: httpx.URL, config: FetchConfig) -> _Body:

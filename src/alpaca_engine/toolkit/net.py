@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 from importlib import metadata
 
 import httpx
@@ -20,11 +21,13 @@ from ..tools.retry import TransientError
 
 __all__ = [
     "USER_AGENT",
+    "GuardedTransport",
     "IPAddress",
     "ToolConfigError",
     "TransientUpstreamError",
     "URLNotAllowed",
     "UpstreamError",
+    "checked_addresses",
     "env_flag",
     "is_public_address",
     "parse_http_url",
@@ -146,3 +149,57 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
     if not out:  # pragma: no cover - getaddrinfo raises instead
         raise upstream_error(f"could not resolve host {host!r}")
     return out
+
+
+async def checked_addresses(url: httpx.URL, *, allow_private: bool, setting: str,
+                            verb: str = "fetch") -> list[IPAddress]:
+    """The addresses ``url``'s host resolves to, refusing (``URLNotAllowed``) any non-public
+    one unless ``allow_private``; ``setting`` is the variable that would allow it."""
+    host = url.raw_host.decode("ascii")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    addresses = await resolve_host(host, port)
+    if not allow_private:
+        # One non-public answer is enough to refuse: a mixed answer is a rebinding trick.
+        blocked = [ip for ip in addresses if not is_public_address(ip)]
+        if blocked:
+            raise URLNotAllowed(
+                f"refusing to {verb} {url.host!r}: it resolves to a non-public address "
+                f"({blocked[0]}); set {setting}=1 to allow private networks"
+            )
+    return addresses
+
+
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """The SSRF guard of ``fetch_page`` for any httpx client: every request's host is
+    resolved and checked, and the connection goes to the checked address (Host header and
+    TLS SNI keep the name), so a DNS answer that changes between check and connect cannot
+    slip through. ``allow_private`` is asked per request (the operator's setting may change).
+    """
+
+    def __init__(self, allow_private: Callable[[], bool], setting: str,
+                 inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.allow_private = allow_private
+        self.setting = setting
+        self.inner = inner or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        addresses = await checked_addresses(url, allow_private=self.allow_private(),
+                                            setting=self.setting, verb="call")
+        extensions = dict(request.extensions)
+        if url.scheme == "https":
+            extensions["sni_hostname"] = url.raw_host.decode("ascii")
+        last: httpx.ConnectError | None = None
+        for ip in addresses:
+            pinned = httpx.Request(request.method, url.copy_with(host=str(ip)),
+                                   headers=request.headers, stream=request.stream,
+                                   extensions=extensions)
+            try:
+                return await self.inner.handle_async_request(pinned)
+            except httpx.ConnectError as exc:
+                last = exc  # the host's next address (IPv6 first, server on IPv4 ...)
+        assert last is not None
+        raise last
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -14,22 +14,25 @@ import importlib
 import importlib.resources
 import importlib.util
 import inspect
+import json
 import re
 import sys
 import threading
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from ..agents import Agent, ApprovalPolicy
+from ..models.base import Model
 from ..tools.base import Tool
 from ..tools.decorator import make_tool
-from ..tools.http import HttpConfigError, make_http_tool
+from ..tools.http import ClientFactory, HttpConfigError, make_http_tool
 from ..tools.registry import ToolRegistry
 from ..tools.retry import NO_RETRY
 from ..workflow import Workflow
@@ -48,7 +51,8 @@ from .schema import (
     fields_at,
 )
 
-__all__ = ["WorkflowError", "load_workflow", "load_workflow_text", "resolve_workflow"]
+__all__ = ["Diagnosis", "Rules", "WorkflowError", "diagnose_workflow_text", "load_workflow",
+           "load_workflow_text", "resolve_workflow"]
 
 BUILTIN_PACKAGE = "alpaca_engine.examples_builtin"
 BUILTIN_PREFIX = "builtin:"
@@ -77,9 +81,22 @@ def load_workflow_text(
     source: str = "<string>",
     base_dir: Path | None = None,
     ref: str | None = None,
+    rules: Rules | None = None,
 ) -> Workflow:
     """Load a workflow from YAML text; ``base_dir`` is where ``module:attr`` looks first."""
-    return _Loader(source, _Importer(base_dir=base_dir)).load(text, ref or source)
+    return _Loader(source, _Importer(base_dir=base_dir), rules).load(text, ref or source)
+
+
+def diagnose_workflow_text(
+    text: str,
+    *,
+    source: str = "<string>",
+    ref: str | None = None,
+    rules: Rules | None = None,
+) -> Diagnosis:
+    """Every error (and warning) of a workflow text at once, each with its field and line;
+    modules resolve on the normal import path only (there is no directory next to it)."""
+    return _Loader(source, _Importer(), rules).diagnose(text, ref or source)
 
 
 _cache: dict[str, tuple[int, Workflow]] = {}
@@ -232,28 +249,117 @@ def _import_file(file: Path, name: str) -> ModuleType:
 # -- the loader --------------------------------------------------------------------------------
 
 
+class Rules(Protocol):
+    """Extra checks for workflows that come from outside the server (workflows/policy.py).
+
+    The loader asks them at each phase and builds nothing they refused (no import, no
+    connection), so one code path serves files, validation and pushed workflows.
+    """
+
+    def check_document(self, data: Any) -> list[tuple[Loc, str]]:
+        """Problems of the parsed document as a whole (literal secrets ...)."""
+
+    def check_spec(self, spec: WorkflowSpec) -> list[tuple[Loc, str]]:
+        """Problems of the validated spec (what it may reference); located entries are
+        not built."""
+
+    def check_url(self, url: str) -> str | None:
+        """Why a server the loader is about to connect to is refused, or None."""
+
+    def http_client(self) -> ClientFactory | None:
+        """The client HTTP tools call through (None: the default)."""
+
+
+@dataclass
+class Diagnosis:
+    """Everything found in one document: errors, warnings, and the workflow when none."""
+
+    errors: list[WorkflowError] = dataclasses.field(default_factory=list)
+    warnings: list[WorkflowError] = dataclasses.field(default_factory=list)
+    workflow: Workflow | None = None
+    spec: WorkflowSpec | None = None
+    data: Any = None
+    """The parsed document (None when it did not parse)."""
+
+    def raise_first(self) -> None:
+        """Raise the first error, counting the others, as a file load reports it."""
+        if not self.errors:
+            return
+        first = self.errors[0]
+        others = len(self.errors) - 1
+        message = first.message
+        if others:
+            message += f" (and {others} more error{'s' if others > 1 else ''})"
+        raise WorkflowError(first.source, first.line, first.field, message)
+
+
+_Refused = frozenset[Loc]
+
+
 class _Loader:
-    def __init__(self, source: str, importer: _Importer) -> None:
+    def __init__(self, source: str, importer: _Importer, rules: Rules | None = None) -> None:
         self.source = source
         self.importer = importer
+        self.rules = rules
         self.root: yaml.Node | None = None
+        self.errors: list[WorkflowError] = []
+        self.python_paths: dict[str, str] = {}
+        self.model_functions: set[str] = set()
 
     def load(self, text: str, ref: str) -> Workflow:
-        data = self._parse(text)
-        spec = self._validate(data)
+        found = self.diagnose(text, ref)
+        found.raise_first()
+        assert found.workflow is not None
+        return found.workflow
+
+    def diagnose(self, text: str, ref: str) -> Diagnosis:
+        """Parse, validate and build, collecting every error instead of stopping at one."""
         try:
-            tools = self._tools(spec)
-            agents = self._agents(spec, tools)
-        except SpecError as exc:
-            raise self._error(exc.loc, exc.message) from None
+            data = self._parse(text)
+        except WorkflowError as exc:
+            return Diagnosis(errors=[exc])
+        problems = self.rules.check_document(data) if self.rules is not None else []
+        self._report(problems)
+        spec = self._validate(data)
+        if spec is None:
+            return Diagnosis(errors=self.errors, data=data)
+        if self.rules is not None:
+            spec_problems = self.rules.check_spec(spec)
+            self._report(spec_problems)
+            problems += spec_problems
+        # An entry or model with a reported problem is not built: nothing refused is
+        # imported or connected, and its problem is not reported twice.
+        refused: _Refused = frozenset(loc[:3] if loc[:1] == ("agents",) else loc[:2]
+                                      for loc, _ in problems)
+        tools, failed = self._tools(spec, refused)
+        agents = self._agents(spec, tools, refused, failed)
+        warnings = [self._error(loc, message) for loc, message in delegation_cycles(spec)]
+        if self.errors:
+            return Diagnosis(errors=self.errors, warnings=warnings, spec=spec, data=data)
         budget = spec.defaults.budget.model_dump(exclude_none=True)
         prices = {name: (p.input, p.output) for name, p in spec.defaults.prices.items()}
-        return Workflow(ref=ref, agents=agents, tools=tools,
-                        max_depth=spec.defaults.max_depth, budget=budget, prices=prices)
+        workflow = Workflow(ref=ref, agents=agents, tools=tools,
+                            max_depth=spec.defaults.max_depth, budget=budget, prices=prices,
+                            python_paths=dict(self.python_paths),
+                            model_functions=frozenset(self.model_functions))
+        return Diagnosis(warnings=warnings, workflow=workflow, spec=spec, data=data)
+
+    def _report(self, problems: list[tuple[Loc, str]]) -> None:
+        self.errors += [self._error(loc, message) for loc, message in problems]
 
     # -- parsing and validation ----------------------------------------------------------------
 
     def _parse(self, text: str) -> Any:
+        try:
+            return self._parse_yaml(text)
+        except WorkflowError:
+            if "\t" not in text or not _is_json(text):
+                raise
+        # JSON is YAML, except that JSON may indent with tabs; in valid JSON a raw tab can
+        # only be whitespace (strings escape it), so spaces keep every line where it was.
+        return self._parse_yaml(text.replace("\t", " "))
+
+    def _parse_yaml(self, text: str) -> Any:
         loader: yaml.SafeLoader | None = None
         try:
             loader = yaml.SafeLoader(text)  # the reader already refuses control characters
@@ -281,48 +387,60 @@ class _Loader:
         return WorkflowError(self.source, mark.line + 1 if mark else None, "",
                              f"invalid YAML: {message}")
 
-    def _validate(self, data: Any) -> WorkflowSpec:
+    def _validate(self, data: Any) -> WorkflowSpec | None:
+        """The spec, or None with every schema error reported (the most telling first)."""
         try:
             return WorkflowSpec.model_validate(data)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
         first = _most_telling(errors)
-        message = _message(first)
-        if len(errors) > 1:
-            others = len(errors) - 1
-            message += f" (and {others} more error{'s' if others > 1 else ''})"
-        loc: Loc = tuple(first["loc"])
-        if first["type"] == "invalid_provider" and isinstance(first["input"], dict):
-            loc = (*loc, "provider")  # the model is a mapping: the provider key is what is wrong
-        raise self._error(loc, message) from None
+        for error in [first, *(e for e in errors if e is not first)]:
+            loc: Loc = tuple(error["loc"])
+            if error["type"] == "invalid_provider" and isinstance(error["input"], dict):
+                loc = (*loc, "provider")  # the model is a mapping: its provider key is wrong
+            self.errors.append(self._error(loc, _message(error)))
+        return None
 
     def _error(self, loc: Loc, message: str) -> WorkflowError:
         field, line = locate(self.root, loc)
         return WorkflowError(self.source, line, field, message)
 
+    def _fail(self, exc: SpecError) -> None:
+        self.errors.append(self._error(exc.loc, exc.message))
+
     # -- building ------------------------------------------------------------------------------
 
-    def _tools(self, spec: WorkflowSpec) -> ToolRegistry:
+    def _tools(self, spec: WorkflowSpec, refused: _Refused) -> tuple[ToolRegistry, list[str]]:
+        """The registry of every tool that built, and name patterns of the entries that did
+        not (so agents naming them get no second, misleading "unknown tool")."""
         registry = ToolRegistry()
+        failed: list[str] = []
         first_at: dict[str, int] = {}
         for index, entry in enumerate(spec.tools):
+            if ("tools", index) in refused:
+                failed.append(_names_of(entry))
+                continue
             try:
                 built = self._entry_tools(entry)
             except SpecError as exc:
-                raise exc.within("tools", index) from None
+                self._fail(exc.within("tools", index))
+                failed.append(_names_of(entry))
+                continue
             for tool in built:
                 if tool.name in first_at:
                     first_line = locate(self.root, ("tools", first_at[tool.name]))[1]
-                    raise SpecError(("tools", index, *_name_field(entry)),
-                                    f"duplicate tool name {tool.name!r} (first defined on line "
-                                    f"{first_line})")
+                    self._fail(SpecError(("tools", index, *_name_field(entry)),
+                                         f"duplicate tool name {tool.name!r} (first defined on "
+                                         f"line {first_line})"))
+                    continue
                 first_at[tool.name] = index
                 registry.register(tool)
-        return registry
+        return registry, failed
 
     def _entry_tools(self, entry: ToolEntry | HttpToolEntry | McpToolEntry) -> list[Tool]:
         if isinstance(entry, HttpToolEntry):
-            return [_http_tool(entry)]
+            client = self.rules.http_client() if self.rules is not None else None
+            return [_http_tool(entry, client)]
         if isinstance(entry, McpToolEntry):
             return self._mcp_tools(entry)
         return [self._tool(entry)]
@@ -342,6 +460,10 @@ class _Loader:
                 cwd = base / cwd
             if cwd is not None and not cwd.is_dir():
                 raise SpecError(("mcp", "cwd"), f"no such directory: {cwd}")
+        if spec.url is not None and self.rules is not None:
+            refusal = self.rules.check_url(spec.url)
+            if refusal is not None:
+                raise SpecError(("mcp", "url"), refusal)
         try:
             server = MCPServer(spec.server, command=spec.command, env=spec.env, cwd=cwd,
                                url=spec.url, headers=spec.headers, prefix=spec.prefix,
@@ -376,72 +498,138 @@ class _Loader:
         overrides = _overrides(entry)
         if isinstance(target, Tool):
             # YAML wins over what @tool said, field by field; the rest is kept.
-            return dataclasses.replace(target, **overrides)
-        if inspect.isclass(target) or not callable(target):
+            tool = dataclasses.replace(target, **overrides)
+        elif inspect.isclass(target) or not callable(target):
             raise SpecError(("python",), f"{entry.python!r} is neither a Tool nor a function")
-        try:
-            return make_tool(target, **overrides)
-        except Exception as exc:
-            raise SpecError(("python",), f"cannot derive a tool from {entry.python!r}: "
-                                         f"{type(exc).__name__}: {exc}") from None
+        else:
+            try:
+                tool = make_tool(target, **overrides)
+            except Exception as exc:
+                raise SpecError(("python",), f"cannot derive a tool from {entry.python!r}: "
+                                             f"{type(exc).__name__}: {exc}") from None
+        self.python_paths[entry.python] = tool.name
+        return tool
 
-    def _agents(self, spec: WorkflowSpec, tools: ToolRegistry) -> dict[str, Agent]:
+    def _agents(self, spec: WorkflowSpec, tools: ToolRegistry, refused: _Refused,
+                failed: list[str]) -> dict[str, Agent]:
         names: dict[str, int] = {}
         for index, agent in enumerate(spec.agents):
             if agent.name in names:
                 first_line = locate(self.root, ("agents", names[agent.name]))[1]
-                raise SpecError(("agents", index, "name"),
-                                f"duplicate agent name {agent.name!r} (first defined on line "
-                                f"{first_line})")
+                self._fail(SpecError(("agents", index, "name"),
+                                     f"duplicate agent name {agent.name!r} (first defined on "
+                                     f"line {first_line})"))
+                continue
             names[agent.name] = index
         agents: dict[str, Agent] = {}
         for index, agent_spec in enumerate(spec.agents):
+            before = len(self.errors)
+            for problem in _references(agent_spec, tools, names, failed):
+                self._fail(problem.within("agents", index))
+            if ("agents", index, "model") in refused:
+                continue
             try:
-                agents[agent_spec.name] = self._agent(agent_spec, tools, names)
+                model = build_model(agent_spec.model, self._resolve_function)
             except SpecError as exc:
-                raise exc.within("agents", index) from None
+                self._fail(exc.within("agents", index, "model"))
+                continue
+            if len(self.errors) == before and agent_spec.name not in agents:
+                agents[agent_spec.name] = _agent(agent_spec, model)
         return agents
 
-    def _agent(self, spec: AgentSpec, tools: ToolRegistry, agents: dict[str, int]) -> Agent:
-        for index, name in enumerate(spec.tools):
-            # A glob may match nothing yet; an exact name that matches nothing is a typo.
-            if not _GLOB_CHARS.intersection(name) and name not in tools:
-                raise SpecError(("tools", index),
-                                f"unknown tool {name!r}{_suggest(name, tools.names())}")
-        for index, name in enumerate(spec.delegates_to):
-            if name not in agents:
-                raise SpecError(("delegates_to", index),
-                                f"unknown agent {name!r}{_suggest(name, list(agents))}")
-        for index, name in enumerate(spec.approval.delegations):
-            if name not in spec.delegates_to:
-                raise SpecError(("approval", "delegations", index),
-                                f"{name!r} is not in delegates_to")
-        try:
-            model = build_model(spec.model, self.importer.resolve)
-        except SpecError as exc:
-            raise exc.within("model") from None
-        return Agent(
-            name=spec.name,
-            model=model,
-            instructions=spec.instructions,
-            tools=list(spec.tools),
-            capabilities=frozenset(spec.capabilities) if spec.capabilities is not None else None,
-            delegates_to=list(spec.delegates_to),
-            max_steps=spec.limits.max_steps,
-            description=spec.description,
-            approval=ApprovalPolicy(
-                tools=tuple(spec.approval.tools),
-                capabilities=tuple(spec.approval.capabilities),
-                delegations=tuple(spec.approval.delegations),
-                cost_above=spec.approval.cost_above,
-                on_reject=spec.approval.on_reject,
-                expires_after=spec.approval.expires_after,
-                on_expiry=spec.approval.on_expiry,
-            ),
-            budget={k: float(v) for k, v in
-                    spec.limits.budget.model_dump(exclude_none=True).items()},
-            max_output_tokens=spec.limits.max_output_tokens,
-        )
+    def _resolve_function(self, target: str) -> Any:
+        found = self.importer.resolve(target)
+        self.model_functions.add(target)
+        return found
+
+
+def _references(spec: AgentSpec, tools: ToolRegistry, agents: dict[str, int],
+                failed: list[str]) -> list[SpecError]:
+    """What an agent names that does not exist: tools, delegates, gated delegations."""
+    problems = []
+    for index, name in enumerate(spec.tools):
+        # A glob may match nothing yet; an exact name that matches nothing is a typo.
+        if not _GLOB_CHARS.intersection(name) and name not in tools \
+                and not any(fnmatchcase(name, pattern) for pattern in failed):
+            problems.append(SpecError(("tools", index),
+                                      f"unknown tool {name!r}{_suggest(name, tools.names())}"))
+    for index, name in enumerate(spec.delegates_to):
+        if name == spec.name:
+            problems.append(SpecError(("delegates_to", index),
+                                      "an agent cannot delegate to itself (the engine refuses "
+                                      "it as a cycle at run time)"))
+        elif name not in agents:
+            problems.append(SpecError(("delegates_to", index),
+                                      f"unknown agent {name!r}{_suggest(name, list(agents))}"))
+    for index, name in enumerate(spec.approval.delegations):
+        if name not in spec.delegates_to:
+            problems.append(SpecError(("approval", "delegations", index),
+                                      f"{name!r} is not in delegates_to"))
+    return problems
+
+
+def _agent(spec: AgentSpec, model: Model) -> Agent:
+    return Agent(
+        name=spec.name,
+        model=model,
+        instructions=spec.instructions,
+        tools=list(spec.tools),
+        capabilities=frozenset(spec.capabilities) if spec.capabilities is not None else None,
+        delegates_to=list(spec.delegates_to),
+        max_steps=spec.limits.max_steps,
+        description=spec.description,
+        approval=ApprovalPolicy(
+            tools=tuple(spec.approval.tools),
+            capabilities=tuple(spec.approval.capabilities),
+            delegations=tuple(spec.approval.delegations),
+            cost_above=spec.approval.cost_above,
+            on_reject=spec.approval.on_reject,
+            expires_after=spec.approval.expires_after,
+            on_expiry=spec.approval.on_expiry,
+        ),
+        budget={k: float(v) for k, v in
+                spec.limits.budget.model_dump(exclude_none=True).items()},
+        max_output_tokens=spec.limits.max_output_tokens,
+    )
+
+
+def delegation_cycles(spec: WorkflowSpec) -> list[tuple[Loc, str]]:
+    """Delegation edges that close a cycle longer than one agent (A -> B -> A), each once.
+
+    Not an error: which agent is the root decides which edge the engine refuses at run time
+    (``cycle_detected``), and either agent may be an entry point. Self-delegation is an error
+    (see _references).
+    """
+    edges = {a.name: [d for d in a.delegates_to if d != a.name] for a in spec.agents}
+    index = {a.name: i for i, a in enumerate(spec.agents)}
+    found: list[tuple[Loc, str]] = []
+    reported: set[frozenset[str]] = set()
+    for start in edges:
+        stack: list[tuple[str, list[str]]] = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for position, nxt in enumerate(edges.get(node, [])):
+                if nxt == start:
+                    members = frozenset(path)
+                    if members not in reported:
+                        reported.add(members)
+                        loc: Loc = ("agents", index[node], "delegates_to", position)
+                        found.append((loc, "delegation cycle " + " -> ".join([*path, start])
+                                      + ": the engine refuses the delegation that closes it "
+                                      "at run time (cycle_detected)"))
+                elif nxt not in path and nxt in edges:
+                    stack.append((nxt, [*path, nxt]))
+    return found
+
+
+def _names_of(entry: ToolEntry | HttpToolEntry | McpToolEntry) -> str:
+    """A glob for the tool names an entry would have registered."""
+    if isinstance(entry, McpToolEntry):
+        prefix = entry.mcp.prefix if entry.mcp.prefix is not None else f"{entry.mcp.server}_"
+        return f"{prefix}*"
+    if isinstance(entry, HttpToolEntry) or entry.name is not None:
+        return str(entry.name)
+    return entry.python.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
 
 
 # -- mapping locations onto the YAML node tree -------------------------------------------------
@@ -527,14 +715,14 @@ def _check_tree(root: yaml.Node, source: str) -> None:
     walk(root, ())
 
 
-def _http_tool(entry: HttpToolEntry) -> Tool:
+def _http_tool(entry: HttpToolEntry, client: ClientFactory | None = None) -> Tool:
     http = entry.http
     try:
         return make_http_tool(
             entry.name, method=http.method, url=http.url, headers=http.headers,
             input_schema=entry.input_schema, output_schema=entry.output_schema,
             description=entry.description, max_response_bytes=http.max_response_bytes,
-            max_text_chars=http.max_text_chars, **_policies(entry),
+            max_text_chars=http.max_text_chars, client_factory=client, **_policies(entry),
         )
     except HttpConfigError as exc:
         raise SpecError(exc.loc, exc.message) from None
@@ -574,6 +762,14 @@ def _policies(entry: GovernedSpec) -> dict[str, Any]:
     if "cost" in fields and entry.cost is not None:
         out["cost"] = entry.cost
     return out
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:

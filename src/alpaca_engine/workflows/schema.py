@@ -459,6 +459,9 @@ class AgentSpec(Spec):
 
 class WorkflowSpec(Spec):
     version: Annotated[int, AfterValidator(_version)]
+    name: Name | None = None
+    """What the registry files it under (required to push one; files may leave it out)."""
+    description: str = ""
     defaults: DefaultsSpec = Field(default_factory=lambda: DefaultsSpec())
     tools: list[AnyToolEntry] = Field(default_factory=list)
     agents: list[AgentSpec] = Field(min_length=1)

@@ -7,6 +7,7 @@ import * as approvals from "./views/approvals.js";
 import * as breakers from "./views/breakers.js";
 import * as run from "./views/run.js";
 import * as runs from "./views/runs.js";
+import * as workflows from "./views/workflows.js";
 
 const view = document.getElementById("view");
 
@@ -15,6 +16,9 @@ const routes = [
   [/^#\/runs(?:\?(.*))?$/, "runs", (m) => runs.mount(view, new URLSearchParams(m[1] || ""))],
   [/^#\/approvals(?:\/(pending|decided))?$/, "approvals", (m) => approvals.mount(view, m[1] || "pending")],
   [/^#\/breakers$/, "breakers", () => breakers.mount(view)],
+  [/^#\/workflows\/([^/?]+)(?:\?(.*))?$/, "workflows",
+    (m) => workflows.mountDetail(view, decodeURIComponent(m[1]), new URLSearchParams(m[2] || ""))],
+  [/^#\/workflows$/, "workflows", () => workflows.mountList(view)],
 ];
 
 let current = null;

@@ -7,6 +7,7 @@ import {
   badge, fill, fmtDuration, h, note, pretty, runLink, short, TERMINAL, timeEl,
 } from "../dom.js";
 import { errorText, poll, toast } from "../ui.js";
+import { mountRunGraph } from "../overlay.js";
 import { CardList } from "./approvals.js";
 
 // Audit kinds shown under their step: what the engine decided (the rest is bookkeeping).
@@ -168,6 +169,9 @@ export function mount(root, id) {
   const head = h("div", { class: "run-head" }, note("Loading…"));
   const details = h("section", { class: "panel", "aria-labelledby": "details-title" });
   const tree = h("section", { class: "panel", "aria-labelledby": "tree-title" });
+  const graphPanel = h("section", { class: "panel", id: "run-graph-panel",
+    "aria-labelledby": "run-graph-title" });
+  let graphView = null;
   const waiting = h("section", { "aria-labelledby": "waiting-title", hidden: true });
   const waitingCards = h("div", { class: "cards" });
   const timeline = h("ol", { class: "timeline", id: "timeline" });
@@ -179,6 +183,7 @@ export function mount(root, id) {
     h("p", { class: "crumbs" }, h("a", { href: "#/runs" }, "Runs"), " / ", h("span", { class: "mono" }, id)),
     head,
     h("div", { class: "two" }, details, tree),
+    graphPanel,
     waiting,
     h("section", { "aria-labelledby": "timeline-title" },
       h("h2", { id: "timeline-title" }, "Step timeline"), timeline),
@@ -196,6 +201,7 @@ export function mount(root, id) {
       fill(head, note(errorText(error), "error"));
       return;
     }
+    graphView ??= mountRunGraph(graphPanel, run);
     const path = `/v1/runs/${encodeURIComponent(id)}`;
     let steps, audit, verify, family, pending;
     try {
@@ -287,6 +293,7 @@ export function mount(root, id) {
       stream?.close();
       clearTimeout(burst);
       poller.stop();
+      graphView?.unmount();
     },
   };
 }
