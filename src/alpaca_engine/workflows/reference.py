@@ -26,6 +26,9 @@ from .schema import Spec, WorkflowSpec
 # What each field means, by "Class.field". Everything else on the page comes from the schema.
 DESCRIPTIONS: dict[str, str] = {
     "WorkflowSpec.version": "The format version; this engine reads 1.",
+    "WorkflowSpec.name": "What the registry files it under: required to push it "
+                         "(`alpaca workflows push`), optional in a file.",
+    "WorkflowSpec.description": "Free text shown beside the workflow in lists and the page.",
     "WorkflowSpec.defaults": "Settings for every run of this workflow.",
     "WorkflowSpec.tools": "The tool registry: Python functions, HTTP endpoints, MCP servers.",
     "WorkflowSpec.agents": "The agents; any of them can be the entry point of a run.",
