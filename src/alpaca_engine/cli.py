@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,12 +15,14 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from . import doctor as doctor_mod
 from .config import Settings
-from .coord.factory import make_coordination
+from .coord.factory import Coordination, make_coordination
 from .engine import Engine, RunBusy
 from .errors import ApprovalConflict, NotFound
+from .faults import Unavailable, mask_url
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
@@ -82,7 +83,8 @@ def settings(db: str | None) -> Settings:
 
 @asynccontextmanager
 async def open_store(cfg: Settings) -> AsyncIterator[Store]:
-    store = make_store(cfg.database_url, cfg.audit_key_bytes())
+    store = make_store(cfg.database_url, cfg.audit_key_bytes(),
+                       connect_timeout=cfg.connect_timeout)
     await store.open()
     try:
         yield store
@@ -90,9 +92,22 @@ async def open_store(cfg: Settings) -> AsyncIterator[Store]:
         await store.close()
 
 
+def coordination(cfg: Settings) -> Coordination:
+    """The configured coordination (Redis or in-process), not yet checked."""
+    return make_coordination(cfg.redis_url, connect_timeout=cfg.connect_timeout)
+
+
+def error_line(message: str) -> None:
+    """One unwrapped line on stderr, whatever the terminal width (and no markup parsing)."""
+    err_console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+
+
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(fn())  # type: ignore[arg-type]
+    except Unavailable as exc:  # an unusable database or Redis: one line naming the fix
+        error_line(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
     except NotFound as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from None
@@ -126,7 +141,8 @@ async def _run_and_report(cfg: Settings, ref: str, agent: str, text: str, as_jso
                         tenant_policies=cfg.tenant_policies())
         run = await engine.submit(workflow, agent, text, budget=budget)
         if not as_json:
-            console.print(f"[dim]run {run.id} · agent {agent} · {cfg.database_url}[/dim]")
+            console.print(f"[dim]run {run.id} · agent {agent} · {mask_url(cfg.database_url)}"
+                          "[/dim]")
         final = await engine.run_tree(run.id)
         if as_json:
             dump(final.model_dump(mode="json"))
@@ -179,7 +195,8 @@ async def _demo(cfg: Settings, as_json: bool, yes: bool) -> int:
             run = await engine.submit(workflow, "orchestrator", DEMO_QUESTION)
             if not as_json:
                 console.print(f"[bold]{DEMO_QUESTION}[/bold]\n[dim]run {run.id} · "
-                              f"{cfg.database_url} · intranet and Slack on {world.base_url}"
+                              f"{mask_url(cfg.database_url)} · intranet and Slack on "
+                              f"{world.base_url}"
                               f"[/dim]")
             final = await engine.run_tree(run.id)
             while final.state == RunState.WAITING:
@@ -269,8 +286,9 @@ def run(
 
 async def _submit(cfg: Settings, ref: str, agent: str, text: str,
                   budget: dict[str, Any]) -> RunRecord:
-    coord = make_coordination(cfg.redis_url)
+    coord = coordination(cfg)
     try:
+        await coord.check()
         async with open_store(cfg) as store:
             engine = Engine(store, resolve_workflow, dispatcher=coord.dispatcher)
             return await engine.submit(resolve_workflow(ref), agent, text, budget=budget)
@@ -385,8 +403,9 @@ def worker(
     cfg = settings(db)
 
     async def go() -> int:
-        coord = make_coordination(cfg.redis_url)
+        coord = coordination(cfg)
         try:
+            await coord.check()
             async with open_store(cfg) as store:
                 engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                                 breakers=coord.breakers, events=coord.events,
@@ -396,7 +415,8 @@ def worker(
                            poll_interval=cfg.poll_interval)
                 w.install_signal_handlers()
                 via = "Redis" if cfg.redis_url else "polling"
-                err_console.print(f"worker {engine.owner} on {cfg.database_url} ({via})")
+                err_console.print(f"worker {engine.owner} on {mask_url(cfg.database_url)} "
+                                  f"({via})")
                 await w.run(until_idle=until_idle)
                 return w.completed
         finally:
@@ -421,7 +441,7 @@ def tools_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False)
     cfg = Settings()
 
     async def states() -> dict[str, Any]:
-        coord = make_coordination(cfg.redis_url)
+        coord = coordination(cfg)
         try:
             return await coord.breakers.snapshots()
         except Exception as exc:  # Redis unreachable: say so rather than guess
@@ -595,12 +615,7 @@ def db_upgrade(db: DbOpt = None) -> None:
                 version = await version
             return int(version)
 
-    console.print(f"{redact_url(cfg.database_url)}: schema at version {run_async(go)}")
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password, for printing."""
-    return re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", url)
+    console.print(f"{mask_url(cfg.database_url)}: schema at version {run_async(go)}")
 
 
 @app.command()
@@ -634,10 +649,11 @@ def serve(
     db: DbOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json) with an embedded worker."""
-    from .api.server import BindRefused
+    from .api.server import BindRefused, preflight
     from .api.server import serve as serve_api
 
     cfg = settings(db)
+    run_async(lambda: preflight(cfg))  # an unusable store or Redis: one line, before anything
     demo_mode = not workflow
     names = [workflow_ref(w) for w in workflow or ["builtin:demo"]]
     for name in names:

@@ -5,7 +5,7 @@ Environment wins over the file so a deployment can override a checked-in default
 
 from __future__ import annotations
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -13,6 +13,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .faults import DEFAULT_CONNECT_TIMEOUT
 from .telemetry.logging import register_secret
 from .tools.governance import TenantPolicy
 
@@ -38,6 +39,8 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     worker_concurrency: int = 8
     poll_interval: float = 0.5
+    connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
+    """Seconds to wait for PostgreSQL, MongoDB or Redis before saying it is unreachable."""
     tenants: dict[str, TenantSettings] = {}
     """Per-tenant policies (env: ALPACA_TENANTS as JSON)."""
 

@@ -13,6 +13,7 @@ import signal
 
 from .engine import Engine
 from .errors import NotFound
+from .faults import Unavailable
 from .store.records import RunRecord
 
 log = logging.getLogger("alpaca.worker")
@@ -30,6 +31,7 @@ class Worker:
         self._tasks: dict[str, asyncio.Task[object]] = {}
         self._slot_freed = asyncio.Event()
         self._reaping: asyncio.Task[None] | None = None
+        self._down = False
         self.completed = 0
 
     def stop(self) -> None:
@@ -54,8 +56,14 @@ class Worker:
                     await self._reaping
             claimed = False
             while len(self._tasks) < self.concurrency and not self._stopping.is_set():
-                run = await self.engine.store.claim_next(
-                    self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                try:
+                    run = await self.engine.store.claim_next(
+                        self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                except Unavailable as exc:
+                    # The database is down or full: say so once, keep trying; never crash.
+                    self._outage(exc)
+                    break
+                self._outage(None)
                 if run is None:
                     break
                 claimed = True
@@ -69,12 +77,22 @@ class Worker:
             await asyncio.gather(self._reaping, return_exceptions=True)
         await self._drain()
 
+    def _outage(self, exc: Unavailable | None) -> None:
+        """One log line when the store becomes unusable and one when it is back."""
+        was, self._down = self._down, exc is not None
+        if exc is not None and not was:
+            log.warning("%s; retrying every %gs", exc, self.poll_interval)
+        elif exc is None and was:
+            log.warning("the store is usable again")
+
     async def _reap(self) -> None:
         try:
             requeued = await self.engine.reap()
             if requeued:
                 log.info("requeued %d run(s): %s", len(requeued), ", ".join(requeued))
             await self._reclaim()
+        except Unavailable as exc:
+            self._outage(exc)
         except Exception:
             log.exception("reaper sweep failed; retrying at the next interval")
 
@@ -129,8 +147,12 @@ class Worker:
         self._tasks.pop(run_id, None)
         self.completed += 1
         self._slot_freed.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("run %s crashed the worker task: %r", run_id, task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, Unavailable):
+            # Nothing more could be written; its lease expires and a worker resumes it.
+            log.warning("run %s left for a later resume: %s", run_id, exc)
+        elif exc is not None:
+            log.error("run %s crashed the worker task: %r", run_id, exc)
 
     async def _drain(self) -> None:
         """Let in-flight runs finish for a while, then hand the rest back to the queue."""
@@ -144,6 +166,9 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for run_id in unfinished:
-            run = await self.engine.store.get_run(run_id)
-            if run.lease_owner == self.engine.owner and not run.state.terminal:
-                await self.engine.release(run_id, run.epoch)
+            try:
+                run = await self.engine.store.get_run(run_id)
+                if run.lease_owner == self.engine.owner and not run.state.terminal:
+                    await self.engine.release(run_id, run.epoch)
+            except Unavailable as exc:  # its lease expires instead
+                log.warning("run %s not released: %s", run_id, exc)

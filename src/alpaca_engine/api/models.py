@@ -6,19 +6,43 @@ responses and make ``/openapi.json`` a complete, checkable contract.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from ..lifecycle import RunState
 from ..store.records import ApprovalRecord, ApprovalStatus, RunRecord, StepKind, StepStatus
 from ..telemetry.audit import AuditRecord
 
+SEQ_MAX = 2**63 - 1
+"""The largest sequence number (``?after=``, ``Last-Event-ID``): the stores' int64 range."""
+
+INVALID_UNICODE = "invalid_unicode"
+
+
+def valid_unicode(text: str) -> str:
+    """Refuse a lone surrogate (``"\\ud800"`` in JSON): no store can keep it as UTF-8, and
+    replacing it would silently change what the caller sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            INVALID_UNICODE, "the text holds a lone UTF-16 surrogate at index {index} "
+            "(not valid Unicode); send well-formed text",
+            {"index": exc.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
+"""A request string that must be valid Unicode (422 ``invalid_unicode`` otherwise)."""
+
 
 class Budget(BaseModel):
-    """Limits for the whole run tree; unset fields keep the workflow's defaults."""
+    """Limits for the whole run tree; unset fields keep the workflow's defaults. Strict:
+    ``true`` or ``"10"`` is refused, not read as 1 or 10."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     max_tool_calls: int | None = Field(default=None, ge=0, le=1_000_000)
@@ -30,9 +54,9 @@ class Budget(BaseModel):
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    agent: str = Field(min_length=1, max_length=200)
-    input: str
-    workflow: str | None = Field(
+    agent: Text = Field(min_length=1, max_length=200)
+    input: Text
+    workflow: Text | None = Field(
         default=None, description="A served workflow ref (default: the first served one).")
     budget: Budget | None = None
 
@@ -124,7 +148,7 @@ class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     decision: Literal["approve", "reject"]
-    comment: str | None = Field(default=None, max_length=10_000)
+    comment: Text | None = Field(default=None, max_length=10_000)
 
 
 class AuditEntry(BaseModel):

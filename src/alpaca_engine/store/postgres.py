@@ -14,7 +14,9 @@ the run row, so exactly one decision wins.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
+from ..faults import DEFAULT_CONNECT_TIMEOUT, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
 from .postgres_migrations import POSTGRES as MIGRATIONS
@@ -57,9 +60,11 @@ def _jsonb(value: Any) -> Jsonb | None:
     return None if value is None else Jsonb(value)
 
 
+@translating_faults
 class PostgresStore:
     """The :class:`~.base.Store` on PostgreSQL; ``schema`` isolates tenants of one database
-    (tests use a fresh one each), ``pool_size`` caps this process's connections."""
+    (tests use a fresh one each), ``pool_size`` caps this process's connections,
+    ``connect_timeout`` bounds opening and every wait for a pooled connection."""
 
     def __init__(
         self,
@@ -68,7 +73,7 @@ class PostgresStore:
         *,
         schema: str | None = None,
         pool_size: int = 10,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.url = url
         self.audit_key = audit_key
@@ -83,13 +88,30 @@ class PostgresStore:
         if self.schema is not None:
             await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
 
+    async def _probe(self) -> None:
+        """One direct connection before the pool starts: the real cause (refused, no such
+        database, bad password) within the timeout, instead of a pool retrying in the
+        background until its own timeout with the cause only in log lines. A TimeoutError
+        becomes a ``timeout`` fault (see :func:`~alpaca_engine.faults.store_fault`)."""
+        conn = await asyncio.wait_for(
+            AsyncConnection.connect(self.url, connect_timeout=self._libpq_timeout),
+            self.connect_timeout)
+        await conn.close()
+
+    @property
+    def _libpq_timeout(self) -> int:
+        """libpq's own bound for each new connection (whole seconds, at least 2)."""
+        return max(2, math.ceil(self.connect_timeout))
+
     async def open(self) -> None:
         if self._pool is not None:
             return
+        await self._probe()
         pool: Pool = AsyncConnectionPool(
             self.url,
             connection_class=AsyncConnection[DictRow],
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row,
+                    "connect_timeout": self._libpq_timeout},
             min_size=1,
             max_size=max(1, self.pool_size),
             configure=self._configure,
