@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pymongo import AsyncMongoClient
-from pymongo.errors import DuplicateKeyError, ServerSelectionTimeoutError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, ServerSelectionTimeoutError
 from pymongo.uri_parser import parse_uri
 
 from alpaca_engine.budget import BudgetExceeded
@@ -491,7 +491,7 @@ def test_a_standalone_server_is_refused_with_a_clear_error() -> None:
 
 async def test_open_fails_fast_on_an_unreachable_server_and_stays_closed() -> None:
     s = MongoStore("mongodb://127.0.0.1:1/x", connect_timeout=0.2)
-    with pytest.raises(StoreUnavailable, match="no MongoDB server answered within 0.2 s") as e:
+    with pytest.raises(StoreUnavailable, match=r"no MongoDB server answered within 0\.2 s") as e:
         await s.open()
     assert e.value.fault == Fault.UNREACHABLE
     assert isinstance(e.value.__cause__, ServerSelectionTimeoutError)

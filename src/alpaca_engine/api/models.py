@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from ..lifecycle import RunState
@@ -18,24 +18,32 @@ from ..telemetry.audit import AuditRecord
 SEQ_MAX = 2**63 - 1
 """The largest sequence number (``?after=``, ``Last-Event-ID``): the stores' int64 range."""
 
-INVALID_UNICODE = "invalid_unicode"
+TEXT_ERRORS = ("invalid_unicode", "nul_character")
+"""Validation error types that are also the problem ``code`` (api/problems.py)."""
 
 
-def valid_unicode(text: str) -> str:
-    """Refuse a lone surrogate (``"\\ud800"`` in JSON): no store can keep it as UTF-8, and
-    replacing it would silently change what the caller sent."""
+def storable_text(text: Any) -> Any:
+    """Refuse what no store can keep, rather than change what the caller sent: a lone
+    surrogate (``"\\ud800"`` in JSON) is not Unicode, so not UTF-8 either; PostgreSQL
+    text cannot hold U+0000 (and a run must behave the same on every store). Runs before
+    the type check (which has its own vaguer words for a surrogate); non-strings pass on."""
+    if not isinstance(text, str):
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PydanticCustomError(
-            INVALID_UNICODE, "the text holds a lone UTF-16 surrogate at index {index} "
-            "(not valid Unicode); send well-formed text",
-            {"index": exc.start}) from None
+            "invalid_unicode", "the text holds a lone UTF-16 surrogate at index {index} "
+            "(not valid Unicode); send well-formed text", {"index": exc.start}) from None
+    if "\x00" in text:
+        raise PydanticCustomError(
+            "nul_character", "the text holds a NUL character (U+0000) at index {index}, "
+            "which the engine does not store; remove it", {"index": text.index("\x00")})
     return text
 
 
-Text = Annotated[str, AfterValidator(valid_unicode)]
-"""A request string that must be valid Unicode (422 ``invalid_unicode`` otherwise)."""
+Text = Annotated[str, BeforeValidator(storable_text)]
+"""A request string the stores can keep (422 ``invalid_unicode`` / ``nul_character``)."""
 
 
 class Budget(BaseModel):

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ApprovalConflict, NotFound
 from ..faults import Unavailable, fault_of
+from .models import TEXT_ERRORS
 
 log = logging.getLogger("alpaca.api")
 
@@ -106,12 +107,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
                    "type": str(e.get("type", ""))} for e in exc.errors()]
-        # A lone surrogate gets its own code: clients fix the encoding, not the field.
-        special = [e for e in errors if e["type"] == "invalid_unicode"]
+        # Text no store can keep gets its own code: clients fix the encoding, not the field.
+        special = [e for e in errors if e["type"] in TEXT_ERRORS]
         first = (special or errors)[0] if errors else None
         detail = (f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first
                   else "the request is not valid")
-        return problem(422, "invalid_unicode" if special else "validation_error", detail,
+        return problem(422, str(special[0]["type"]) if special else "validation_error", detail,
                        instance=request.url.path, errors=jsonable_encoder(errors))
 
     async def on_not_found(request: Request, exc: Exception) -> Response:

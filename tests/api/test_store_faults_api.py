@@ -1,0 +1,169 @@
+"""While serving, a store or Redis fault answers 503 problem+json naming the fault and the fix
+(never a 500, never a traceback); ``/readyz`` says 503; the service recovers by itself.
+
+Real faults only: a SQLite file on a tmpfs that fills up, PostgreSQL and Redis taken away by
+cutting a TCP proxy in front of the real servers. (A read-only or corrupt store is refused at
+start: ``alpaca serve`` exits with its one line, see tests/e2e/test_store_faults_cli.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+from fastapi import FastAPI
+from psycopg import sql
+
+from alpaca_engine.api import create_app
+from alpaca_engine.config import Settings
+from alpaca_engine.store.base import Store
+from alpaca_engine.store.postgres import PostgresStore
+from alpaca_engine.store.sqlite import SQLiteStore
+from tests.conftest import service_unavailable
+from tests.faultkit import TcpProxy, fill, tmpfs
+
+from .test_problems import assert_problem
+
+PG_URL = os.environ.get("ALPACA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("ALPACA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ECHO = {"agent": "echo", "input": "hi"}
+
+
+@asynccontextmanager
+async def serving(store: Store, workflow: Path, **settings: object
+                  ) -> AsyncIterator[httpx.AsyncClient]:
+    cfg = Settings(database_url=getattr(store, "url", "sqlite:///x.db"), connect_timeout=1,
+                   **settings)  # type: ignore[arg-type]
+    app: FastAPI = create_app(cfg, store=store, embedded_worker=False,
+                              workflows=[str(workflow)])
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://api.test") as c:
+        yield c
+
+
+def assert_unavailable(r: httpx.Response, code: str, fault: str, *parts: str) -> None:
+    body = assert_problem(r, 503, code)
+    assert body["fault"] == fault, body
+    assert "\n" not in body["detail"] and "Traceback" not in body["detail"]
+    for part in parts:
+        assert part in body["detail"], (part, body["detail"])
+
+
+async def test_a_full_disk_is_503_and_the_service_recovers(tmp_path: Path,
+                                                           gated_workflow: Path) -> None:
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
+        store = SQLiteStore(f"sqlite:///{disk}/api.db")
+        await store.open()
+        try:
+            async with serving(store, gated_workflow) as c:
+                assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
+                filler = fill(disk)
+                full = await c.post("/v1/runs", json=ECHO)
+                assert_unavailable(full, "store_unavailable", "disk_full", "full",
+                                   "Free space", str(disk))
+                assert full.headers["Retry-After"] == "5"
+                assert (await c.get("/v1/runs")).status_code == 200  # reads still work
+                ready = await c.get("/readyz")
+                assert_unavailable(ready, "store_unavailable", "disk_full", "full")
+                filler.unlink()
+                assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
+                assert len((await c.get("/v1/runs")).json()["items"]) == 2
+        finally:
+            await store.close()
+
+
+async def pg_admin() -> psycopg.AsyncConnection[tuple[object, ...]]:
+    try:
+        return await psycopg.AsyncConnection.connect(PG_URL, autocommit=True,
+                                                     connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        service_unavailable("PostgreSQL", str(exc).strip())
+        raise
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host).geturl()
+
+
+async def eventually_ok(c: httpx.AsyncClient, path: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        r = await c.get(path)
+        if r.status_code == 200:
+            return
+        assert r.status_code == 503, r.text
+        assert time.monotonic() < deadline, "the service did not recover"
+        await asyncio.sleep(0.2)
+
+
+async def test_postgresql_going_away_is_503_then_it_recovers(gated_workflow: Path) -> None:
+    admin = await pg_admin()
+    schema = f"alpaca_test_{uuid.uuid4().hex[:12]}"
+    target = urlsplit(PG_URL)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    store = PostgresStore(through(proxy, PG_URL), schema=schema, connect_timeout=1)
+    await store.open()
+    try:
+        async with serving(store, gated_workflow) as c:
+            assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
+            await proxy.stop()  # the database is gone: connections cut, new ones refused
+            started = time.monotonic()
+            r = await c.get("/v1/runs")
+            assert_unavailable(r, "store_unavailable", r.json().get("fault", "?"),
+                               f"127.0.0.1:{proxy.port}", "ALPACA_CONNECT_TIMEOUT")
+            assert r.json()["fault"] in ("unreachable", "timeout")
+            assert time.monotonic() - started < 30  # bounded by the 1 s connect timeout
+            assert_problem(await c.post("/v1/runs", json=ECHO), 503, "store_unavailable")
+            assert_problem(await c.get("/readyz"), 503, "store_unavailable")
+            await proxy.start()  # back, on the same port
+            await eventually_ok(c, "/v1/runs")
+            assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
+    finally:
+        await store.close()
+        await proxy.stop()
+        await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                            .format(sql.Identifier(schema)))
+        await admin.close()
+
+
+async def test_redis_going_away_is_503_on_what_needs_it(tmp_path: Path,
+                                                        gated_workflow: Path) -> None:
+    import redis.asyncio as aioredis
+
+    target = urlsplit(REDIS_URL)
+    try:
+        probe = aioredis.from_url(REDIS_URL, socket_connect_timeout=2)
+        await probe.ping()
+        await probe.aclose()
+    except Exception as exc:
+        service_unavailable("Redis", str(exc))
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    store = SQLiteStore(f"sqlite:///{tmp_path}/api.db")
+    await store.open()
+    try:
+        async with serving(store, gated_workflow,
+                           redis_url=f"redis://127.0.0.1:{proxy.port}/0") as c:
+            assert (await c.get("/v1/breakers")).status_code == 200
+            await proxy.stop()
+            r = await c.get("/v1/breakers")
+            assert_unavailable(r, "coordination_unavailable", r.json().get("fault", "?"),
+                               f"Redis redis://127.0.0.1:{proxy.port}/0", "ALPACA_REDIS_URL")
+            assert (await c.get("/v1/runs")).status_code == 200  # the store does not need it
+            await proxy.start()
+            await eventually_ok(c, "/v1/breakers")
+    finally:
+        await store.close()
+        await proxy.stop()
