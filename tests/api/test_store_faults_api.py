@@ -138,6 +138,62 @@ async def test_postgresql_going_away_is_503_then_it_recovers(gated_workflow: Pat
         await admin.close()
 
 
+def local_postgres_user() -> tuple[int, int]:
+    """uid/gid of the local PostgreSQL server's OS user (a tablespace directory must be
+    theirs); the check is skipped (failed in CI) when the server is not on this machine."""
+    import pwd
+
+    host = urlsplit(PG_URL).hostname
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        user = None
+    if host not in ("127.0.0.1", "localhost", "::1") or user is None:
+        service_unavailable("a local PostgreSQL server", f"{host} (no local postgres user)")
+        raise AssertionError("unreachable")
+    return user.pw_uid, user.pw_gid
+
+
+async def test_postgresql_disk_full_is_503_and_the_service_recovers(
+        gated_workflow: Path) -> None:
+    """The store's tables live in a tablespace on a 3 MiB tmpfs; filling it makes the
+    server's next file extension fail with DiskFull (SQLSTATE 53100)."""
+    admin = await pg_admin()
+    uid, gid = local_postgres_user()
+    suffix = uuid.uuid4().hex[:12]
+    schema, space = f"alpaca_test_{suffix}", f"alpaca_full_{suffix}"
+    where = Path(f"/tmp/alpaca-pgfull-{suffix}")
+    with tmpfs(where, size="3m") as disk:
+        os.chown(disk, uid, gid)
+        await admin.execute(sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(
+            sql.Identifier(space), sql.Literal(str(disk))))
+        options = f"options=-c%20default_tablespace%3D{space}"
+        url = PG_URL + ("&" if "?" in PG_URL else "?") + options
+        store = PostgresStore(url, schema=schema, connect_timeout=2)
+        try:
+            await store.open()
+            async with serving(store, gated_workflow) as c:
+                big = {"agent": "echo", "input": os.urandom(150_000).hex()}
+                assert (await c.post("/v1/runs", json=big)).status_code == 201
+                filler = fill(disk)
+                r = await c.post("/v1/runs", json=big)
+                assert_unavailable(r, "store_unavailable", "disk_full",
+                                   "the PostgreSQL server's disk is full", "Free space")
+                assert r.headers["Retry-After"] == "5"
+                assert_problem(await c.get("/readyz"), 503, "store_unavailable")
+                filler.unlink()
+                assert (await c.post("/v1/runs", json=big)).status_code == 201
+                assert len((await c.get("/v1/runs")).json()["items"]) == 2
+        finally:
+            await store.close()
+            await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                                .format(sql.Identifier(schema)))
+            await admin.execute(sql.SQL("DROP TABLESPACE IF EXISTS {}")
+                                .format(sql.Identifier(space)))
+            await admin.close()
+    os.rmdir(where)
+
+
 async def test_redis_going_away_is_503_on_what_needs_it(tmp_path: Path,
                                                         gated_workflow: Path) -> None:
     import redis.asyncio as aioredis
