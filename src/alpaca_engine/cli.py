@@ -22,7 +22,7 @@ from .config import Settings
 from .coord.factory import Coordination, make_coordination
 from .engine import Engine, RunBusy
 from .errors import ApprovalConflict, NotFound
-from .faults import Unavailable, mask_url
+from .faults import Unavailable, coordination_fault, mask_url
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
@@ -445,7 +445,9 @@ def tools_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False)
         try:
             return await coord.breakers.snapshots()
         except Exception as exc:  # Redis unreachable: say so rather than guess
-            err_console.print(f"[yellow]breaker state unavailable:[/yellow] {exc}")
+            fault = coordination_fault(exc, cfg.redis_url or "", cfg.connect_timeout)
+            err_console.print(Text.assemble(("breaker state unavailable: ", "yellow"),
+                                            str(fault or exc)), soft_wrap=True)
             return {}
         finally:
             await coord.close()

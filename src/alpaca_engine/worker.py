@@ -128,6 +128,9 @@ class Worker:
                 run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
         except NotFound:
             run = None
+        except Unavailable as exc:  # not acked: redelivered, and the store poll finds it too
+            self._outage(exc)
+            return
         if dispatcher is not None:
             await dispatcher.ack(delivery_id)
         if run is not None:

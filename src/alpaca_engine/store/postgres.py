@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -53,6 +54,15 @@ def _lock_key(schema: str) -> int:
     on each other, concurrent openers of one schema do."""
     digest = hashlib.sha256(f"alpaca_engine.migrate:{schema}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _quiet_pool_log() -> None:
+    """The pool logs a warning per failed reconnect attempt (several a second in an outage);
+    the engine reports an outage once (worker log, 503, the CLI's one line), so keep only
+    the pool's errors, unless the user configured that logger."""
+    pool_log = logging.getLogger("psycopg.pool")
+    if pool_log.level == logging.NOTSET:
+        pool_log.setLevel(logging.ERROR)
 
 
 def _jsonb(value: Any) -> Jsonb | None:
@@ -106,6 +116,7 @@ class PostgresStore:
     async def open(self) -> None:
         if self._pool is not None:
             return
+        _quiet_pool_log()
         await self._probe()
         pool: Pool = AsyncConnectionPool(
             self.url,
