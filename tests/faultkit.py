@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Self
+from urllib.parse import urlsplit
 
 import bson
 
@@ -145,6 +146,12 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
                                                   reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def url_for(self, url: str) -> str:
+        """``url`` with its host and port replaced by this proxy's."""
+        parts = urlsplit(url)
+        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        return parts._replace(netloc=f"{user}127.0.0.1:{self.port}").geturl()
 
     async def stop(self) -> None:
         if self._server is not None:

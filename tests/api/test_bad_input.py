@@ -6,17 +6,13 @@ SQLite refuses integers past int64), through the real app in-process.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from fastapi import FastAPI
-from psycopg import sql
 
 from alpaca_engine.api import create_app
 from alpaca_engine.api.models import SEQ_MAX
@@ -24,11 +20,10 @@ from alpaca_engine.config import Settings
 from alpaca_engine.store.base import Store
 from alpaca_engine.store.postgres import PostgresStore
 from alpaca_engine.store.sqlite import SQLiteStore
-from tests.conftest import service_unavailable
+from tests.pg import PG_URL, pg_schema
 
 from .test_problems import assert_problem
 
-PG_URL = os.environ.get("ALPACA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 JSON = {"content-type": "application/json"}
 
 
@@ -40,22 +35,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield s
         await s.close()
         return
-    schema = f"alpaca_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await psycopg.AsyncConnection.connect(PG_URL, autocommit=True,
-                                                      connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        service_unavailable("PostgreSQL", str(exc).strip())
-        raise
-    pg = PostgresStore(PG_URL, schema=schema)
-    await pg.open()
-    try:
-        yield pg
-    finally:
-        await pg.close()
-        await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                            .format(sql.Identifier(schema)))
-        await admin.close()
+    async with pg_schema() as (schema, _admin):
+        pg = PostgresStore(PG_URL, schema=schema)
+        await pg.open()
+        try:
+            yield pg
+        finally:
+            await pg.close()
 
 
 @pytest.fixture

@@ -29,10 +29,10 @@ from alpaca_engine.store.postgres import PostgresStore
 from alpaca_engine.store.sqlite import SQLiteStore
 from tests.conftest import service_unavailable
 from tests.faultkit import TcpProxy, fill, tmpfs
+from tests.pg import PG_URL, pg_schema
 
 from .test_problems import assert_problem
 
-PG_URL = os.environ.get("ALPACA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("ALPACA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ECHO = {"agent": "echo", "input": "hi"}
 
@@ -80,22 +80,6 @@ async def test_a_full_disk_is_503_and_the_service_recovers(tmp_path: Path,
             await store.close()
 
 
-async def pg_admin() -> psycopg.AsyncConnection[tuple[object, ...]]:
-    try:
-        return await psycopg.AsyncConnection.connect(PG_URL, autocommit=True,
-                                                     connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        service_unavailable("PostgreSQL", str(exc).strip())
-        raise
-
-
-def through(proxy: TcpProxy, url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{proxy.port}"
-    return parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host).geturl()
-
-
 async def eventually_ok(c: httpx.AsyncClient, path: str, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -108,34 +92,34 @@ async def eventually_ok(c: httpx.AsyncClient, path: str, seconds: float = 60) ->
 
 
 async def test_postgresql_going_away_is_503_then_it_recovers(gated_workflow: Path) -> None:
-    admin = await pg_admin()
-    schema = f"alpaca_test_{uuid.uuid4().hex[:12]}"
-    target = urlsplit(PG_URL)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    store = PostgresStore(through(proxy, PG_URL), schema=schema, connect_timeout=1)
-    await store.open()
-    try:
-        async with serving(store, gated_workflow) as c:
-            assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
-            await proxy.stop()  # the database is gone: connections cut, new ones refused
-            started = time.monotonic()
-            r = await c.get("/v1/runs")
-            assert_unavailable(r, "store_unavailable", r.json().get("fault", "?"),
-                               f"127.0.0.1:{proxy.port}", "ALPACA_CONNECT_TIMEOUT")
-            assert r.json()["fault"] in ("unreachable", "timeout")
-            assert time.monotonic() - started < 30  # bounded by the 1 s connect timeout
-            assert_problem(await c.post("/v1/runs", json=ECHO), 503, "store_unavailable")
-            assert_problem(await c.get("/readyz"), 503, "store_unavailable")
-            await proxy.start()  # back, on the same port
-            await eventually_ok(c, "/v1/runs")
-            assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
-    finally:
-        await store.close()
-        await proxy.stop()
-        await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                            .format(sql.Identifier(schema)))
-        await admin.close()
+    async with pg_schema() as (schema, _admin):
+        target = urlsplit(PG_URL)
+        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+        await proxy.start()
+        store = PostgresStore(proxy.url_for(PG_URL), schema=schema, connect_timeout=1)
+        await store.open()
+        try:
+            await database_goes_away(store, proxy, gated_workflow)
+        finally:
+            await store.close()
+            await proxy.stop()
+
+
+async def database_goes_away(store: PostgresStore, proxy: TcpProxy, workflow: Path) -> None:
+    async with serving(store, workflow) as c:
+        assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
+        await proxy.stop()  # the database is gone: connections cut, new ones refused
+        started = time.monotonic()
+        r = await c.get("/v1/runs")
+        assert_unavailable(r, "store_unavailable", r.json().get("fault", "?"),
+                           f"127.0.0.1:{proxy.port}", "ALPACA_CONNECT_TIMEOUT")
+        assert r.json()["fault"] in ("unreachable", "timeout")
+        assert time.monotonic() - started < 30  # bounded by the 1 s connect timeout
+        assert_problem(await c.post("/v1/runs", json=ECHO), 503, "store_unavailable")
+        assert_problem(await c.get("/readyz"), 503, "store_unavailable")
+        await proxy.start()  # back, on the same port
+        await eventually_ok(c, "/v1/runs")
+        assert (await c.post("/v1/runs", json=ECHO)).status_code == 201
 
 
 def local_postgres_user() -> tuple[int, int]:
@@ -158,40 +142,46 @@ async def test_postgresql_disk_full_is_503_and_the_service_recovers(
         gated_workflow: Path) -> None:
     """The store's tables live in a tablespace on a 3 MiB tmpfs; filling it makes the
     server's next file extension fail with DiskFull (SQLSTATE 53100)."""
-    admin = await pg_admin()
     uid, gid = local_postgres_user()
     suffix = uuid.uuid4().hex[:12]
-    schema, space = f"alpaca_test_{suffix}", f"alpaca_full_{suffix}"
+    space = f"alpaca_full_{suffix}"
     where = Path(f"/tmp/alpaca-pgfull-{suffix}")
-    with tmpfs(where, size="3m") as disk:
-        os.chown(disk, uid, gid)
-        await admin.execute(sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(
-            sql.Identifier(space), sql.Literal(str(disk))))
-        options = f"options=-c%20default_tablespace%3D{space}"
-        url = PG_URL + ("&" if "?" in PG_URL else "?") + options
-        store = PostgresStore(url, schema=schema, connect_timeout=2)
-        try:
-            await store.open()
-            async with serving(store, gated_workflow) as c:
-                big = {"agent": "echo", "input": os.urandom(150_000).hex()}
-                assert (await c.post("/v1/runs", json=big)).status_code == 201
-                filler = fill(disk)
-                r = await c.post("/v1/runs", json=big)
-                assert_unavailable(r, "store_unavailable", "disk_full",
-                                   "the PostgreSQL server's disk is full", "Free space")
-                assert r.headers["Retry-After"] == "5"
-                assert_problem(await c.get("/readyz"), 503, "store_unavailable")
-                filler.unlink()
-                assert (await c.post("/v1/runs", json=big)).status_code == 201
-                assert len((await c.get("/v1/runs")).json()["items"]) == 2
-        finally:
-            await store.close()
-            await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                                .format(sql.Identifier(schema)))
-            await admin.execute(sql.SQL("DROP TABLESPACE IF EXISTS {}")
-                                .format(sql.Identifier(space)))
-            await admin.close()
+    async with pg_schema() as (schema, admin):
+        with tmpfs(where, size="3m") as disk:
+            await full_tablespace(disk, schema, space, admin, uid, gid, gated_workflow)
     os.rmdir(where)
+
+
+async def full_tablespace(disk: Path, schema: str, space: str,
+                          admin: psycopg.AsyncConnection[tuple[object, ...]], uid: int,
+                          gid: int, workflow: Path) -> None:
+    os.chown(disk, uid, gid)
+    await admin.execute(sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(
+        sql.Identifier(space), sql.Literal(str(disk))))
+    options = f"options=-c%20default_tablespace%3D{space}"
+    url = PG_URL + ("&" if "?" in PG_URL else "?") + options
+    store = PostgresStore(url, schema=schema, connect_timeout=2)
+    try:
+        await store.open()
+        async with serving(store, workflow) as c:
+            big = {"agent": "echo", "input": os.urandom(150_000).hex()}
+            assert (await c.post("/v1/runs", json=big)).status_code == 201
+            filler = fill(disk)
+            r = await c.post("/v1/runs", json=big)
+            assert_unavailable(r, "store_unavailable", "disk_full",
+                               "the PostgreSQL server's disk is full", "Free space")
+            assert r.headers["Retry-After"] == "5"
+            assert_problem(await c.get("/readyz"), 503, "store_unavailable")
+            filler.unlink()
+            assert (await c.post("/v1/runs", json=big)).status_code == 201
+            assert len((await c.get("/v1/runs")).json()["items"]) == 2
+    finally:
+        await store.close()
+        # The schema's tables first: a tablespace must be empty to go.
+        await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                            .format(sql.Identifier(schema)))
+        await admin.execute(sql.SQL("DROP TABLESPACE IF EXISTS {}")
+                            .format(sql.Identifier(space)))
 
 
 async def test_redis_going_away_is_503_on_what_needs_it(tmp_path: Path,

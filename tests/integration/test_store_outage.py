@@ -6,26 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-import uuid
 from urllib.parse import urlsplit
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from alpaca_engine.engine import Engine
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store.postgres import PostgresStore
 from alpaca_engine.worker import Worker
-from tests.conftest import service_unavailable
 from tests.faultkit import TcpProxy
 from tests.helpers import workflow
+from tests.pg import PG_URL, pg_schema
 
 pytestmark = pytest.mark.postgres
-
-PG_URL = os.environ.get("ALPACA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 async def until(predicate: object, what: str, seconds: float = 60) -> None:
@@ -37,24 +31,25 @@ async def until(predicate: object, what: str, seconds: float = 60) -> None:
 
 async def test_a_worker_logs_one_line_per_outage_and_keeps_working(
         caplog: pytest.LogCaptureFixture) -> None:
-    try:
-        admin = await psycopg.AsyncConnection.connect(PG_URL, autocommit=True,
-                                                      connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        service_unavailable("PostgreSQL", str(exc).strip())
-        raise
-    schema = f"alpaca_test_{uuid.uuid4().hex[:12]}"
-    target = urlsplit(PG_URL)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    await proxy.start()
-    proxied = target._replace(netloc=(target.netloc.rsplit("@", 1)[0] + "@"
-                                      if "@" in target.netloc else "")
-                              + f"127.0.0.1:{proxy.port}").geturl()
-    store = PostgresStore(proxied, schema=schema, connect_timeout=1)
-    direct = PostgresStore(PG_URL, schema=schema)
+    async with pg_schema() as (schema, _admin):
+        target = urlsplit(PG_URL)
+        proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+        await proxy.start()
+        store = PostgresStore(proxy.url_for(PG_URL), schema=schema, connect_timeout=1)
+        direct = PostgresStore(PG_URL, schema=schema)
+        await store.open()
+        await direct.open()
+        try:
+            await outage(store, direct, proxy, caplog)
+        finally:
+            await store.close()
+            await direct.close()
+            await proxy.stop()
+
+
+async def outage(store: PostgresStore, direct: PostgresStore, proxy: TcpProxy,
+                 caplog: pytest.LogCaptureFixture) -> None:
     wf = workflow(["done"], [])
-    await store.open()
-    await direct.open()
     worker = Worker(Engine(store, lambda ref: wf, lease_seconds=5), poll_interval=0.1,
                     reap_interval=0.5)
     caplog.set_level(logging.INFO, logger="alpaca.worker")
@@ -79,9 +74,3 @@ async def test_a_worker_logs_one_line_per_outage_and_keeps_working(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
-        await store.close()
-        await direct.close()
-        await proxy.stop()
-        await admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                            .format(sql.Identifier(schema)))
-        await admin.close()
