@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
@@ -75,7 +76,14 @@ WorkflowOpt = Annotated[str, typer.Option("--workflow", "-w",
 
 
 def settings(db: str | None) -> Settings:
-    s = Settings()
+    try:
+        s = Settings()
+    except ValidationError as exc:  # e.g. ALPACA_CONNECT_TIMEOUT=soon: one line, exit 1
+        first = exc.errors()[0]
+        head, *rest = [str(p) for p in first["loc"]] or ["?"]
+        name = f"ALPACA_{head.upper()}" + (f" ({'.'.join(rest)})" if rest else "")
+        error_line(f"configuration {name}: {first['msg']} (got {first.get('input')!r})")
+        raise typer.Exit(EXIT_FAILED) from None
     if db:
         s.database_url = db
     return s

@@ -50,6 +50,16 @@ class Fault(StrEnum):
     IO_ERROR = "io_error"
 
 
+_PUBLIC = {
+    Fault.MALFORMED_URL: "it is misconfigured", Fault.UNREACHABLE: "it is unreachable",
+    Fault.TIMEOUT: "it does not answer", Fault.AUTH: "it refuses the server's credentials",
+    Fault.MISSING_DATABASE: "it does not exist", Fault.NOT_A_DATABASE: "its file is damaged",
+    Fault.CORRUPT: "its file is damaged", Fault.IS_DIRECTORY: "it is misconfigured",
+    Fault.READ_ONLY_FILE: "it is read-only", Fault.READ_ONLY_DIRECTORY: "it is read-only",
+    Fault.DISK_FULL: "its disk is full", Fault.NO_TRANSACTIONS: "it is misconfigured",
+    Fault.LOCKED: "it is locked by another process", Fault.IO_ERROR: "its disk fails",
+}
+
 TRANSIENT = frozenset({Fault.UNREACHABLE, Fault.TIMEOUT, Fault.DISK_FULL, Fault.LOCKED,
                        Fault.IO_ERROR})
 """Faults that may clear by themselves (a server restarts, space is freed): retry later."""
@@ -59,6 +69,7 @@ class Unavailable(AlpacaError):
     """A service the engine needs cannot be used; ``str()`` is the one line to show."""
 
     service = "service"
+    public_name = "a service"
     error_code = ErrorCode.INTERNAL_ERROR
 
     def __init__(self, url: str, fault: Fault, cause: str, fix: str) -> None:
@@ -73,11 +84,20 @@ class Unavailable(AlpacaError):
     def transient(self) -> bool:
         return self.fault in TRANSIENT
 
+    @property
+    def public(self) -> str:
+        """What an API client may read: the kind of fault, not URLs, hosts or paths (the
+        server's log has the whole line)."""
+        then = ("retry later" if self.transient
+                else "an operator must fix it (the server's log says how)")
+        return f"{self.public_name} is not usable: {_PUBLIC[self.fault]}; {then}"
+
 
 class StoreUnavailable(Unavailable):
     """The database (``ALPACA_DATABASE_URL``) cannot be used."""
 
     service = "database"
+    public_name = "the database"
     error_code = ErrorCode.STORE_UNAVAILABLE
 
 
@@ -89,6 +109,7 @@ class CoordinationUnavailable(Unavailable):
     """Redis (``ALPACA_REDIS_URL``) cannot be used."""
 
     service = "Redis"
+    public_name = "Redis"
     error_code = ErrorCode.COORDINATION_UNAVAILABLE
 
 

@@ -126,6 +126,11 @@ def test_other_malformed_urls_name_the_cause(url: str, says: str) -> None:
     one_line(alpaca(("runs", "list"), fault_env(url)), says)
 
 
+def test_a_bad_connect_timeout_is_one_line(tmp_path: Path) -> None:
+    env = fault_env(f"sqlite:///{tmp_path}/a.db", ALPACA_CONNECT_TIMEOUT="soon")
+    one_line(alpaca(EVERY_COMMAND["runs list"], env), "ALPACA_CONNECT_TIMEOUT", "'soon'")
+
+
 # ----------------------------------------------------------------- SQLite files
 
 

@@ -125,6 +125,7 @@ def test_postgresql_faults() -> None:
                                                "left on device"), PG)
     assert full is not None and full.fault == Fault.DISK_FULL
     assert "postgresql://app:***@db.example:5432/app" in str(full) and "pw" not in str(full)
+    assert full.public == "the database is not usable: its disk is full; retry later"
     pool = store_fault(PoolTimeout("couldn't get a connection after 1.00 sec"), PG, 1.0)
     assert pool is not None and pool.fault == Fault.TIMEOUT and "within 1 s" in str(pool)
     refused = store_fault(psycopg.OperationalError(

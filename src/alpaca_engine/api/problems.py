@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ApprovalConflict, NotFound
-from ..faults import Unavailable, fault_of
+from ..faults import StoreUnavailable, Unavailable, fault_of
 from .models import TEXT_ERRORS
 
 log = logging.getLogger("alpaca.api")
@@ -141,13 +141,14 @@ def _api_state(scope: Scope) -> Any:
 
 
 def unavailable(exc: Unavailable, instance: str | None, scope: Scope) -> JSONResponse:
-    """503 for a store or Redis fault: the server is fine, a dependency is not (never 500)."""
+    """503 for a store or Redis fault: the server is fine, a dependency is not (never 500).
+    The client reads what kind of fault; the log line names the URL, the cause and the fix."""
     log.warning("%s %s", instance, exc)
     watch = getattr(_api_state(scope), "faults", None)
-    if watch is not None:
+    if watch is not None and isinstance(exc, StoreUnavailable):
         watch.saw(exc)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.transient else None
-    return problem(503, str(exc.code), exc.message, instance=instance, headers=headers,
+    return problem(503, str(exc.code), exc.public, instance=instance, headers=headers,
                    fault=str(exc.fault))
 
 

@@ -392,7 +392,7 @@ async def readyz(st: State) -> Readiness:
     recent = st.faults.recent()
     if recent is not None:
         ago, fault = recent
-        raise ProblemError(503, str(fault.code), f"{fault.message} (a request failed on it "
+        raise ProblemError(503, str(fault.code), f"{fault.public} (a request failed on it "
                            f"{ago:.0f} s ago)", fault=str(fault.fault))
     return Readiness(store=st.settings.database_url.split(":", 1)[0])
 
