@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,13 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 
 from . import doctor as doctor_mod
 from .config import Settings
-from .coord.factory import make_coordination
+from .coord.factory import Coordination, make_coordination
 from .engine import Engine, RunBusy
 from .errors import ApprovalConflict, NotFound
+from .faults import Unavailable, coordination_fault, mask_url
 from .lifecycle import RunState
 from .render import (
     ProgressPrinter,
@@ -93,7 +95,14 @@ WorkflowOpt = Annotated[str, typer.Option("--workflow", "-w",
 
 
 def settings(db: str | None) -> Settings:
-    s = Settings()
+    try:
+        s = Settings()
+    except ValidationError as exc:  # e.g. ALPACA_CONNECT_TIMEOUT=soon: one line, exit 1
+        first = exc.errors()[0]
+        head, *rest = [str(p) for p in first["loc"]] or ["?"]
+        name = f"ALPACA_{head.upper()}" + (f" ({'.'.join(rest)})" if rest else "")
+        error_line(f"configuration {name}: {first['msg']} (got {first.get('input')!r})")
+        raise typer.Exit(EXIT_FAILED) from None
     if db:
         s.database_url = db
     return s
@@ -101,7 +110,8 @@ def settings(db: str | None) -> Settings:
 
 @asynccontextmanager
 async def open_store(cfg: Settings) -> AsyncIterator[Store]:
-    store = make_store(cfg.database_url, cfg.audit_key_bytes())
+    store = make_store(cfg.database_url, cfg.audit_key_bytes(),
+                       connect_timeout=cfg.connect_timeout)
     await store.open()
     try:
         yield store
@@ -109,9 +119,22 @@ async def open_store(cfg: Settings) -> AsyncIterator[Store]:
         await store.close()
 
 
+def coordination(cfg: Settings) -> Coordination:
+    """The configured coordination (Redis or in-process), not yet checked."""
+    return make_coordination(cfg.redis_url, connect_timeout=cfg.connect_timeout)
+
+
+def error_line(message: str) -> None:
+    """One unwrapped line on stderr, whatever the terminal width (and no markup parsing)."""
+    err_console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+
+
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(fn())  # type: ignore[arg-type]
+    except Unavailable as exc:  # an unusable database or Redis: one line naming the fix
+        error_line(str(exc))
+        raise typer.Exit(EXIT_FAILED) from None
     except NotFound as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(EXIT_FAILED) from None
@@ -145,7 +168,8 @@ async def _run_and_report(cfg: Settings, ref: str, agent: str, text: str, as_jso
                         tenant_policies=cfg.tenant_policies())
         run = await engine.submit(workflow, agent, text, budget=budget)
         if not as_json:
-            console.print(f"[dim]run {run.id} · agent {agent} · {cfg.database_url}[/dim]")
+            console.print(f"[dim]run {run.id} · agent {agent} · {mask_url(cfg.database_url)}"
+                          "[/dim]")
         final = await engine.run_tree(run.id)
         if as_json:
             dump(final.model_dump(mode="json"))
@@ -198,7 +222,8 @@ async def _demo(cfg: Settings, as_json: bool, yes: bool) -> int:
             run = await engine.submit(workflow, "orchestrator", DEMO_QUESTION)
             if not as_json:
                 console.print(f"[bold]{DEMO_QUESTION}[/bold]\n[dim]run {run.id} · "
-                              f"{cfg.database_url} · intranet and Slack on {world.base_url}"
+                              f"{mask_url(cfg.database_url)} · intranet and Slack on "
+                              f"{world.base_url}"
                               f"[/dim]")
             final = await engine.run_tree(run.id)
             while final.state == RunState.WAITING:
@@ -288,8 +313,9 @@ def run(
 
 async def _submit(cfg: Settings, ref: str, agent: str, text: str,
                   budget: dict[str, Any]) -> RunRecord:
-    coord = make_coordination(cfg.redis_url)
+    coord = coordination(cfg)
     try:
+        await coord.check()
         async with open_store(cfg) as store:
             engine = Engine(store, resolve_workflow, dispatcher=coord.dispatcher)
             return await engine.submit(resolve_workflow(ref), agent, text, budget=budget)
@@ -404,8 +430,9 @@ def worker(
     cfg = settings(db)
 
     async def go() -> int:
-        coord = make_coordination(cfg.redis_url)
+        coord = coordination(cfg)
         try:
+            await coord.check()
             async with open_store(cfg) as store:
                 engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                                 breakers=coord.breakers, events=coord.events,
@@ -415,7 +442,8 @@ def worker(
                            poll_interval=cfg.poll_interval)
                 w.install_signal_handlers()
                 via = "Redis" if cfg.redis_url else "polling"
-                err_console.print(f"worker {engine.owner} on {cfg.database_url} ({via})")
+                err_console.print(f"worker {engine.owner} on {mask_url(cfg.database_url)} "
+                                  f"({via})")
                 await w.run(until_idle=until_idle)
                 return w.completed
         finally:
@@ -440,11 +468,13 @@ def tools_list(workflow: WorkflowOpt = "builtin:demo", as_json: JsonOpt = False)
     cfg = Settings()
 
     async def states() -> dict[str, Any]:
-        coord = make_coordination(cfg.redis_url)
+        coord = coordination(cfg)
         try:
             return await coord.breakers.snapshots()
         except Exception as exc:  # Redis unreachable: say so rather than guess
-            err_console.print(f"[yellow]breaker state unavailable:[/yellow] {exc}")
+            fault = coordination_fault(exc, cfg.redis_url or "", cfg.connect_timeout)
+            err_console.print(Text.assemble(("breaker state unavailable: ", "yellow"),
+                                            str(fault or exc)), soft_wrap=True)
             return {}
         finally:
             await coord.close()
@@ -615,7 +645,7 @@ def db_upgrade(db: DbOpt = None) -> None:
             return tuple(getattr(store, "migrations_applied", ())), int(version)
 
     applied, version = run_async(go)
-    console.print(f"{redact_url(cfg.database_url)}: {upgrade_report(applied, version)}")
+    console.print(f"{mask_url(cfg.database_url)}: {upgrade_report(applied, version)}")
 
 
 def upgrade_report(applied: tuple[int, ...], version: int) -> str:
@@ -626,10 +656,6 @@ def upgrade_report(applied: tuple[int, ...], version: int) -> str:
     return (f"applied {len(applied)} migration{plural} ({', '.join(map(str, applied))}); "
             f"schema now at version {version}")
 
-
-def redact_url(url: str) -> str:
-    """A database URL without its password, for printing."""
-    return re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", url)
 
 
 @app.command()
@@ -663,10 +689,11 @@ def serve(
     db: DbOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json) with an embedded worker."""
-    from .api.server import BindRefused
+    from .api.server import BindRefused, preflight
     from .api.server import serve as serve_api
 
     cfg = settings(db)
+    run_async(lambda: preflight(cfg))  # an unusable store or Redis: one line, before anything
     demo_mode = not workflow
     names = [workflow_ref(w) for w in workflow or ["builtin:demo"]]
     for name in names:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -16,6 +16,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .faults import DEFAULT_CONNECT_TIMEOUT
 from .telemetry.logging import register_environment_secrets, register_secret
 from .tools.governance import TenantPolicy
 
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     worker_concurrency: int = 8
     poll_interval: float = 0.5
+    connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
+    """Seconds to wait for PostgreSQL, MongoDB or Redis before saying it is unreachable."""
     tenants: dict[str, TenantSettings] = {}
     """Per-tenant policies (env: ALPACA_TENANTS as JSON)."""
 

@@ -22,6 +22,7 @@ from .coord.local import LocalBreakerBoard
 from .delegation import children_of
 from .errors import ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
+from .faults import Unavailable
 from .lifecycle import RunState
 from .runner import StepRunner
 from .store.base import Store
@@ -174,7 +175,7 @@ class Engine:
         record, _created = await self.store.create_run(run, [AuditEvent(
             kind="run.created", actor=f"tenant:{tenant}",
             data={"agent": agent, "workflow": workflow.ref, "input": input,
-                  "budget": merged})], ledger=ledger)
+                  "budget": merged, "requested_budget": budget or {}})], ledger=ledger)
         if _created:
             await self.dispatch(record.id)
         return record, _created
@@ -304,6 +305,8 @@ class Engine:
             except LeaseLost:
                 task.cancel()
                 return
+            except Unavailable as exc:  # disk full, database restarting: try next beat
+                log.info("run %s: lease not renewed: %s", run.id, exc)
 
     async def release(self, run_id: str, epoch: int) -> None:
         """Hand a running run back to the queue (graceful shutdown)."""

@@ -34,6 +34,9 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     LEASE_LOST = "lease_lost"
     CONFIG_ERROR = "config_error"
+    # A database or Redis the engine cannot use (faults.py): fix it, then resume.
+    STORE_UNAVAILABLE = "store_unavailable"
+    COORDINATION_UNAVAILABLE = "coordination_unavailable"
 
 
 class AlpacaError(Exception):

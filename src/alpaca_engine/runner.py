@@ -28,6 +28,7 @@ from .coord.base import BreakerBoard, Outcome
 from .coord.local import LocalBreakerBoard
 from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound, Paused
 from .events import EventSink, discard
+from .faults import Unavailable
 from .journal import Conversation, Journal, idempotency_key, tool_message
 from .lifecycle import RunState
 from .models.base import (
@@ -193,14 +194,16 @@ class StepRunner:
 
     # -- public --------------------------------------------------------------------------------
     async def run(self) -> RunRecord:
-        """Drive the run to a recorded state. Only LeaseLost escapes: the new owner decides."""
+        """Drive the run to a recorded state. Only LeaseLost escapes (the new owner decides),
+        and an unusable store (``Unavailable``: a terminal state could not be written either;
+        the journal holds every step up to the one in flight, so a resume continues it)."""
         try:
             try:
                 agent = self.workflow.agent(self.run_record.agent)
             except KeyError as exc:
                 raise AlpacaError(ErrorCode.CONFIG_ERROR, str(exc.args[0])) from None
             return await self._loop(agent)
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, asyncio.CancelledError, Unavailable):
             raise
         except _Wait as wait:
             return await self._pause(wait)
@@ -609,7 +612,7 @@ class StepRunner:
         except ValidationError as exc:
             return await self._tool_failed(tool, audit, seq, attempts, _err(
                 ErrorCode.INVALID_ARGUMENTS, str(exc)), count_failure=False)
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, asyncio.CancelledError, Unavailable):
             await asyncio.shield(self._breaker_record(tool, "release"))
             raise
         except Exception as exc:

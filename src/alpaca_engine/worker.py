@@ -14,6 +14,7 @@ import time
 
 from .engine import Engine
 from .errors import NotFound
+from .faults import Unavailable
 from .store.records import RunRecord
 
 log = logging.getLogger("alpaca.worker")
@@ -32,6 +33,7 @@ class Worker:
         self._started: dict[str, float] = {}
         self._slot_freed = asyncio.Event()
         self._reaping: asyncio.Task[None] | None = None
+        self._down = False
         self.completed = 0
 
     def stop(self) -> None:
@@ -56,8 +58,14 @@ class Worker:
                     await self._reaping
             claimed = False
             while len(self._tasks) < self.concurrency and not self._stopping.is_set():
-                run = await self.engine.store.claim_next(
-                    self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                try:
+                    run = await self.engine.store.claim_next(
+                        self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                except Unavailable as exc:
+                    # The database is down or full: say so once, keep trying; never crash.
+                    self._outage(exc)
+                    break
+                self._outage(None)
                 if run is None:
                     break
                 claimed = True
@@ -71,6 +79,14 @@ class Worker:
             await asyncio.gather(self._reaping, return_exceptions=True)
         await self._drain()
 
+    def _outage(self, exc: Unavailable | None) -> None:
+        """One log line when the store becomes unusable and one when it is back."""
+        was, self._down = self._down, exc is not None
+        if exc is not None and not was:
+            log.warning("%s; retrying every %gs", exc, self.poll_interval)
+        elif exc is None and was:
+            log.warning("the store is usable again")
+
     async def _reap(self) -> None:
         try:
             requeued = await self.engine.reap()
@@ -78,6 +94,8 @@ class Worker:
                 log.info("requeued run %s", run_id,
                          extra={"run_id": run_id, "event": "run.requeued"})
             await self._reclaim()
+        except Unavailable as exc:
+            self._outage(exc)
         except Exception:
             log.exception("reaper sweep failed; retrying at the next interval")
 
@@ -117,6 +135,9 @@ class Worker:
                 run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
         except NotFound:
             run = None
+        except Unavailable as exc:  # not acked: redelivered, and the store poll finds it too
+            self._outage(exc)
+            return
         if dispatcher is not None:
             await dispatcher.ack(delivery_id)
         if run is not None:
@@ -139,8 +160,13 @@ class Worker:
         self._slot_freed.set()
         if task.cancelled():
             return  # drained: _drain logs the release
-        if task.exception() is not None:
-            log.error("run %s crashed the worker task: %r", run_id, task.exception())
+        exc = task.exception()
+        if isinstance(exc, Unavailable):
+            # Nothing more could be written; its lease expires and a worker resumes it.
+            log.warning("run %s left for a later resume: %s", run_id, exc)
+            return
+        if exc is not None:
+            log.error("run %s crashed the worker task: %r", run_id, exc)
             return
         result = task.result()
         if not isinstance(result, RunRecord):
@@ -162,8 +188,11 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for run_id in unfinished:
-            run = await self.engine.store.get_run(run_id)
-            if run.lease_owner == self.engine.owner and not run.state.terminal:
-                await self.engine.release(run_id, run.epoch)
-                log.info("released run %s back to the queue (shutting down)", run_id,
-                         extra={"run_id": run_id, "event": "run.released"})
+            try:
+                run = await self.engine.store.get_run(run_id)
+                if run.lease_owner == self.engine.owner and not run.state.terminal:
+                    await self.engine.release(run_id, run.epoch)
+                    log.info("released run %s back to the queue (shutting down)", run_id,
+                             extra={"run_id": run_id, "event": "run.released"})
+            except Unavailable as exc:  # its lease expires instead
+                log.warning("run %s not released: %s", run_id, exc)

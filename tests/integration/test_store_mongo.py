@@ -25,6 +25,7 @@ from pymongo.uri_parser import parse_uri
 
 from alpaca_engine.budget import BudgetExceeded
 from alpaca_engine.errors import ApprovalConflict, LeaseLost, NotFound
+from alpaca_engine.faults import Fault, StoreUnavailable
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store.factory import make_store
 from alpaca_engine.store.mongo import (
@@ -76,7 +77,7 @@ async def _open(database: str) -> MongoStore:
     s = MongoStore(MONGO_URL, audit_key=KEY, database=database, connect_timeout=5)
     try:
         await s.open()
-    except ConnectionFailure as exc:  # ServerSelectionTimeoutError included
+    except StoreUnavailable as exc:  # unreachable, or a standalone without transactions
         pytest.fail(
             f"ALPACA_TEST_MONGO_URL is set but MongoDB is unreachable: {exc}", pytrace=False
         )
@@ -491,8 +492,10 @@ def test_a_standalone_server_is_refused_with_a_clear_error() -> None:
 
 async def test_open_fails_fast_on_an_unreachable_server_and_stays_closed() -> None:
     s = MongoStore("mongodb://127.0.0.1:1/x", connect_timeout=0.2)
-    with pytest.raises(ServerSelectionTimeoutError):
+    with pytest.raises(StoreUnavailable, match=r"no MongoDB server answered within 0\.2 s") as e:
         await s.open()
+    assert e.value.fault == Fault.UNREACHABLE
+    assert isinstance(e.value.__cause__, ServerSelectionTimeoutError)
     assert s._client is None
     with pytest.raises(RuntimeError, match="not open"):
         await s.list_steps("r1")
@@ -825,7 +828,8 @@ async def test_open_on_the_fake_driver_migrates_once(monkeypatch: pytest.MonkeyP
     await a.open()
     await a.open()  # opening twice is a no-op
     await b.open()
-    assert server.clients[0].options == {"serverSelectionTimeoutMS": 2500}
+    assert server.clients[0].options == {"serverSelectionTimeoutMS": 2500,
+                                         "connectTimeoutMS": 2500}
     assert server.clients[1].options == {}
     assert await a.schema_version() == len(MIGRATIONS)
     assert await b.upgrade() == []
@@ -844,8 +848,10 @@ async def test_open_refuses_a_standalone_and_closes_its_client(
 ) -> None:
     server = _fake_server(monkeypatch, isWritablePrimary=True, maxWireVersion=21)
     s = MongoStore("mongodb://fake/app")
-    with pytest.raises(TransactionsUnsupported, match="replica set"):
+    with pytest.raises(StoreUnavailable, match=r"standalone server.*--replSet rs0") as e:
         await s.open()
+    assert e.value.fault == Fault.NO_TRANSACTIONS
+    assert isinstance(e.value.__cause__, TransactionsUnsupported)
     assert server.clients[0].closed and s._client is None and "app" not in server.databases
 
 

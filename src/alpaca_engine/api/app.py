@@ -97,10 +97,11 @@ def create_app(
             else:
                 the_store = store
                 if the_store is None:
-                    the_store = make_store(cfg.database_url, cfg.audit_key_bytes())
+                    the_store = make_store(cfg.database_url, cfg.audit_key_bytes(),
+                                           connect_timeout=cfg.connect_timeout)
                     await the_store.open()
                     stack.push_async_callback(the_store.close)
-                coord = make_coordination(cfg.redis_url)
+                coord = make_coordination(cfg.redis_url, connect_timeout=cfg.connect_timeout)
                 stack.push_async_callback(coord.close)
                 dispatcher = coord.dispatcher
                 if dispatcher is None and embedded_worker:

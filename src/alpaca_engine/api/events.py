@@ -28,11 +28,11 @@ from sse_starlette import ServerSentEvent
 from ..delegation import children_of
 from ..store.base import Store
 from ..store.records import RunRecord
-from .models import AuditEntry, AuditRecordEvent, EndEvent
+from .models import SEQ_MAX, AuditEntry, AuditRecordEvent, EndEvent
 from .problems import ProblemError
 from .state import ApiState, Waker
 
-INT64_MAX = 2**63 - 1
+INT64_MAX = SEQ_MAX
 """Positions are seqs stored as 64-bit integers; anything larger is refused up front."""
 
 SSE_POLL_SECONDS = 0.5

@@ -8,17 +8,49 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from ..lifecycle import RunState
 from ..store.records import ApprovalRecord, ApprovalStatus, RunRecord, StepKind, StepStatus
 from ..telemetry.audit import AuditRecord
 
+SEQ_MAX = 2**63 - 1
+"""The largest sequence number (``?after=``, ``Last-Event-ID``): the stores' int64 range."""
+
+TEXT_ERRORS = ("invalid_unicode", "nul_character")
+"""Validation error types that are also the problem ``code`` (api/problems.py)."""
+
+
+def storable_text(text: Any) -> Any:
+    """Refuse what no store can keep, rather than change what the caller sent: a lone
+    surrogate (``"\\ud800"`` in JSON) is not Unicode, so not UTF-8 either; PostgreSQL
+    text cannot hold U+0000 (and a run must behave the same on every store). Runs before
+    the type check (which has its own vaguer words for a surrogate); non-strings pass on."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode", "the text holds a lone UTF-16 surrogate at index {index} "
+            "(not valid Unicode); send well-formed text", {"index": exc.start}) from None
+    if "\x00" in text:
+        raise PydanticCustomError(
+            "nul_character", "the text holds a NUL character (U+0000) at index {index}, "
+            "which the engine does not store; remove it", {"index": text.index("\x00")})
+    return text
+
+
+Text = Annotated[str, BeforeValidator(storable_text)]
+"""A request string the stores can keep (422 ``invalid_unicode`` / ``nul_character``)."""
+
 
 class Budget(BaseModel):
-    """Limits for the whole run tree; unset fields keep the workflow's defaults."""
+    """Limits for the whole run tree; unset fields keep the workflow's defaults. Strict:
+    ``true`` or ``"10"`` is refused, not read as 1 or 10."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     max_tool_calls: int | None = Field(default=None, ge=0, le=1_000_000)
@@ -30,9 +62,9 @@ class Budget(BaseModel):
 class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    agent: str = Field(min_length=1, max_length=200)
-    input: str
-    workflow: str | None = Field(
+    agent: Text = Field(min_length=1, max_length=200)
+    input: Text
+    workflow: Text | None = Field(
         default=None, max_length=4096,
         description="A registered workflow, `NAME` (its latest version) or `NAME@VERSION`, "
                     "or a served one (`builtin:demo`, `file:STEM`, its ref); default: the "
@@ -127,7 +159,7 @@ class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     decision: Literal["approve", "reject"]
-    comment: str | None = Field(default=None, max_length=10_000)
+    comment: Text | None = Field(default=None, max_length=10_000)
 
 
 class AuditEntry(BaseModel):

@@ -20,6 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ApprovalConflict, NotFound
+from ..faults import StoreUnavailable, Unavailable, fault_of
+from .models import TEXT_ERRORS
 
 log = logging.getLogger("alpaca.api")
 
@@ -105,11 +107,13 @@ def install_problem_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
                    "type": str(e.get("type", ""))} for e in exc.errors()]
-        first = errors[0] if errors else None
+        # Text no store can keep gets its own code: clients fix the encoding, not the field.
+        special = [e for e in errors if e["type"] in TEXT_ERRORS]
+        first = (special or errors)[0] if errors else None
         detail = (f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}" if first
                   else "the request is not valid")
-        return problem(422, "validation_error", detail, instance=request.url.path,
-                       errors=jsonable_encoder(errors))
+        return problem(422, str(special[0]["type"]) if special else "validation_error", detail,
+                       instance=request.url.path, errors=jsonable_encoder(errors))
 
     async def on_not_found(request: Request, exc: Exception) -> Response:
         return problem(404, "not_found", str(exc), instance=request.url.path)
@@ -117,11 +121,43 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_conflict(request: Request, exc: Exception) -> Response:
         return problem(409, "conflict", str(exc), instance=request.url.path)
 
+    async def on_unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Unavailable)
+        return unavailable(exc, request.url.path, request.scope)
+
     app.add_exception_handler(ProblemError, on_problem)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(NotFound, on_not_found)
     app.add_exception_handler(ApprovalConflict, on_conflict)
+    app.add_exception_handler(Unavailable, on_unavailable)
+
+
+RETRY_AFTER_SECONDS = 5
+
+
+def _api_state(scope: Scope) -> Any:
+    return getattr(getattr(scope.get("app"), "state", None), "alpaca", None)
+
+
+def unavailable(exc: Unavailable, instance: str | None, scope: Scope) -> JSONResponse:
+    """503 for a store or Redis fault: the server is fine, a dependency is not (never 500).
+    The client reads what kind of fault; the log line names the URL, the cause and the fix."""
+    log.warning("%s %s", instance, exc)
+    watch = getattr(_api_state(scope), "faults", None)
+    if watch is not None and isinstance(exc, StoreUnavailable):
+        watch.saw(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.transient else None
+    return problem(503, str(exc.code), exc.public, instance=instance, headers=headers,
+                   fault=str(exc.fault))
+
+
+def _fault_in(scope: Scope, exc: Exception) -> Unavailable | None:
+    """A driver exception that escaped untyped (e.g. from Redis) classified with the app's
+    configured URLs; ``None`` for anything else."""
+    cfg = getattr(_api_state(scope), "settings", None)
+    return fault_of(exc, getattr(cfg, "database_url", None), getattr(cfg, "redis_url", None),
+                    getattr(cfg, "connect_timeout", None))
 
 
 async def _send_problem(scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
@@ -210,7 +246,15 @@ class InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
+        except Exception as exc:
+            fault = _fault_in(scope, exc)
+            if fault is not None:
+                if started:  # a stream cut short by the fault: one line, no stack
+                    log.warning("%s %s: %s", scope.get("method"), scope.get("path"), fault)
+                    return
+                response = unavailable(fault, scope.get("path"), scope)
+                await response(scope, receive, send)
+                return
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 return

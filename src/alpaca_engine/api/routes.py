@@ -16,6 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sse_starlette import EventSourceResponse
 from starlette.responses import PlainTextResponse
 
+from ..errors import NotFound
+from ..faults import Unavailable
 from ..lifecycle import RunState
 from ..store.base import Store
 from ..store.records import ApprovalStatus, RunRecord
@@ -26,6 +28,7 @@ from ..workflows.registry import names_same_request
 from . import events
 from .auth import Principal, Role, require
 from .models import (
+    SEQ_MAX,
     AgentInfo,
     AgentList,
     Approval,
@@ -65,17 +68,38 @@ async def principal(
 
 State = Annotated[ApiState, Depends(get_state)]
 Caller = Annotated[Principal, Depends(principal)]
-RunId = Annotated[str, PathParam(description="A run id (`run_...`).")]
-ApprovalId = Annotated[str, PathParam(description="An approval id.")]
+
+
+def _no_nul(value: str, what: str) -> str:
+    """Ids never hold NUL, and PostgreSQL cannot even compare one: answer 404 up front."""
+    if "\x00" in value:
+        raise NotFound(f"{what} {value!r} not found")
+    return value
+
+
+def _run_id(run_id: Annotated[str, PathParam(description="A run id (`run_...`).")]) -> str:
+    return _no_nul(run_id, "run")
+
+
+def _approval_id(approval_id: Annotated[str, PathParam(description="An approval id.")]
+                 ) -> str:
+    return _no_nul(approval_id, "approval")
+
+
+RunId = Annotated[str, Depends(_run_id)]
+ApprovalId = Annotated[str, Depends(_approval_id)]
+IdFilter = Annotated[str | None, Query(pattern=r"^[^\x00]*$", max_length=200,
+                                       description="Only those of this id.")]
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """Problem responses a route documents (every route can also answer 400/413/500)."""
+    """Problem responses a route documents (every route can also answer 400/413/500/503)."""
     described = {400: "Malformed request", 401: "Missing or invalid API key",
                  403: "The key's role does not allow this", 404: "Not found (or another "
                  "tenant's)", 409: "Conflict with the current state", 413: "Body too large",
-                 422: "Invalid input", 500: "Server error", 503: "Not ready"}
-    wanted = sorted({400, 413, 422, 500, *codes})
+                 422: "Invalid input", 500: "Server error",
+                 503: "The store or Redis is unusable (down, full, read-only); retry later"}
+    wanted = sorted({400, 413, 422, 500, 503, *codes})
     return {c: {"model": Problem, "description": described[c]} for c in wanted}
 
 
@@ -117,17 +141,32 @@ async def create_run(
     record, created = await st.engine.submit_run(
         workflow, body.agent, body.input, tenant=who.tenant, idempotency_key=idempotency_key,
         budget=budget)
-    if not created and ((record.agent, record.input) != (body.agent, body.input)
-                        or not names_same_request(record.workflow, body.workflow,
-                                                  workflow.ref)):
+    if not created and not await same_request(st.store, record, body.agent, body.input,
+                                              body.workflow, workflow.ref, budget or {}):
         raise ProblemError(409, "idempotency_key_reused",
                            f"Idempotency-Key {idempotency_key!r} was used for run {record.id} "
-                           "with a different agent, input or workflow")
+                           "with a different agent, input, workflow or budget")
     if wait:
         record = await wait_settled(st, record.id, who.tenant, wait_seconds)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/runs/{record.id}"
     return Run.of(record)
+
+
+async def same_request(store: Store, run: RunRecord, agent: str, input: str,
+                       workflow: str | None, resolved: str, budget: dict[str, Any]) -> bool:
+    """Whether a replayed Idempotency-Key carries the body that created ``run``. The budget
+    is compared as requested (kept in the ``run.created`` audit record), not as merged with
+    the workflow's defaults, so ``{}`` and an explicit default differ like any other body."""
+    if (run.agent, run.input) != (agent, input) or not names_same_request(
+            run.workflow, workflow, resolved):
+        return False
+    created = next((r for r in await store.list_audit(run.id) if r.kind == "run.created"), None)
+    if created is None or "requested_budget" not in created.data:
+        # Runs created before the request budget was recorded: compare the merged budget.
+        return {k: v for k, v in run.budget.items() if k != "deadline"} == {
+            k: v for k, v in {**run.budget, **budget}.items() if k != "deadline"}
+    return bool(created.data["requested_budget"] == budget)
 
 
 async def settled(store: Store, run: RunRecord) -> bool:
@@ -163,8 +202,8 @@ async def list_runs(
     who: Caller,
     state: RunState | None = None,
     agent: Annotated[str | None, Query(max_length=200)] = None,
-    root_id: str | None = None,
-    parent_id: str | None = None,
+    root_id: IdFilter = None,
+    parent_id: IdFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> RunList:
     """The tenant's runs, newest first."""
@@ -239,7 +278,7 @@ async def run_events(
 @runs.get("/runs/{run_id}/audit", response_model=AuditList, responses=errors(*AUTHED, 404))
 async def run_audit(
     run_id: RunId, st: State, who: Caller,
-    after: Annotated[int, Query(ge=0, le=events.INT64_MAX,
+    after: Annotated[int, Query(ge=0, le=SEQ_MAX,
                                 description="Only records after this seq.")] = 0,
 ) -> AuditList:
     """The run's hash-chained audit records, in order."""
@@ -268,7 +307,7 @@ async def list_approvals(
     st: State,
     who: Caller,
     status: Literal["pending", "approved", "rejected", "expired", "all"] = "pending",
-    run_id: str | None = None,
+    run_id: IdFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ApprovalList:
     """The tenant's approvals (pending ones unless ``status`` says otherwise)."""
@@ -343,11 +382,22 @@ async def healthz() -> Health:
 
 @ops.get("/readyz", response_model=Readiness, responses=errors(503))
 async def readyz(st: State) -> Readiness:
-    """The store answers; a load balancer should send traffic only then."""
+    """The store answers and no request hit a store fault (a full disk, a database that went
+    away) in the last seconds; a load balancer should send traffic only then."""
     try:
-        await asyncio.wait_for(st.store.list_runs(limit=1), 5.0)
+        await asyncio.wait_for(st.store.list_runs(limit=1), st.settings.connect_timeout + 1)
+    except TimeoutError:
+        raise ProblemError(503, "store_unavailable", "the store did not answer within "
+                           f"{st.settings.connect_timeout + 1:g} s") from None
+    except Unavailable:
+        raise  # 503 naming the fault and its fix (api/problems.py)
     except Exception as exc:
-        raise ProblemError(503, "unavailable", f"the store is not reachable: {exc}") from None
+        raise ProblemError(503, "unavailable", f"the store is not usable: {exc}") from None
+    recent = st.faults.recent()
+    if recent is not None:
+        ago, fault = recent
+        raise ProblemError(503, str(fault.code), f"{fault.public} (a request failed on it "
+                           f"{ago:.0f} s ago)", fault=str(fault.fault))
     return Readiness(store=st.settings.database_url.split(":", 1)[0])
 
 

@@ -11,6 +11,8 @@ import ipaddress
 import uvicorn
 
 from ..config import Settings
+from ..coord.factory import make_coordination
+from ..faults import mask_url
 from ..store.factory import make_store
 from .app import DEFAULT_BODY_LIMIT, create_app
 
@@ -32,7 +34,8 @@ def is_loopback(host: str) -> bool:
 
 
 async def keys_exist(settings: Settings) -> bool:
-    store = make_store(settings.database_url, settings.audit_key_bytes())
+    store = make_store(settings.database_url, settings.audit_key_bytes(),
+                       connect_timeout=settings.connect_timeout)
     await store.open()
     try:
         return bool(await store.list_api_keys())
@@ -40,11 +43,25 @@ async def keys_exist(settings: Settings) -> bool:
         await store.close()
 
 
+async def preflight(settings: Settings) -> None:
+    """Open the store (applying migrations) and ping Redis once, so an unusable one stops
+    ``alpaca serve`` with its one-line fault before anything listens or logs."""
+    store = make_store(settings.database_url, settings.audit_key_bytes(),
+                       connect_timeout=settings.connect_timeout)
+    await store.open()
+    await store.close()
+    coord = make_coordination(settings.redis_url, connect_timeout=settings.connect_timeout)
+    try:
+        await coord.check()
+    finally:
+        await coord.close()
+
+
 async def check_bind(settings: Settings, host: str) -> None:
     if is_loopback(host) or await keys_exist(settings):
         return
     raise BindRefused(
-        f"no API key exists in {settings.database_url}, so the server would run without "
+        f"no API key exists in {mask_url(settings.database_url)}, so the server would run without "
         f"authentication; it only listens on 127.0.0.1 then, not {host}. Create a key first "
         "(alpaca keys create --tenant T --role admin) or use --host 127.0.0.1")
 

@@ -15,6 +15,7 @@ from fastapi import Request
 from .. import doctor
 from ..config import Settings
 from ..engine import Engine
+from ..faults import FaultWatch
 from ..store.base import Store
 from ..workflow import Workflow
 from .auth import Authenticator
@@ -88,6 +89,8 @@ class ApiState:
     auth: Authenticator
     metrics: MetricsCache
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    faults: FaultWatch = field(default_factory=FaultWatch)
+    """Store faults requests hit recently; ``/readyz`` reports them."""
 
     async def publish(self, run_id: str, event: dict[str, Any]) -> None:
         """Best effort: wake SSE streams and waiters of ``run_id`` (they also poll)."""

@@ -87,6 +87,7 @@ from pymongo.write_concern import WriteConcern
 
 from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
+from ..faults import translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
 from . import observers
@@ -341,6 +342,7 @@ def _set_state(
     )
 
 
+@translating_faults
 class MongoStore:
     """The :class:`~.base.Store` on MongoDB (replica set or sharded cluster).
 
@@ -374,7 +376,9 @@ class MongoStore:
             return
         options: dict[str, Any] = {}
         if self.connect_timeout is not None:
-            options["serverSelectionTimeoutMS"] = max(1, int(self.connect_timeout * 1000))
+            timeout_ms = max(1, int(self.connect_timeout * 1000))
+            options["serverSelectionTimeoutMS"] = timeout_ms
+            options["connectTimeoutMS"] = timeout_ms
         client: AsyncMongoClient[Doc] = AsyncMongoClient(self.url, **options)
         try:
             require_transactions(await client.admin.command("hello"))

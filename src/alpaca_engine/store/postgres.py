@@ -14,7 +14,10 @@ the run row, so exactly one decision wins.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
+from ..faults import DEFAULT_CONNECT_TIMEOUT, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
 from . import observers
@@ -60,14 +64,25 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _quiet_pool_log() -> None:
+    """The pool logs a warning per failed reconnect attempt (several a second in an outage);
+    the engine reports an outage once (worker log, 503, the CLI's one line), so keep only
+    the pool's errors, unless the user configured that logger."""
+    pool_log = logging.getLogger("psycopg.pool")
+    if pool_log.level == logging.NOTSET:
+        pool_log.setLevel(logging.ERROR)
+
+
 def _jsonb(value: Any) -> Jsonb | None:
     """SQL NULL for None (as SQLite stores it), JSONB otherwise."""
     return None if value is None else Jsonb(value)
 
 
+@translating_faults
 class PostgresStore:
     """The :class:`~.base.Store` on PostgreSQL; ``schema`` isolates tenants of one database
-    (tests use a fresh one each), ``pool_size`` caps this process's connections."""
+    (tests use a fresh one each), ``pool_size`` caps this process's connections,
+    ``connect_timeout`` bounds opening and every wait for a pooled connection."""
 
     migrations_applied: tuple[int, ...] = ()
     """What the last :meth:`open` applied (``alpaca db upgrade`` reports it)."""
@@ -79,7 +94,7 @@ class PostgresStore:
         *,
         schema: str | None = None,
         pool_size: int = 10,
-        connect_timeout: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self.url = url
         self.audit_key = audit_key
@@ -94,13 +109,31 @@ class PostgresStore:
         if self.schema is not None:
             await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
 
+    async def _probe(self) -> None:
+        """One direct connection before the pool starts: the real cause (refused, no such
+        database, bad password) within the timeout, instead of a pool retrying in the
+        background until its own timeout with the cause only in log lines. A TimeoutError
+        becomes a ``timeout`` fault (see :func:`~alpaca_engine.faults.store_fault`)."""
+        conn = await asyncio.wait_for(
+            AsyncConnection.connect(self.url, connect_timeout=self._libpq_timeout),
+            self.connect_timeout)
+        await conn.close()
+
+    @property
+    def _libpq_timeout(self) -> int:
+        """libpq's own bound for each new connection (whole seconds, at least 2)."""
+        return max(2, math.ceil(self.connect_timeout))
+
     async def open(self) -> None:
         if self._pool is not None:
             return
+        _quiet_pool_log()
+        await self._probe()
         pool: Pool = AsyncConnectionPool(
             self.url,
             connection_class=AsyncConnection[DictRow],
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row,
+                    "connect_timeout": self._libpq_timeout},
             min_size=1,
             max_size=max(1, self.pool_size),
             configure=self._configure,

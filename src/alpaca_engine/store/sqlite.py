@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
+from ..faults import Fault, StoreUnavailable, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditRecord, next_record
 from . import observers
@@ -49,6 +50,33 @@ def sqlite_path(url: str) -> str:
     raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///path/to/file.db)")
 
 
+def check_length(url: str, path: str) -> None:
+    """Refuse a file shorter than its header says (truncated): SQLite itself would only
+    notice when a query reaches a missing page. Skipped while a WAL holds pages not yet
+    checkpointed into the file."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+        size = Path(path).stat().st_size
+        wal = Path(path + "-wal")
+        if len(header) < 100 or not header.startswith(b"SQLite format 3\x00") or (
+                wal.exists() and wal.stat().st_size > 0):
+            return  # empty (new) file, or a bad header SQLite reports itself
+    except OSError:
+        return
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    valid = header[24:28] == header[92:96]  # "in-header database size" is trustworthy
+    if valid and pages and size < pages * page_size:
+        where = str(Path(path).resolve())
+        raise StoreUnavailable(url, Fault.CORRUPT, f"{where} is truncated ({size} bytes, its "
+                               f"header says {pages * page_size})",
+                               "Restore it from a backup, or point ALPACA_DATABASE_URL at "
+                               "another file")
+
+
+@translating_faults
 class SQLiteStore:
     migrations_applied: tuple[int, ...] = ()
     """What the last :meth:`open` applied (``alpaca db upgrade`` reports it)."""
@@ -65,15 +93,27 @@ class SQLiteStore:
             return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            check_length(self.url, self.path)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=30.0)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=30000")
-        self._db = db
-        self.migrations_applied = tuple(self.upgrade())
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._db = db
+            self.migrations_applied = tuple(self.upgrade())
+            self._check_writable()
+        except BaseException:
+            self._db = None
+            db.close()
+            raise
+
+    def _check_writable(self) -> None:
+        """A read-only file opens and reads fine; say so now, not at the first write."""
+        with self._tx() as db:
+            db.execute("DELETE FROM schema_migrations WHERE 0")
 
     def schema_version(self) -> int:
         db = self._conn
@@ -116,10 +156,13 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (disk full) may leave the transaction open, and SQLite may
+                # already have rolled it back: either way the next BEGIN must find none open.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
