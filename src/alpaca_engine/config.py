@@ -5,7 +5,7 @@ Environment wins over the file so a deployment can override a checked-in default
 
 from __future__ import annotations
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -13,6 +13,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .store.ownership import DEFAULT_MAX_RUN_ATTEMPTS
 from .telemetry.logging import register_secret
 from .tools.governance import TenantPolicy
 
@@ -36,10 +37,23 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     audit_key: SecretStr | None = None
     lease_seconds: float = 30.0
+    max_run_attempts: int = Field(default=DEFAULT_MAX_RUN_ATTEMPTS, ge=1)
+    """Crashed attempts (worker died, lease expired) after which a run fails ``crash_loop``."""
     worker_concurrency: int = 8
     poll_interval: float = 0.5
     tenants: dict[str, TenantSettings] = {}
     """Per-tenant policies (env: ALPACA_TENANTS as JSON)."""
+
+    @field_validator("audit_key", mode="before")
+    @classmethod
+    def _strip_key(cls, value: object) -> object:
+        """Keys copied from files often end with a newline; one key must mean one key
+        wherever it is read (``load_audit_key`` strips too). Blank means no key."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
 
     def tenant_policies(self) -> dict[str, TenantPolicy]:
         return {name: t.policy() for name, t in self.tenants.items()}

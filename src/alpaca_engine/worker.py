@@ -107,7 +107,8 @@ class Worker:
         dispatcher = self.engine.dispatcher
         try:
             run = await self.engine.store.claim_run(
-                run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now(),
+                max_attempts=self.engine.max_run_attempts)
         except NotFound:
             run = None
         if dispatcher is not None:

@@ -106,7 +106,8 @@ def create_app(
                     dispatcher = LocalDispatcher()
                 eng = Engine(the_store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                              breakers=coord.breakers, events=coord.events,
-                             dispatcher=dispatcher, tenant_policies=cfg.tenant_policies())
+                             dispatcher=dispatcher, tenant_policies=cfg.tenant_policies(),
+                             max_run_attempts=cfg.max_run_attempts)
             auth = Authenticator(eng.store)
             await auth.refresh()
             cache = MetricsCache(eng.store)

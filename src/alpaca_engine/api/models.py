@@ -149,6 +149,8 @@ class AuditList(BaseModel):
 class AuditVerification(BaseModel):
     ok: bool
     records: int
+    head_seq: int = Field(description="The last seq the run's row says its chain has: "
+                                      "records missing up to it are reported as deleted.")
     first_bad_seq: int | None
     reason: str | None
 

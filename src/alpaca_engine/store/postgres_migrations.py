@@ -16,6 +16,8 @@ Choices that keep the semantics of the SQLite store:
 
 from __future__ import annotations
 
+from ..telemetry.audit import GENESIS
+
 POSTGRES: list[str] = [
     # 1: runs, steps, audit
     """
@@ -127,5 +129,19 @@ POSTGRES.append(
         revoked_at DOUBLE PRECISION
     );
     CREATE INDEX api_keys_tenant ON api_keys(tenant, created_at);
+    """
+)
+
+POSTGRES.append(
+    # 3: the audit chain head on the run row (loss of records is tampering), backfilled from
+    #    each run's chain; the crash counter of crash-loop quarantine (as SQLite migration 3)
+    f"""
+    ALTER TABLE runs ADD COLUMN audit_seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN audit_hash TEXT NOT NULL DEFAULT '{GENESIS}';
+    ALTER TABLE runs ADD COLUMN crash_count BIGINT NOT NULL DEFAULT 0;
+    UPDATE runs SET audit_seq = head.seq, audit_hash = head.hash
+        FROM (SELECT DISTINCT ON (run_id) run_id, seq, hash FROM audit
+              ORDER BY run_id, seq DESC) AS head
+        WHERE head.run_id = runs.id;
     """
 )
