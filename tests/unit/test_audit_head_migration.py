@@ -7,10 +7,14 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from alpaca_engine.store.migrations import SQLITE
+from alpaca_engine.store.mongo import MIGRATIONS, MongoStore
 from alpaca_engine.store.sqlite import SQLiteStore
 from alpaca_engine.telemetry.audit import GENESIS, AuditChain
 from alpaca_engine.verification import verify_run
+from tests.integration.test_store_mongo import _fake_server
 
 KEY = b"k"
 
@@ -57,3 +61,33 @@ async def test_migration_3_backfills_heads_from_existing_chains(tmp_path: Path) 
         assert not lost.result.ok and lost.result.first_bad_seq == 2
     finally:
         await store.close()
+
+
+async def test_mongo_backfill_sets_heads_of_documents_written_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the fake driver: a database migrated to index set 1 only, with a run document and
+    its chain as the old store wrote them, gets its head from the chain when opened."""
+    server = _fake_server(monkeypatch)
+    old = MongoStore("mongodb://fake/app", audit_key=KEY)
+    monkeypatch.setattr("alpaca_engine.store.mongo.MIGRATIONS", MIGRATIONS[:1])
+    await old.open()
+    db = server.databases["app"]
+    await db["runs"].insert_one({"_id": "old", "tenant": "t", "agent": "a", "workflow": "w",
+                                 "input": "hi", "state": "queued", "root_id": "old",
+                                 "version": 0})
+    chain = AuditChain("old", key=KEY)
+    for i in range(2):
+        await db["audit"].insert_one(
+            chain.append("note", {"i": i}, "engine", "2026-01-01T00:00:00.000000Z").to_dict())
+    await old.close()
+    monkeypatch.setattr("alpaca_engine.store.mongo.MIGRATIONS", MIGRATIONS)
+    new = MongoStore("mongodb://fake/app", audit_key=KEY)
+    await new.open()
+    try:
+        assert await new.schema_version() == len(MIGRATIONS) >= 2
+        run = await new.get_run("old")
+        assert run.audit_head == (2, chain.last_hash) and run.crash_count == 0
+        assert (await verify_run(new, run, KEY)).result.ok
+    finally:
+        await new.close()
