@@ -352,7 +352,7 @@ def runs_resume(
     try:
         final = run_async(go)
     except RunBusy as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, any width
         raise typer.Exit(EXIT_FAILED) from None
     if as_json:
         dump(final.model_dump(mode="json"))

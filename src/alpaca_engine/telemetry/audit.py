@@ -5,11 +5,12 @@ prev_hash, hash}``. ``hash`` is SHA-256 (or HMAC-SHA256 with the server key from
 ``ALPACA_AUDIT_KEY``) over the canonical JSON of the record without ``hash``, and each record
 names the previous record's hash, so editing, removing, reordering or inserting a record breaks
 the chain at a place ``verify_chain`` can name. Nothing here does I/O: the stores read the run's
-last ``(seq, hash)`` inside their transaction, call ``next_record`` and persist the result.
+head ``(seq, hash)`` from the run row inside their transaction, call ``next_record`` (through
+``AuditChain``) and persist the records and the new head in that same transaction.
 
 Without a key anyone with write access can rebuild the chain from the edit onwards; the key (or
-anchoring the head hash elsewhere) is what makes rewriting detectable. Likewise, dropping records
-from the *end* of a chain is only detectable against a known head.
+anchoring the head hash elsewhere) is what makes rewriting detectable. Dropping records from the
+*end* of a chain is detectable against the head the run row carries (``verify_chain(head=…)``).
 """
 
 from __future__ import annotations
