@@ -44,6 +44,7 @@ from .store.records import ApprovalRecord, ApprovalStatus, RunRecord
 from .telemetry.audit import AuditRecord, verify_chain
 from .telemetry.logging import configure_logging
 from .telemetry.tracing import configure_tracing
+from .verification import RunVerification, verify_runs
 from .worker import Worker
 from .workflows.loader import WorkflowError, load_workflow, resolve_workflow
 
@@ -387,7 +388,8 @@ def runs_resume(
     async def go() -> RunRecord:
         async with open_store(cfg) as store:
             emit = (lambda e: None) if as_json else ProgressPrinter(console)
-            engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit)
+            engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds, emit=emit,
+                            max_run_attempts=cfg.max_run_attempts)
             run = await engine.resume(run_id, force=force)
             await engine.run_tree(run.root_id)
             return await store.get_run(run_id)
@@ -395,7 +397,7 @@ def runs_resume(
     try:
         final = run_async(go)
     except RunBusy as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, any width
         raise typer.Exit(EXIT_FAILED) from None
     if as_json:
         dump(final.model_dump(mode="json"))
@@ -437,7 +439,8 @@ def worker(
                 engine = Engine(store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                                 breakers=coord.breakers, events=coord.events,
                                 dispatcher=coord.dispatcher,
-                                tenant_policies=cfg.tenant_policies())
+                                tenant_policies=cfg.tenant_policies(),
+                                max_run_attempts=cfg.max_run_attempts)
                 w = Worker(engine, concurrency=concurrency or cfg.worker_concurrency,
                            poll_interval=cfg.poll_interval)
                 w.install_signal_handlers()
@@ -580,35 +583,68 @@ def approvals_reject(approval_id: str, by: ByOpt = "supervisor", comment: Commen
 
 @audit_app.command("verify")
 def audit_verify(
-    run_id: str,
+    run_id: Annotated[str | None, typer.Argument(help="The run to verify.")] = None,
     tree: Annotated[bool, typer.Option(help="Verify every run of the run's tree.")] = False,
+    all_runs: Annotated[bool, typer.Option("--all", help="Verify every run in the database "
+                                           "(a compliance sweep) and print a summary.")] = False,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recompute the hash chain: exit 0 when intact, 1 naming the first bad record."""
+    """Recompute the hash chain and check it against the run's head: exit 0 when intact,
+    1 naming the first bad (edited, missing or deleted) record."""
+    if (run_id is None) == (not all_runs):
+        err_console.print("[red]error:[/red] give a RUN_ID or --all (not both)")
+        raise typer.Exit(EXIT_FAILED)
     cfg = settings(db)
 
-    async def go() -> list[tuple[str, Any]]:
+    async def go() -> list[RunVerification]:
         async with open_store(cfg) as store:
-            run = await store.get_run(run_id)
-            runs = await store.list_runs(root_id=run.root_id, limit=100_000) if tree else [run]
-            return [(r.id, verify_chain(await store.list_audit(r.id), key=cfg.audit_key_bytes(),
-                                        run_id=r.id)) for r in runs]
+            if run_id is None:
+                runs = await store.list_runs(limit=-1)
+            else:
+                run = await store.get_run(run_id)
+                runs = (await store.list_runs(root_id=run.root_id, limit=100_000) if tree
+                        else [run])
+            return await verify_runs(store, runs, cfg.audit_key_bytes())
 
     results = run_async(go)
-    bad = [(rid, res) for rid, res in results if not res.ok]
-    if as_json:
-        dump([{"run_id": rid, "ok": res.ok, "records": res.count,
-               "first_bad_seq": res.first_bad_seq, "reason": res.reason}
-              for rid, res in results])
+    bad = [v for v in results if not v.result.ok]
+    if all_runs:
+        _print_sweep(results, bad, as_json)
+    elif as_json:
+        dump([_verification_json(v) for v in results])
     else:
-        for rid, res in results:
-            if res.ok:
-                console.print(f"[green]ok[/green] {rid}: {res.count} records, chain intact")
+        for v in results:
+            if v.result.ok:
+                console.print(f"[green]ok[/green] {v.run_id}: {v.result.count} records, "
+                              "chain intact")
             else:
-                console.print(f"[red]TAMPERED[/red] {rid}: first bad record seq "
-                              f"{res.first_bad_seq}: {res.reason}")
+                console.print(_tampered_line(v))
     raise typer.Exit(EXIT_FAILED if bad else EXIT_OK)
+
+
+def _verification_json(v: RunVerification) -> dict[str, Any]:
+    res = v.result
+    return {"run_id": v.run_id, "ok": res.ok, "records": res.count, "head_seq": v.head_seq,
+            "first_bad_seq": res.first_bad_seq, "reason": res.reason}
+
+
+def _tampered_line(v: RunVerification) -> str:
+    return (f"[red]TAMPERED[/red] {v.run_id}: first bad record seq {v.result.first_bad_seq}: "
+            f"{v.result.reason}")
+
+
+def _print_sweep(results: list[RunVerification], bad: list[RunVerification],
+                 as_json: bool) -> None:
+    """The summary of ``audit verify --all``: counts, then every bad run."""
+    if as_json:
+        dump({"checked": len(results), "ok": len(results) - len(bad), "bad": len(bad),
+              "failures": [_verification_json(v) for v in bad]})
+        return
+    for v in bad:
+        console.print(_tampered_line(v))
+    verdict = "[green]all chains intact[/green]" if not bad else f"[red]{len(bad)} bad[/red]"
+    console.print(f"checked {len(results)} runs: {len(results) - len(bad)} ok, {verdict}")
 
 
 @audit_app.command("export")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,6 +17,7 @@ from pydantic_settings import (
 )
 
 from .faults import DEFAULT_CONNECT_TIMEOUT
+from .store.ownership import DEFAULT_MAX_RUN_ATTEMPTS
 from .telemetry.logging import register_environment_secrets, register_secret
 from .tools.governance import TenantPolicy
 
@@ -40,6 +41,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     audit_key: SecretStr | None = None
     lease_seconds: float = 30.0
+    max_run_attempts: int = Field(default=DEFAULT_MAX_RUN_ATTEMPTS, ge=1)
+    """Crashed attempts (worker died, lease expired) after which a run fails ``crash_loop``."""
     worker_concurrency: int = 8
     poll_interval: float = 0.5
     connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
@@ -51,6 +54,17 @@ class Settings(BaseSettings):
         """Every process (CLI, worker, server) builds its Settings first: from then on the
         values of secret-looking environment variables are masked wherever text is kept."""
         register_environment_secrets(os.environ)
+
+    @field_validator("audit_key", mode="before")
+    @classmethod
+    def _strip_key(cls, value: object) -> object:
+        """Keys copied from files often end with a newline; one key must mean one key
+        wherever it is read (``load_audit_key`` strips too). Blank means no key."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
 
     def tenant_policies(self) -> dict[str, TenantPolicy]:
         return {name: t.policy() for name, t in self.tenants.items()}

@@ -26,6 +26,7 @@ from .faults import Unavailable
 from .lifecycle import RunState
 from .runner import StepRunner
 from .store.base import Store
+from .store.ownership import DEFAULT_MAX_RUN_ATTEMPTS
 from .store.records import AuditEvent, LedgerRecord, RunRecord
 from .telemetry import tracing
 from .tools.governance import OPEN_POLICY, TenantPolicy
@@ -72,8 +73,17 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
+def busy_message(run: RunRecord, now: float) -> str:
+    """One line for a resume that lost: who owns the run and what to do."""
+    if run.state == RunState.RUNNING:
+        left = max(0.0, (run.lease_expires_at or now) - now)
+        return (f"run {run.id} is owned by {run.lease_owner} (lease expires in {left:.0f}s "
+                "unless renewed); wait for it, or use --force if that worker is gone")
+    return f"run {run.id} is {run.state} and was not claimed; try again"
+
+
 class RunBusy(Exception):
-    """The run is leased by a live worker."""
+    """The run is leased by a live worker (its message is one line naming the owner)."""
 
 
 class Engine:
@@ -91,6 +101,7 @@ class Engine:
         dispatcher: Dispatcher | None = None,
         tenant_policies: Mapping[str, TenantPolicy] | None = None,
         registry: WorkflowRegistry | None = None,
+        max_run_attempts: int = DEFAULT_MAX_RUN_ATTEMPTS,
     ) -> None:
         self.store = store
         self.resolve = resolve
@@ -99,6 +110,8 @@ class Engine:
         self.clock = clock or SystemClock()
         self.owner = owner or make_owner()
         self.lease_seconds = lease_seconds
+        self.max_run_attempts = max_run_attempts
+        """Crashed attempts after which a run is quarantined (``crash_loop``)."""
         self._sink = emit
         self.events = events
         self.dispatcher = dispatcher
@@ -212,24 +225,27 @@ class Engine:
         return [await self.store.request_cancel(r.id) for r in order]
 
     async def resume(self, run_id: str, *, force: bool = False) -> RunRecord:
-        """Continue a run from its journal, taking over a dead local worker's lease."""
+        """Continue a run from its journal, taking over the lease only from a provably dead
+        owner (expired, or a dead process on this host; ``force``: the owner the caller
+        says is gone). The take-over is conditioned on the lease read here, so of two resumes
+        started together exactly one wins and the other raises RunBusy."""
         run = await self.store.get_run(run_id)
-        if run.state.terminal:
+        if run.state.terminal or run.state == RunState.WAITING:
             return run
-        if run.state == RunState.WAITING:
-            return run
-        steal = force or owner_is_dead_here(run.lease_owner)
-        claimed = await self.store.claim_run(run_id, self.owner, self.lease_seconds,
-                                             self.clock.now(), steal=steal)
+        steal = run.state == RunState.RUNNING and (force or owner_is_dead_here(run.lease_owner))
+        claimed = await self.store.claim_run(
+            run_id, self.owner, self.lease_seconds, self.clock.now(), steal=steal,
+            expected_epoch=run.epoch, max_attempts=self.max_run_attempts)
         if claimed is None:
-            raise RunBusy(
-                f"run {run_id} is leased by {run.lease_owner} until "
-                f"{run.lease_expires_at}; use --force if that worker is gone")
+            now = await self.store.get_run(run_id)
+            if now.state.terminal or now.state == RunState.WAITING:
+                return now  # finished (or quarantined) meanwhile: nothing to resume
+            raise RunBusy(busy_message(now, self.clock.now()))
         return await self.drive(claimed)
 
     async def execute(self, run_id: str) -> RunRecord | None:
         claimed = await self.store.claim_run(run_id, self.owner, self.lease_seconds,
-                                             self.clock.now())
+                                             self.clock.now(), max_attempts=self.max_run_attempts)
         if claimed is None:
             return None
         return await self.drive(claimed)
@@ -316,12 +332,15 @@ class Engine:
                 audit=[AuditEvent(kind="lease.released", actor=f"worker:{self.owner}")])
 
     async def reap(self) -> list[str]:
-        """Requeue runs whose lease expired or whose local owner process died."""
-        requeued = await self.store.requeue_expired(self.clock.now())
+        """Requeue runs whose lease expired or whose local owner process died (quarantining
+        those that crashed their workers ``max_run_attempts`` times)."""
+        requeued = await self.store.requeue_expired(self.clock.now(),
+                                                    max_attempts=self.max_run_attempts)
         for run in await self.store.list_runs(state=RunState.RUNNING, limit=10_000):
             if owner_is_dead_here(run.lease_owner):
-                claimed = await self.store.claim_run(run.id, self.owner, self.lease_seconds,
-                                                     self.clock.now(), steal=True)
+                claimed = await self.store.claim_run(
+                    run.id, self.owner, self.lease_seconds, self.clock.now(), steal=True,
+                    expected_epoch=run.epoch, max_attempts=self.max_run_attempts)
                 if claimed is not None:
                     await self.release(run.id, claimed.epoch)
                     requeued.append(run.id)

@@ -33,6 +33,8 @@ class ErrorCode(StrEnum):
     APPROVAL_EXPIRED = "approval_expired"
     INTERNAL_ERROR = "internal_error"
     LEASE_LOST = "lease_lost"
+    CRASH_LOOP = "crash_loop"
+    """The run crashed its workers ALPACA_MAX_RUN_ATTEMPTS times: quarantined, not requeued."""
     CONFIG_ERROR = "config_error"
     # A database or Redis the engine cannot use (faults.py): fix it, then resume.
     STORE_UNAVAILABLE = "store_unavailable"

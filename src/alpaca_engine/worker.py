@@ -132,7 +132,8 @@ class Worker:
         dispatcher = self.engine.dispatcher
         try:
             run = await self.engine.store.claim_run(
-                run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+                run_id, self.engine.owner, self.engine.lease_seconds, self.engine.clock.now(),
+                max_attempts=self.engine.max_run_attempts)
         except NotFound:
             run = None
         except Unavailable as exc:  # not acked: redelivered, and the store poll finds it too

@@ -24,7 +24,8 @@ async def test_audit_verify_finds_a_tampered_record(start_api: ApiFactory) -> No
         run = (await c.post("/v1/runs?wait=true", json=QS)).json()
         count = len((await c.get(f"/v1/runs/{run['id']}/audit")).json()["items"])
         ok = (await c.get(f"/v1/runs/{run['id']}/audit/verify")).json()
-        assert ok == {"ok": True, "records": count, "first_bad_seq": None, "reason": None}
+        assert ok == {"ok": True, "records": count, "head_seq": count, "first_bad_seq": None,
+                      "reason": None}
         after = (await c.get(f"/v1/runs/{run['id']}/audit", params={"after": 3})).json()
         assert [a["seq"] for a in after["items"]] == list(range(4, count + 1))
 
@@ -34,6 +35,24 @@ async def test_audit_verify_finds_a_tampered_record(start_api: ApiFactory) -> No
         db.close()
         bad = (await c.get(f"/v1/runs/{run['id']}/audit/verify")).json()
         assert bad["ok"] is False and bad["first_bad_seq"] == 3 and bad["reason"]
+
+
+async def test_audit_verify_finds_deleted_records(start_api: ApiFactory) -> None:
+    """Loss is tampering: the run row's head names the records deleted from the end."""
+    async with start_api() as api, api.client() as c:
+        run = (await c.post("/v1/runs?wait=true", json=QS)).json()
+        count = len((await c.get(f"/v1/runs/{run['id']}/audit")).json()["items"])
+        db = sqlite3.connect(api.db_url.removeprefix("sqlite:///"))
+        with db:
+            db.execute("DELETE FROM audit WHERE run_id=? AND seq>=?", (run["id"], count - 1))
+        lost = (await c.get(f"/v1/runs/{run['id']}/audit/verify")).json()
+        assert lost["ok"] is False and lost["head_seq"] == count
+        assert lost["first_bad_seq"] == count - 1 and "deleted" in lost["reason"]
+        with db:
+            db.execute("DELETE FROM audit WHERE run_id=?", (run["id"],))
+        db.close()
+        gone = (await c.get(f"/v1/runs/{run['id']}/audit/verify")).json()
+        assert gone["ok"] is False and gone["first_bad_seq"] == 1 and gone["records"] == 0
 
 
 async def test_catalog_lists_agents_tools_and_breakers(start_api: ApiFactory) -> None:

@@ -177,6 +177,120 @@ class StoreConformance:
                                    audit=[AuditEvent(kind="should.not.exist")])
         assert "should.not.exist" not in [r.kind for r in await store.list_audit("r1")]
 
+    # -- the chain head on the run row; a finished run's chain is closed (DESIGN §7) ----------
+
+    async def test_run_row_carries_the_chain_head(self, store):
+        created, _ = await store.create_run(new_run("r1"), [AuditEvent(kind="run.created")])
+        assert created.audit_seq == 1
+        assert (await store.get_run("r1")).audit_head == created.audit_head
+        run = await store.claim_run("r1", "w", 10, 100)
+        assert run.audit_seq == 2
+        await store.save_step(StepRecord(run_id="r1", seq=1, kind="tool", name="t"), run.epoch,
+                              [AuditEvent(kind="tool.chosen"), AuditEvent(kind="tool.result")])
+        done = await store.transition("r1", RunState.SUCCEEDED, 102, epoch=run.epoch)
+        records = await store.list_audit("r1")
+        assert done.audit_head == (await store.get_run("r1")).audit_head
+        assert done.audit_head == (5, records[-1].hash)
+        assert verify_chain(records, key=store.audit_key, head=done.audit_head,
+                            terminal_state="succeeded").ok
+        short = verify_chain(records[:3], key=store.audit_key, head=done.audit_head)
+        assert not short.ok and short.first_bad_seq == 4 and "deleted" in short.reason
+        gone = verify_chain([], key=store.audit_key, head=done.audit_head)
+        assert not gone.ok and gone.first_bad_seq == 1 and "missing" in gone.reason
+
+    async def test_a_finished_run_takes_no_more_journal_writes(self, store):
+        await store.create_run(new_run("r1"))
+        run = await store.claim_run("r1", "w", 10, 100)
+        await store.transition("r1", RunState.FAILED, 101, epoch=run.epoch,
+                               error_code="tool_error", error_message="boom")
+        with pytest.raises(LeaseLost):
+            await store.save_step(StepRecord(run_id="r1", seq=1, kind="tool", name="t"),
+                                  run.epoch, [AuditEvent(kind="late")])
+        with pytest.raises(LeaseLost):
+            await store.append_audit("r1", [AuditEvent(kind="late")], 102, epoch=run.epoch)
+        with pytest.raises(LeaseLost):
+            await store.append_audit("r1", [AuditEvent(kind="late")], 102)
+        with pytest.raises(LeaseLost):
+            await store.create_approval(ApprovalRecord(
+                id="a1", tenant="t1", run_id="r1", root_id="r1", step=2, action="x",
+                created_at=102), run.epoch, [AuditEvent(kind="late")])
+        assert (await store.request_cancel("r1")).state == RunState.FAILED
+        final = await store.get_run("r1")
+        records = await store.list_audit("r1")
+        assert records[-1].kind == "state.changed" and records[-1].data["to"] == "failed"
+        assert verify_chain(records, key=store.audit_key, head=final.audit_head,
+                            terminal_state="failed").ok
+
+    async def test_a_cancelled_runs_approval_is_closed_without_touching_its_chain(self, store):
+        await store.create_run(new_run("r1"))
+        run = await store.claim_run("r1", "w", 10, 100)
+        for aid, step in (("a1", 2), ("a2", 3)):
+            await store.create_approval(ApprovalRecord(
+                id=aid, tenant="t1", run_id="r1", root_id="r1", step=step, action="x",
+                created_at=100, expires_at=150), run.epoch)
+        await store.transition("r1", RunState.WAITING, 101, epoch=run.epoch)
+        assert (await store.request_cancel("r1")).state == RunState.CANCELLED
+        with pytest.raises(ApprovalConflict, match="cancelled"):
+            await store.decide_approval("a1", approve=True, by="sue", comment=None, now=102)
+        assert (await store.get_approval("a1")).status == "pending"
+        assert [a.id for a in await store.expire_approvals(151)] == ["a1", "a2"]
+        final = await store.get_run("r1")
+        records = await store.list_audit("r1")
+        assert records[-1].kind == "state.changed" and records[-1].data["to"] == "cancelled"
+        assert verify_chain(records, key=store.audit_key, head=final.audit_head,
+                            terminal_state="cancelled").ok
+
+    # -- one owner; crash-loop quarantine (DESIGN §3) -----------------------------------------
+
+    async def test_a_steal_takes_only_the_lease_it_judged_dead(self, store):
+        await store.create_run(new_run("r1"))
+        dead = await store.claim_run("r1", "w1", 10, 100)
+        first = await store.claim_run("r1", "w2", 10, 101, steal=True, expected_epoch=dead.epoch)
+        assert first is not None and first.lease_owner == "w2" and first.crash_count == 1
+        late = await store.claim_run("r1", "w3", 10, 101, steal=True, expected_epoch=dead.epoch)
+        assert late is None  # w2 took it since: a live owner is never preempted
+        now = await store.get_run("r1")
+        assert (now.lease_owner, now.epoch) == ("w2", first.epoch)
+
+    async def test_crash_recoveries_are_counted_then_quarantined(self, store):
+        await store.create_run(new_run("r1"), [AuditEvent(kind="run.created")])
+        run = await store.claim_run("r1", "w1", 10, 100)
+        assert await store.requeue_expired(111, max_attempts=3) == ["r1"]  # crash 1
+        assert (await store.get_run("r1")).crash_count == 1
+        run = await store.claim_run("r1", "w2", 10, 112, max_attempts=3)
+        assert run.crash_count == 1  # a claim of a queued run is no crash
+        # crash 2: a claim takes the expired lease over
+        run = await store.claim_run("r1", "w3", 10, 123, max_attempts=3)
+        assert run is not None and run.crash_count == 2
+        assert await store.requeue_expired(134, max_attempts=3) == []  # crash 3: quarantined
+        failed = await store.get_run("r1")
+        assert failed.state == RunState.FAILED and failed.error_code == "crash_loop"
+        assert "3 times" in failed.error_message and failed.lease_owner is None
+        assert await store.claim_run("r1", "w4", 10, 135, steal=True) is None
+        records = await store.list_audit("r1")
+        assert [r.kind for r in records[-2:]] == ["run.quarantined", "state.changed"]
+        assert records[-2].data["crash_count"] == 3 and records[-2].data["max_attempts"] == 3
+        assert verify_chain(records, key=store.audit_key, head=failed.audit_head,
+                            terminal_state="failed").ok
+
+    async def test_a_claim_of_a_crash_looping_run_quarantines_it(self, store):
+        await store.create_run(new_run("r1"))
+        await store.claim_run("r1", "w1", 10, 100)
+        assert await store.claim_run("r1", "w2", 10, 111, max_attempts=1) is None
+        failed = await store.get_run("r1")
+        assert (failed.state, failed.error_code, failed.crash_count) == (
+            RunState.FAILED, "crash_loop", 1)
+
+    async def test_legitimate_reclaims_are_not_crashes(self, store):
+        await store.create_run(new_run("r1"))
+        run = await store.claim_run("r1", "w1", 10, 100, max_attempts=1)
+        waiting = await store.transition("r1", RunState.WAITING, 101, epoch=run.epoch)
+        await store.transition("r1", RunState.QUEUED, 102, epoch=waiting.epoch)  # woken
+        run = await store.claim_run("r1", "w2", 10, 103, max_attempts=1)
+        await store.transition("r1", RunState.QUEUED, 104, epoch=run.epoch)  # released
+        run = await store.claim_run("r1", "w3", 10, 105, max_attempts=1)
+        assert run is not None and run.state == RunState.RUNNING and run.crash_count == 0
+
 
 class LedgerApprovalKeyConformance:
     """Budget ledgers, approvals and API keys (part of every store's contract)."""

@@ -506,3 +506,66 @@ def test_property_fresh_chain_verifies_and_any_char_edit_is_caught(
     assert not result.ok
     assert result.first_bad_seq == victim + 1
     assert result.reason is not None and result.reason.startswith("hash mismatch")
+
+
+# --------------------------------------------------------------------------- the chain head
+
+
+def _finished(n: int = 5, key: bytes | None = None) -> list[AuditRecord]:
+    chain = AuditChain("run-1", key=key)
+    records = [chain.append("step", {"i": i}, "engine", T0) for i in range(1, n)]
+    records.append(chain.append("state.changed", {"from": "running", "to": "failed"},
+                                "engine", T0))
+    return records
+
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["unkeyed", "keyed"])
+def test_head_catches_records_deleted_from_the_end(key: bytes | None) -> None:
+    records = build(10, key)
+    head = (10, records[-1].hash)
+    assert verify_chain(records, key=key, head=head).ok
+    result = verify_chain(records[:7], key=key, head=head)
+    assert not result.ok and result.first_bad_seq == 8 and result.count == 7
+    assert result.reason == "chain ends at seq 7 but the run's head is seq 10 " \
+                            "(records 8..10 deleted)"
+
+
+def test_head_catches_a_missing_chain() -> None:
+    records = build(3)
+    result = verify_chain([], head=(3, records[-1].hash))
+    assert not result.ok and result.first_bad_seq == 1 and "missing" in (result.reason or "")
+    assert verify_chain([], head=(0, GENESIS)).ok  # a run that never audited anything
+
+
+def test_head_catches_a_rewritten_tail() -> None:
+    records = build(5)
+    forged = AuditChain("run-1", last_seq=4, last_hash=records[3].hash).append(
+        "step", {"i": "forged"}, "engine", T0)
+    result = verify_chain([*records[:4], forged], head=(5, records[-1].hash))
+    assert not result.ok and result.first_bad_seq == 5 and "rewritten" in (result.reason or "")
+
+
+def test_records_after_the_head_are_accepted_only_for_a_live_run() -> None:
+    records = build(6)
+    assert verify_chain(records, head=(4, records[3].hash)).ok  # appended after the row read
+    result = verify_chain(records, head=(4, records[3].hash), terminal_state="failed")
+    assert not result.ok and result.first_bad_seq == 5
+
+
+def test_a_finished_run_must_end_with_its_terminal_record() -> None:
+    records = _finished()
+    assert verify_chain(records, head=(5, records[-1].hash), terminal_state="failed").ok
+    assert not verify_chain(records, head=(5, records[-1].hash), terminal_state="cancelled").ok
+    # the terminal record deleted and the head moved back with it: still caught
+    result = verify_chain(records[:4], head=(4, records[3].hash), terminal_state="failed")
+    assert not result.ok and result.first_bad_seq == 5
+    assert "does not end with the state change to failed" in (result.reason or "")
+    result = verify_chain([], terminal_state="failed")
+    assert not result.ok and result.first_bad_seq == 1
+
+
+def test_link_errors_are_reported_before_the_head_checks() -> None:
+    records = build(5)
+    broken = [records[0], edited(records[1], i=99), *records[2:]]
+    result = verify_chain(broken, head=(9, records[-1].hash))
+    assert result.first_bad_seq == 2 and "edited" in (result.reason or "")

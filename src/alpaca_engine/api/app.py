@@ -108,7 +108,8 @@ def create_app(
                     dispatcher = LocalDispatcher()
                 eng = Engine(the_store, resolve_workflow, lease_seconds=cfg.lease_seconds,
                              breakers=coord.breakers, events=coord.events,
-                             dispatcher=dispatcher, tenant_policies=cfg.tenant_policies())
+                             dispatcher=dispatcher, tenant_policies=cfg.tenant_policies(),
+                             max_run_attempts=cfg.max_run_attempts)
             # What pushed workflows may name: the catalog modules and the served workflows.
             eng.registry.catalog = build_catalog(served.workflows, catalog_modules())
             auth = Authenticator(eng.store)

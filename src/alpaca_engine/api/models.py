@@ -208,6 +208,8 @@ RunStreamEvent = Annotated[AuditRecordEvent | EndEvent, Field(discriminator="typ
 class AuditVerification(BaseModel):
     ok: bool
     records: int
+    head_seq: int = Field(description="The last seq the run's row says its chain has: "
+                                      "records missing up to it are reported as deleted.")
     first_bad_seq: int | None
     reason: str | None
 

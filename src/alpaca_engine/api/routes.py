@@ -21,8 +21,8 @@ from ..faults import Unavailable
 from ..lifecycle import RunState
 from ..store.base import Store
 from ..store.records import ApprovalStatus, RunRecord
-from ..telemetry.audit import verify_chain
 from ..telemetry.metrics import METRICS
+from ..verification import verify_run
 from ..workflow import Workflow
 from ..workflows.registry import names_same_request
 from . import events
@@ -292,10 +292,10 @@ async def run_audit(
 async def verify_audit(run_id: RunId, st: State, who: Caller) -> AuditVerification:
     """Recompute the run's hash chain and name the first bad record, if any."""
     require(who, Role.USER)
-    await st.store.get_run(run_id, who.tenant)
-    result = verify_chain(await st.store.list_audit(run_id),
-                          key=st.settings.audit_key_bytes(), run_id=run_id)
-    return AuditVerification(ok=result.ok, records=result.count,
+    checked = await verify_run(st.store, await st.store.get_run(run_id, who.tenant),
+                               st.settings.audit_key_bytes())
+    result = checked.result
+    return AuditVerification(ok=result.ok, records=result.count, head_seq=checked.head_seq,
                              first_bad_seq=result.first_bad_seq, reason=result.reason)
 
 

@@ -51,10 +51,14 @@ class Store(Protocol):
     ) -> list[RunRecord]: ...
 
     async def claim_run(
-        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
+        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False,
+        expected_epoch: int | None = None, max_attempts: int | None = None,
     ) -> RunRecord | None:
-        """Lease a queued run (or a running one whose lease expired, or any running one when
-        ``steal``); bump the epoch. ``None`` when it cannot be claimed."""
+        """Lease a queued run (or a running one whose lease expired, or one the caller judged
+        dead when ``steal``: with ``expected_epoch`` only if its lease is still that epoch's,
+        re-checked in the claim's transaction); bump the epoch. Taking a running run over is
+        a crash recovery: counted, and at ``max_attempts`` the run is quarantined (``failed``
+        with ``crash_loop``). ``None`` when it cannot be claimed."""
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
         """Lease the oldest queued run."""
@@ -83,17 +87,19 @@ class Store(Protocol):
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """Cancel a queued or waiting run now; flag a running one for its worker to stop."""
 
-    async def requeue_expired(self, now: float) -> list[str]:
-        """Reaper: running runs whose lease expired go back to queued (epoch bumped)."""
+    async def requeue_expired(self, now: float, *, max_attempts: int | None = None) -> list[str]:
+        """Reaper: running runs whose lease expired go back to queued (epoch bumped, crash
+        counted), or are quarantined at ``max_attempts``; returns the requeued ids."""
 
     async def save_step(
         self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = (),
         *, reserve: dict[str, float] | None = None, settle: dict[str, float] | None = None,
     ) -> None:
-        """Insert or update step ``(run_id, seq)``; fenced by epoch. ``reserve`` debits every
-        ledger of the run atomically with the write (once per step, even across a crash) or
-        raises BudgetExceeded and marks the ledger exhausted; ``settle`` adds actual-minus-
-        reserved usage."""
+        """Insert or update step ``(run_id, seq)``; fenced by epoch (a finished run refuses
+        every journal write: its audit chain ends with its terminal record). ``reserve``
+        debits every ledger of the run atomically with the write (once per step, even across
+        a crash) or raises BudgetExceeded and marks the ledger exhausted; ``settle`` adds
+        actual-minus-reserved usage."""
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord: ...
 

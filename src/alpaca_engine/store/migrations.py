@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..telemetry.audit import GENESIS
+
 SQLITE: list[str] = [
     # 1: runs, steps, audit
     """
@@ -113,11 +115,17 @@ SQLITE.append(
 )
 
 SQLITE.append(
-    # 3: PLACEHOLDER, not a real migration. Another branch adds migration 3 (runs); this
-    # no-op only keeps the registry's migration at number 4 until the branches are merged,
-    # when the real migration 3 replaces it.
-    """
-    SELECT 1;
+    # 3: the audit chain head on the run row (loss of records is tampering), backfilled from
+    #    each run's chain; the crash counter of crash-loop quarantine
+    f"""
+    ALTER TABLE runs ADD COLUMN audit_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN audit_hash TEXT NOT NULL DEFAULT '{GENESIS}';
+    ALTER TABLE runs ADD COLUMN crash_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET
+        audit_seq = (SELECT MAX(seq) FROM audit WHERE audit.run_id = runs.id),
+        audit_hash = (SELECT hash FROM audit WHERE audit.run_id = runs.id
+                      ORDER BY seq DESC LIMIT 1)
+        WHERE EXISTS (SELECT 1 FROM audit WHERE audit.run_id = runs.id)
     """
 )
 

@@ -89,8 +89,10 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..faults import translating_faults
 from ..lifecycle import RunState, check_transition
-from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
+from ..telemetry.audit import GENESIS, AuditChain, AuditRecord, iso_utc
 from . import observers
+from .ownership import Recovery, closed_run_decision, plan_claim
+from .ownership import recover as recover_run
 from .records import (
     ApiKeyRecord,
     ApprovalRecord,
@@ -116,7 +118,29 @@ DEFAULT_DATABASE = "alpaca"
 COLLECTIONS = ("runs", "steps", "audit", "ledgers", "approvals", "api_keys", "workflows",
                "schema_migrations")
 
-MIGRATIONS: list[dict[str, list[IndexModel]]] = [
+Backfill = Callable[[AsyncDatabase[Doc]], Awaitable[None]]
+"""A data migration: rewrites documents in place (idempotent, so a racing opener is safe)."""
+
+
+async def _backfill_audit_heads(db: AsyncDatabase[Doc]) -> None:
+    """Version 2: every run document gets its chain head (``audit_seq``, ``audit_hash``) from
+    its stored chain, and a crash counter (as SQL migration 3)."""
+    runs = await db["runs"].find({}, projection=["_id", "audit_seq", "crash_count"]).to_list()
+    for run in runs:
+        changes: Doc = {}
+        if "audit_seq" not in run:
+            last = await db["audit"].find_one(
+                {"run_id": run["_id"]}, projection=["seq", "hash"], sort=[("seq", DESCENDING)]
+            )
+            changes["audit_seq"] = int(last["seq"]) if last else 0
+            changes["audit_hash"] = str(last["hash"]) if last else GENESIS
+        if "crash_count" not in run:
+            changes["crash_count"] = 0
+        if changes:
+            await db["runs"].update_one({"_id": run["_id"]}, {"$set": changes})
+
+
+MIGRATIONS: list[dict[str, list[IndexModel]] | Backfill] = [
     # 1: the initial index set
     {
         "runs": [
@@ -161,9 +185,8 @@ MIGRATIONS: list[dict[str, list[IndexModel]]] = [
     },
     # 2: nothing new (the SQL stores' migration 2 added tables and columns only)
     {},
-    # 3: PLACEHOLDER, not a real index set: another branch adds migration 3; this keeps the
-    # registry's index set at number 4 until the branches are merged.
-    {},
+    # 3: the audit chain head and the crash counter on every run
+    _backfill_audit_heads,
     # 4: registered workflows; the unique key is what keeps concurrent pushes of one name
     # from taking the same version number
     {
@@ -176,7 +199,7 @@ MIGRATIONS: list[dict[str, list[IndexModel]]] = [
         ],
     },
 ]
-"""Versioned index sets. Append, never edit, a version."""
+"""Versioned index sets and backfills. Append, never edit, a version."""
 
 _PUT_ATTEMPTS = 50
 """Retries of a workflow push that lost the race for its version number to another push."""
@@ -428,8 +451,11 @@ class MongoStore:
         for version, index_set in enumerate(MIGRATIONS, start=1):
             if version <= current:
                 continue
-            for name, indexes in index_set.items():
-                await db[name].create_indexes(indexes)
+            if callable(index_set):
+                await index_set(db)
+            else:
+                for name, indexes in index_set.items():
+                    await db[name].create_indexes(indexes)
             try:
                 result = await db["schema_migrations"].update_one(
                     {"_id": version}, {"$setOnInsert": {"version": version}}, upsert=True
@@ -459,7 +485,9 @@ class MongoStore:
                 )
 
     # -- locking helpers (writes that make concurrent transactions conflict) --------------------
-    async def _lock_run(self, s: Session, run_id: str, epoch: int | None) -> RunRecord:
+    async def _lock_run(
+        self, s: Session, run_id: str, epoch: int | None, *, journal: bool = False
+    ) -> RunRecord:
         """Bump the run's version (our transaction now conflicts with any other writer of the
         run) and check the epoch on the document that write returned. A stale epoch raises
         inside the transaction, which aborts it, so the bump is rolled back: the same effect
@@ -475,6 +503,8 @@ class MongoStore:
         run = _run(doc)
         if epoch is not None and run.epoch != epoch:
             raise LeaseLost(run_id, epoch)
+        if journal and run.state.terminal:  # a finished run's chain ends with its terminal record
+            raise LeaseLost(run_id, -1 if epoch is None else epoch)
         return run
 
     async def _lock_ledgers(self, s: Session, ids: Sequence[str]) -> list[ledger_logic.LedgerState]:
@@ -503,34 +533,49 @@ class MongoStore:
             )
 
     async def _append(
-        self, s: Session, run_id: str, events: Sequence[AuditEvent], now: float
-    ) -> None:
-        """Append to the run's chain; callers hold the run's lock (or just inserted the run)."""
+        self,
+        s: Session,
+        run_id: str,
+        events: Sequence[AuditEvent],
+        now: float,
+        head: tuple[int, str],
+    ) -> tuple[int, str]:
+        """Append to the run's chain after ``head`` and move the head on the run document;
+        callers hold the run's lock (or just inserted the run) and read ``head`` from it."""
         if not events:
-            return
+            return head
         observers.written(run_id, events)
-        audit = self._c("audit")
-        head = await audit.find_one(
-            {"run_id": run_id}, projection=["seq", "hash"], sort=[("seq", DESCENDING)], session=s
-        )
-        last_seq, last_hash = (int(head["seq"]), str(head["hash"])) if head else (0, GENESIS)
+        chain = AuditChain(run_id, self.audit_key, *head)
+        stamp = iso_utc(now)
         docs = []
         for ev in events:
-            rec = next_record(
-                run_id,
-                last_seq,
-                last_hash,
-                ev.kind,
-                ev.data,
-                ev.actor,
-                self.audit_key,
-                iso_utc(now),
-            )
-            doc = rec.to_dict()
-            doc["data"] = encode(rec.data)
+            doc = chain.append(ev.kind, ev.data, ev.actor, stamp).to_dict()
+            doc["data"] = encode(doc["data"])
             docs.append(doc)
-            last_seq, last_hash = rec.seq, rec.hash
-        await audit.insert_many(docs, session=s)
+        await self._c("audit").insert_many(docs, session=s)
+        await self._c("runs").update_one(
+            {"_id": run_id},
+            {"$set": {"audit_seq": chain.last_seq, "audit_hash": chain.last_hash}},
+            session=s,
+        )
+        return chain.last_seq, chain.last_hash
+
+    async def _recover(self, s: Session, run: RunRecord, rec: Recovery, now: float) -> None:
+        """Write a crash recovery: requeued (lease cleared, epoch bumped) or quarantined."""
+        changes: Doc = {
+            "state": str(rec.state),
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "crash_count": rec.crash_count,
+            "updated_at": now,
+        }
+        if rec.error_code is not None:
+            changes["error_code"] = rec.error_code
+            changes["error_message"] = rec.error_message
+        await self._c("runs").update_one(
+            {"_id": run.id}, {"$set": changes, "$inc": {"epoch": 1}}, session=s
+        )
+        await self._append(s, run.id, rec.events, now, run.audit_head)
 
     # -- runs ----------------------------------------------------------------------------------
     async def create_run(
@@ -539,6 +584,7 @@ class MongoStore:
         audit: Sequence[AuditEvent] = (),
         ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
+        run = run.with_head((0, GENESIS))
         doc = _run_doc(run)
 
         async def body(s: Session) -> tuple[RunRecord, bool]:
@@ -561,8 +607,8 @@ class MongoStore:
                     },
                     session=s,
                 )
-            await self._append(s, run.id, audit, run.created_at)
-            return run, True
+            head = await self._append(s, run.id, audit, run.created_at, (0, GENESIS))
+            return run.with_head(head), True
 
         try:
             return await self._tx(body)
@@ -608,51 +654,46 @@ class MongoStore:
         return [_run(d) for d in await cursor.to_list()]
 
     async def claim_run(
-        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
-    ) -> RunRecord | None:
-        async def body(s: Session) -> RunRecord | None:
-            run = await self._lock_run(s, run_id, None)
-            return await self._claim(s, run, owner, lease_seconds, now, steal)
-
-        return await self._tx(body)
-
-    async def _claim(
         self,
-        s: Session,
-        run: RunRecord,
+        run_id: str,
         owner: str,
         lease_seconds: float,
         now: float,
-        steal: bool,
+        *,
+        steal: bool = False,
+        expected_epoch: int | None = None,
+        max_attempts: int | None = None,
     ) -> RunRecord | None:
-        """Lease a run this transaction has locked."""
-        events = []
-        if run.state == RunState.RUNNING:
-            expired = run.lease_expires_at is not None and run.lease_expires_at < now
-            if not (expired or steal):
+        async def body(s: Session) -> RunRecord | None:
+            run = await self._lock_run(s, run_id, None)
+            plan = plan_claim(
+                run, owner, now, steal=steal, expected_epoch=expected_epoch,
+                max_attempts=max_attempts,
+            )
+            if plan is None:
                 return None
-            why = "lease expired" if expired else f"lease taken over from {run.lease_owner}"
-            events.append(_set_state(run, RunState.QUEUED, None, why))
-            run = run.model_copy(update={"state": RunState.QUEUED})
-        if run.state != RunState.QUEUED:
-            return None
-        events.append(_set_state(run, RunState.RUNNING, None, f"claimed by {owner}"))
-        doc = await self._c("runs").find_one_and_update(
-            {"_id": run.id},
-            {
-                "$set": {
-                    "state": str(RunState.RUNNING),
-                    "lease_owner": owner,
-                    "lease_expires_at": now + lease_seconds,
-                    "epoch": run.epoch + 1,
-                    "updated_at": now,
-                }
-            },
-            return_document=ReturnDocument.AFTER,
-            session=s,
-        )
-        await self._append(s, run.id, events, now)
-        return _run(doc) if doc is not None else None
+            if plan.quarantine is not None:
+                await self._recover(s, run, plan.quarantine, now)
+                return None
+            doc = await self._c("runs").find_one_and_update(
+                {"_id": run.id},
+                {
+                    "$set": {
+                        "state": str(RunState.RUNNING),
+                        "lease_owner": owner,
+                        "lease_expires_at": now + lease_seconds,
+                        "epoch": run.epoch + 1,
+                        "crash_count": plan.crash_count,
+                        "updated_at": now,
+                    }
+                },
+                return_document=ReturnDocument.AFTER,
+                session=s,
+            )
+            head = await self._append(s, run.id, plan.events, now, run.audit_head)
+            return _run(doc).with_head(head) if doc is not None else None
+
+        return await self._tx(body)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
         """Lease the oldest queued run: one atomic find-and-modify (two workers racing for the
@@ -679,8 +720,7 @@ class MongoStore:
             run = _run(doc)
             before = run.model_copy(update={"state": RunState.QUEUED})
             event = _set_state(before, RunState.RUNNING, None, f"claimed by {owner}")
-            await self._append(s, run.id, [event], now)
-            return run
+            return run.with_head(await self._append(s, run.id, [event], now, run.audit_head))
 
         return await self._tx(body)
 
@@ -773,10 +813,10 @@ class MongoStore:
                     {"run_id": run.id, "status": str(StepStatus.STARTED)},
                     {"$set": closed}, session=s) is not None:
                 pass
-        await self._append(s, run.id, [*audit, event], now)
+        head = await self._append(s, run.id, [*audit, event], now, run.audit_head)
         if doc is None:  # pragma: no cover - the run is locked by this transaction
             raise NotFound(f"run {run.id} not found")
-        return _run(doc)
+        return _run(doc).with_head(head)
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """As SQLite, but decided under the run's lock so a concurrent claim cannot interleave."""
@@ -794,13 +834,14 @@ class MongoStore:
                     return_document=ReturnDocument.AFTER,
                     session=s,
                 )
-                await self._append(
+                head = await self._append(
                     s,
                     run_id,
                     [AuditEvent(kind="cancel.requested", actor="user")],
                     run.updated_at,
+                    run.audit_head,
                 )
-                return _run(doc) if doc is not None else run
+                return _run(doc).with_head(head) if doc is not None else run
             return await self._transition(
                 s,
                 run,
@@ -813,7 +854,7 @@ class MongoStore:
 
         return await self._tx(body)
 
-    async def requeue_expired(self, now: float) -> list[str]:
+    async def requeue_expired(self, now: float, *, max_attempts: int | None = None) -> list[str]:
         cursor = (
             self._c("runs")
             .find(
@@ -826,28 +867,14 @@ class MongoStore:
         done = []
         for run_id in ids:
 
-            async def body(s: Session, run_id: str = run_id) -> bool:
+            async def body(s: Session, run_id: str = run_id) -> bool:  # True: requeued
                 run = await self._lock_run(s, run_id, None)
                 if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
                     return False  # claimed, renewed or finished since the scan
-                event = _set_state(
-                    run, RunState.QUEUED, None, f"lease of {run.lease_owner} expired"
-                )
-                await self._c("runs").update_one(
-                    {"_id": run_id},
-                    {
-                        "$set": {
-                            "state": str(RunState.QUEUED),
-                            "lease_owner": None,
-                            "lease_expires_at": None,
-                            "updated_at": now,
-                        },
-                        "$inc": {"epoch": 1},
-                    },
-                    session=s,
-                )
-                await self._append(s, run_id, [event], now)
-                return True
+                why = f"lease of {run.lease_owner} expired"
+                rec = recover_run(run, why, max_attempts)
+                await self._recover(s, run, rec, now)
+                return not rec.quarantined
 
             if await self._tx(body):
                 done.append(run_id)
@@ -872,7 +899,7 @@ class MongoStore:
         """
 
         async def body(s: Session) -> _StepOutcome:
-            run = await self._lock_run(s, step.run_id, epoch)
+            run = await self._lock_run(s, step.run_id, epoch, journal=True)
             reserved = step.reserved
             if reserve:
                 prior = await self._c("steps").find_one(
@@ -905,7 +932,9 @@ class MongoStore:
                         session=s,
                     )
             await self._write_step(s, step, reserved)
-            await self._append(s, step.run_id, audit, step.finished_at or step.started_at)
+            await self._append(
+                s, step.run_id, audit, step.finished_at or step.started_at, run.audit_head
+            )
             return None, reserved, over
 
         refused, reserved, over = await self._tx(body)
@@ -962,8 +991,8 @@ class MongoStore:
         self, run_id: str, events: Sequence[AuditEvent], now: float, *, epoch: int | None = None
     ) -> None:
         async def body(s: Session) -> None:
-            await self._lock_run(s, run_id, epoch)
-            await self._append(s, run_id, events, now)
+            run = await self._lock_run(s, run_id, epoch, journal=True)
+            await self._append(s, run_id, events, now, run.audit_head)
 
         await self._tx(body)
 
@@ -985,14 +1014,14 @@ class MongoStore:
         doc["version"] = 0
 
         async def body(s: Session) -> ApprovalRecord:
-            await self._lock_run(s, approval.run_id, epoch)
+            run = await self._lock_run(s, approval.run_id, epoch, journal=True)
             found = await self._c("approvals").find_one(
                 {"run_id": approval.run_id, "step": approval.step}, session=s
             )
             if found is not None:
                 return _approval(found)
             await self._c("approvals").insert_one(dict(doc), session=s)
-            await self._append(s, approval.run_id, audit, approval.created_at)
+            await self._append(s, approval.run_id, audit, approval.created_at, run.audit_head)
             return approval
 
         return await self._tx(body)
@@ -1061,6 +1090,9 @@ class MongoStore:
             approval = await self._lock_approval(s, approval_id, tenant)
             if approval.status != ApprovalStatus.PENDING:
                 raise ApprovalConflict(f"approval {approval_id} is already {approval.status}")
+            run = await self._lock_run(s, approval.run_id, None)
+            if run.state.terminal:
+                raise ApprovalConflict(closed_run_decision(approval_id, run))
             await self._c("approvals").update_one(
                 {"_id": approval_id},
                 {
@@ -1085,7 +1117,7 @@ class MongoStore:
                     "decided_at": iso_utc(now),
                 },
             )
-            await self._wake(s, approval.run_id, now, [event], "approval decided")
+            await self._wake(s, run, now, [event], "approval decided")
             return approval.model_copy(
                 update={"status": status, "decided_by": by, "decided_at": now, "comment": comment}
             )
@@ -1093,18 +1125,20 @@ class MongoStore:
         return await self._tx(body)
 
     async def _wake(
-        self, s: Session, run_id: str, now: float, events: list[AuditEvent], why: str
+        self, s: Session, run: RunRecord, now: float, events: list[AuditEvent], why: str
     ) -> None:
-        """Requeue a waiting run (locked for the state change and the audit append)."""
-        run = await self._lock_run(s, run_id, None)
+        """Requeue a waiting run (locked by the caller for the state change and the audit
+        append); a finished run's chain is closed, so a late expiry is kept on the approval."""
+        if run.state.terminal:
+            return
         if run.state == RunState.WAITING:
             events = [*events, _set_state(run, RunState.QUEUED, None, why)]
             await self._c("runs").update_one(
-                {"_id": run_id},
+                {"_id": run.id},
                 {"$set": {"state": str(RunState.QUEUED), "updated_at": now}},
                 session=s,
             )
-        await self._append(s, run_id, events, now)
+        await self._append(s, run.id, events, now, run.audit_head)
 
     async def expire_approvals(self, now: float) -> list[ApprovalRecord]:
         """Pending approvals past their expiry: marked expired; the run is woken to apply its
@@ -1141,7 +1175,8 @@ class MongoStore:
                     actor="system:expiry",
                     data={"approval_id": approval_id, "policy": approval.on_expiry},
                 )
-                await self._wake(s, approval.run_id, now, [event], "approval expired")
+                run = await self._lock_run(s, approval.run_id, None)
+                await self._wake(s, run, now, [event], "approval expired")
                 return approval.model_copy(update={"status": ApprovalStatus.EXPIRED})
 
             expired = await self._tx(body)

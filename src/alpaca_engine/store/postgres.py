@@ -31,8 +31,10 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..faults import DEFAULT_CONNECT_TIMEOUT, translating_faults
 from ..lifecycle import RunState, check_transition
-from ..telemetry.audit import GENESIS, AuditRecord, iso_utc, next_record
+from ..telemetry.audit import GENESIS, AuditChain, AuditRecord, iso_utc
 from . import observers
+from .ownership import ClaimPlan, Recovery, closed_run_decision, plan_claim
+from .ownership import recover as recover_run
 from .postgres_migrations import POSTGRES as MIGRATIONS
 from .records import (
     ApiKeyRecord,
@@ -243,48 +245,59 @@ class PostgresStore:
             raise NotFound(f"run {run_id} not found")
         return self._run(row)
 
-    async def _fence(self, cur: Cursor, run_id: str, epoch: int | None) -> RunRecord:
+    async def _fence(
+        self, cur: Cursor, run_id: str, epoch: int | None, *, journal: bool = False
+    ) -> RunRecord:
         """Lock the run row for the rest of the transaction, then check the epoch: a claim or
-        steal by another worker either commits before (we see its epoch) or waits for us."""
+        steal by another worker either commits before (we see its epoch) or waits for us.
+        ``journal`` writes (steps, approvals, audit) also refuse a finished run, whose chain
+        ends with its terminal record (DESIGN §7)."""
         run = await self._fetch_run(cur, run_id, lock=True)
         if epoch is not None and run.epoch != epoch:
             raise LeaseLost(run_id, epoch)
+        if journal and run.state.terminal:
+            raise LeaseLost(run_id, -1 if epoch is None else epoch)
         return run
 
     async def _audit(
-        self, cur: Cursor, run_id: str, events: Sequence[AuditEvent], now: float
-    ) -> None:
-        """Append to the run's chain; callers hold the run row lock (or just inserted the run),
-        so the head read here cannot be raced and seq/hash never fork."""
+        self,
+        cur: Cursor,
+        run_id: str,
+        events: Sequence[AuditEvent],
+        now: float,
+        head: tuple[int, str],
+    ) -> tuple[int, str]:
+        """Append to the run's chain after ``head`` and move the head on the run row, in one
+        statement; returns the new head. Callers hold the run row lock (or just inserted the
+        run) and read ``head`` from it, so the chain cannot fork."""
         if not events:
-            return
+            return head
         observers.written(run_id, events)
-        await cur.execute(
-            "SELECT seq, hash FROM audit WHERE run_id=%s ORDER BY seq DESC LIMIT 1", (run_id,)
-        )
-        row = await cur.fetchone()
-        last_seq, last_hash = (int(row["seq"]), str(row["hash"])) if row else (0, GENESIS)
-        rows = []
+        chain = AuditChain(run_id, self.audit_key, *head)
+        stamp = iso_utc(now)
+        params: list[Any] = []
         for ev in events:
-            rec = next_record(
-                run_id,
-                last_seq,
-                last_hash,
-                ev.kind,
-                ev.data,
-                ev.actor,
-                self.audit_key,
-                iso_utc(now),
-            )
-            rows.append((rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, Json(rec.data),
-                         rec.prev_hash, rec.hash))
-            last_seq, last_hash = rec.seq, rec.hash
-        # One round trip for the whole batch (psycopg pipelines executemany).
-        await cur.executemany(
-            "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
-            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-            rows,
+            rec = chain.append(ev.kind, ev.data, ev.actor, stamp)
+            params += [rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, Json(rec.data),
+                       rec.prev_hash, rec.hash]
+        values = ", ".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(events))
+        await cur.execute(
+            "WITH appended AS (INSERT INTO audit(run_id, seq, time, actor, kind, data, "
+            f"prev_hash, hash) VALUES {values}) "
+            "UPDATE runs SET audit_seq=%s, audit_hash=%s WHERE id=%s",
+            (*params, chain.last_seq, chain.last_hash, run_id),
         )
+        return chain.last_seq, chain.last_hash
+
+    async def _recover(self, cur: Cursor, run: RunRecord, rec: Recovery, now: float) -> None:
+        """Write a crash recovery: requeued (lease cleared, epoch bumped) or quarantined."""
+        await cur.execute(
+            "UPDATE runs SET state=%s, lease_owner=NULL, lease_expires_at=NULL, "
+            "epoch=epoch+1, crash_count=%s, error_code=COALESCE(%s, error_code), "
+            "error_message=COALESCE(%s, error_message), updated_at=%s WHERE id=%s",
+            (str(rec.state), rec.crash_count, rec.error_code, rec.error_message, now, run.id),
+        )
+        await self._audit(cur, run.id, rec.events, now, run.audit_head)
 
     @staticmethod
     def _set_state(
@@ -304,6 +317,7 @@ class PostgresStore:
         audit: Sequence[AuditEvent] = (),
         ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
+        run = run.with_head((0, GENESIS))
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
             data[f] = Jsonb(data[f])
@@ -342,8 +356,8 @@ class PostgresStore:
                         run.created_at,
                     ),
                 )
-            await self._audit(cur, run.id, audit, run.created_at)
-        return run, True
+            head = await self._audit(cur, run.id, audit, run.created_at, (0, GENESIS))
+        return run.with_head(head), True
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         async with self._read() as cur:
@@ -382,35 +396,55 @@ class PostgresStore:
             return await cur.fetchall()
 
     async def claim_run(
-        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
+        self,
+        run_id: str,
+        owner: str,
+        lease_seconds: float,
+        now: float,
+        *,
+        steal: bool = False,
+        expected_epoch: int | None = None,
+        max_attempts: int | None = None,
     ) -> RunRecord | None:
         async with self._tx() as cur:
             run = await self._fetch_run(cur, run_id, lock=True)
-            return await self._claim(cur, run, owner, lease_seconds, now, steal)
+            plan = plan_claim(
+                run, owner, now, steal=steal, expected_epoch=expected_epoch,
+                max_attempts=max_attempts,
+            )
+            return await self._claim(cur, run, plan, owner, lease_seconds, now)
 
     async def _claim(
-        self, cur: Cursor, run: RunRecord, owner: str, lease_seconds: float, now: float, steal: bool
+        self,
+        cur: Cursor,
+        run: RunRecord,
+        plan: ClaimPlan | None,
+        owner: str,
+        lease_seconds: float,
+        now: float,
     ) -> RunRecord | None:
-        """Lease a run whose row this transaction has locked."""
-        events = []
-        if run.state == RunState.RUNNING:
-            expired = run.lease_expires_at is not None and run.lease_expires_at < now
-            if not (expired or steal):
-                return None
-            why = "lease expired" if expired else f"lease taken over from {run.lease_owner}"
-            events.append(self._set_state(run, RunState.QUEUED, None, why))
-            run = run.model_copy(update={"state": RunState.QUEUED})
-        if run.state != RunState.QUEUED:
+        """Lease a run whose row this transaction has locked, as ``plan`` says."""
+        if plan is None:
             return None
-        events.append(self._set_state(run, RunState.RUNNING, None, f"claimed by {owner}"))
+        if plan.quarantine is not None:
+            await self._recover(cur, run, plan.quarantine, now)
+            return None
         await cur.execute(
             "UPDATE runs SET state=%s, lease_owner=%s, lease_expires_at=%s, epoch=%s, "
-            "updated_at=%s WHERE id=%s RETURNING *",
-            (str(RunState.RUNNING), owner, now + lease_seconds, run.epoch + 1, now, run.id),
+            "updated_at=%s, crash_count=%s WHERE id=%s RETURNING *",
+            (
+                str(RunState.RUNNING),
+                owner,
+                now + lease_seconds,
+                run.epoch + 1,
+                now,
+                plan.crash_count,
+                run.id,
+            ),
         )
         row = await cur.fetchone()
-        await self._audit(cur, run.id, events, now)
-        return self._run(row) if row else None
+        head = await self._audit(cur, run.id, plan.events, now, run.audit_head)
+        return self._run(row).with_head(head) if row else None
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
         async with self._tx() as cur:
@@ -422,7 +456,9 @@ class PostgresStore:
             row = await cur.fetchone()
             if row is None:
                 return None
-            return await self._claim(cur, self._run(row), owner, lease_seconds, now, False)
+            run = self._run(row)
+            plan = plan_claim(run, owner, now)
+            return await self._claim(cur, run, plan, owner, lease_seconds, now)
 
     async def renew_lease(
         self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
@@ -512,10 +548,10 @@ class PostgresStore:
                 (str(StepStatus.FAILED), Jsonb(unfinished_step_error(to, error_code)), now,
                  run.id, str(StepStatus.STARTED)),
             )
-        await self._audit(cur, run.id, [*audit, event], now)
+        head = await self._audit(cur, run.id, [*audit, event], now, run.audit_head)
         if row is None:  # pragma: no cover - the row is locked by this transaction
             raise NotFound(f"run {run.id} not found")
-        return self._run(row)
+        return self._run(row).with_head(head)
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """As SQLite, but decided under the row lock so a concurrent claim cannot interleave."""
@@ -530,10 +566,14 @@ class PostgresStore:
                     "UPDATE runs SET cancel_requested=TRUE WHERE id=%s RETURNING *", (run_id,)
                 )
                 row = await cur.fetchone()
-                await self._audit(
-                    cur, run_id, [AuditEvent(kind="cancel.requested", actor="user")], run.updated_at
+                head = await self._audit(
+                    cur,
+                    run_id,
+                    [AuditEvent(kind="cancel.requested", actor="user")],
+                    run.updated_at,
+                    run.audit_head,
                 )
-                return self._run(row) if row else run
+                return self._run(row).with_head(head) if row else run
             return await self._transition(
                 cur,
                 run,
@@ -544,7 +584,7 @@ class PostgresStore:
                 error_message="cancelled by user",
             )
 
-    async def requeue_expired(self, now: float) -> list[str]:
+    async def requeue_expired(self, now: float, *, max_attempts: int | None = None) -> list[str]:
         async with self._read() as cur:
             await cur.execute(
                 "SELECT id FROM runs WHERE state=%s AND lease_expires_at < %s "
@@ -565,16 +605,11 @@ class PostgresStore:
                 run = self._run(row)
                 if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
                     continue
-                event = self._set_state(
-                    run, RunState.QUEUED, None, f"lease of {run.lease_owner} expired"
-                )
-                await cur.execute(
-                    "UPDATE runs SET state=%s, lease_owner=NULL, lease_expires_at=NULL, "
-                    "epoch=epoch+1, updated_at=%s WHERE id=%s",
-                    (str(RunState.QUEUED), now, run_id),
-                )
-                await self._audit(cur, run_id, [event], now)
-                done.append(run_id)
+                why = f"lease of {run.lease_owner} expired"
+                rec = recover_run(run, why, max_attempts)
+                await self._recover(cur, run, rec, now)
+                if not rec.quarantined:
+                    done.append(run_id)
         return done
 
     # -- steps and audit -------------------------------------------------------------------------
@@ -597,7 +632,7 @@ class PostgresStore:
         refused: ledger_logic.BudgetExceeded | None = None
         over: ledger_logic.BudgetExceeded | None = None
         async with self._tx() as cur:
-            run = await self._fence(cur, step.run_id, epoch)
+            run = await self._fence(cur, step.run_id, epoch, journal=True)
             if reserve:
                 await cur.execute(
                     "SELECT reserved FROM steps WHERE run_id=%s AND seq=%s",
@@ -626,7 +661,9 @@ class PostgresStore:
                             (over.resource, over.ledger_id),
                         )
                 await self._write_step(cur, step)
-                await self._audit(cur, step.run_id, audit, step.finished_at or step.started_at)
+                await self._audit(
+                    cur, step.run_id, audit, step.finished_at or step.started_at, run.audit_head
+                )
         if refused is not None:
             async with self._tx() as cur:
                 await cur.execute(
@@ -718,8 +755,8 @@ class PostgresStore:
         self, run_id: str, events: Sequence[AuditEvent], now: float, *, epoch: int | None = None
     ) -> None:
         async with self._tx() as cur:
-            await self._fence(cur, run_id, epoch)
-            await self._audit(cur, run_id, events, now)
+            run = await self._fence(cur, run_id, epoch, journal=True)
+            await self._audit(cur, run_id, events, now, run.audit_head)
 
     async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]:
         async with self._read() as cur:
@@ -747,7 +784,7 @@ class PostgresStore:
             vals=sql.SQL(", ").join(sql.Placeholder() * len(data)),
         )
         async with self._tx() as cur:
-            await self._fence(cur, approval.run_id, epoch)
+            run = await self._fence(cur, approval.run_id, epoch, journal=True)
             await cur.execute(
                 "SELECT * FROM approvals WHERE run_id=%s AND step=%s",
                 (approval.run_id, approval.step),
@@ -756,7 +793,7 @@ class PostgresStore:
             if row is not None:
                 return self._approval(row)
             await cur.execute(query, tuple(data.values()))
-            await self._audit(cur, approval.run_id, audit, approval.created_at)
+            await self._audit(cur, approval.run_id, audit, approval.created_at, run.audit_head)
         return approval
 
     async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:
@@ -811,6 +848,9 @@ class PostgresStore:
             approval = await self._locked_approval(cur, approval_id, tenant)
             if approval.status != ApprovalStatus.PENDING:
                 raise ApprovalConflict(f"approval {approval_id} is already {approval.status}")
+            run = await self._fetch_run(cur, approval.run_id, lock=True)
+            if run.state.terminal:
+                raise ApprovalConflict(closed_run_decision(approval_id, run))
             status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
             await cur.execute(
                 "UPDATE approvals SET status=%s, decided_by=%s, decided_at=%s, comment=%s "
@@ -831,23 +871,25 @@ class PostgresStore:
                     },
                 )
             ]
-            await self._wake(cur, approval.run_id, now, events, "approval decided")
+            await self._wake(cur, run, now, events, "approval decided")
             return approval.model_copy(
                 update={"status": status, "decided_by": by, "decided_at": now, "comment": comment}
             )
 
     async def _wake(
-        self, cur: Cursor, run_id: str, now: float, events: list[AuditEvent], why: str
+        self, cur: Cursor, run: RunRecord, now: float, events: list[AuditEvent], why: str
     ) -> None:
-        """Requeue a waiting run (row locked for the state change and the audit append)."""
-        run = await self._fetch_run(cur, run_id, lock=True)
+        """Requeue a waiting run (row locked by the caller for the state change and the audit
+        append); a finished run's chain is closed, so a late expiry is kept on the approval."""
+        if run.state.terminal:
+            return
         if run.state == RunState.WAITING:
             events.append(self._set_state(run, RunState.QUEUED, None, why))
             await cur.execute(
                 "UPDATE runs SET state=%s, updated_at=%s WHERE id=%s",
-                (str(RunState.QUEUED), now, run_id),
+                (str(RunState.QUEUED), now, run.id),
             )
-        await self._audit(cur, run_id, events, now)
+        await self._audit(cur, run.id, events, now, run.audit_head)
 
     async def expire_approvals(self, now: float) -> list[ApprovalRecord]:
         """Pending approvals past their expiry: marked expired; the run is woken to apply its
@@ -879,7 +921,8 @@ class PostgresStore:
                         data={"approval_id": approval_id, "policy": approval.on_expiry},
                     )
                 ]
-                await self._wake(cur, approval.run_id, now, events, "approval expired")
+                run = await self._fetch_run(cur, approval.run_id, lock=True)
+                await self._wake(cur, run, now, events, "approval expired")
                 out.append(approval.model_copy(update={"status": ApprovalStatus.EXPIRED}))
         return out
 

@@ -16,6 +16,8 @@ Choices that keep the semantics of the SQLite store:
 
 from __future__ import annotations
 
+from ..telemetry.audit import GENESIS
+
 POSTGRES: list[str] = [
     # 1: runs, steps, audit
     """
@@ -131,11 +133,16 @@ POSTGRES.append(
 )
 
 POSTGRES.append(
-    # 3: PLACEHOLDER, not a real migration. Another branch adds migration 3 (runs); this
-    # no-op only keeps the registry's migration at number 4 until the branches are merged,
-    # when the real migration 3 replaces it.
-    """
-    SELECT 1;
+    # 3: the audit chain head on the run row (loss of records is tampering), backfilled from
+    #    each run's chain; the crash counter of crash-loop quarantine (as SQLite migration 3)
+    f"""
+    ALTER TABLE runs ADD COLUMN audit_seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN audit_hash TEXT NOT NULL DEFAULT '{GENESIS}';
+    ALTER TABLE runs ADD COLUMN crash_count BIGINT NOT NULL DEFAULT 0;
+    UPDATE runs SET audit_seq = head.seq, audit_hash = head.hash
+        FROM (SELECT DISTINCT ON (run_id) run_id, seq, hash FROM audit
+              ORDER BY run_id, seq DESC) AS head
+        WHERE head.run_id = runs.id;
     """
 )
 

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from ..lifecycle import RunState
+from ..telemetry.audit import GENESIS
 from ..telemetry.logging import redact_value
 
 
@@ -53,6 +54,22 @@ class RunRecord(BaseModel):
     ledgers: list[str] = Field(default_factory=list)
     """Budget ledgers this run reserves on: the root's, then any sub-limit ledgers."""
     traceparent: str | None = None
+    audit_seq: int = 0
+    audit_hash: str = GENESIS
+    """The audit chain head (last seq and hash), written with every append: verification
+    compares the stored chain with it, so deleted records are caught (DESIGN §7)."""
+    crash_count: int = 0
+    """Crash recoveries so far (lease expired or owner dead, then requeued or taken over);
+    at ``ALPACA_MAX_RUN_ATTEMPTS`` the run fails with ``crash_loop`` instead."""
+
+    @property
+    def audit_head(self) -> tuple[int, str]:
+        """``(audit_seq, audit_hash)``: where the next audit record links."""
+        return self.audit_seq, self.audit_hash
+
+    def with_head(self, head: tuple[int, str]) -> RunRecord:
+        """A copy whose audit head is ``head`` (after an append in the same transaction)."""
+        return self.model_copy(update={"audit_seq": head[0], "audit_hash": head[1]})
 
 
 def unfinished_step_error(state: RunState, error_code: str | None) -> dict[str, Any]:

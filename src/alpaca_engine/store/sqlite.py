@@ -18,9 +18,11 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..faults import Fault, StoreUnavailable, translating_faults
 from ..lifecycle import RunState, check_transition
-from ..telemetry.audit import GENESIS, AuditRecord, next_record
+from ..telemetry.audit import GENESIS, AuditChain, AuditRecord
 from . import observers
 from .migrations import SQLITE as MIGRATIONS
+from .ownership import ClaimPlan, Recovery, closed_run_decision, plan_claim
+from .ownership import recover as recover_run
 from .records import (
     ApiKeyRecord,
     ApprovalRecord,
@@ -190,41 +192,60 @@ class SQLiteStore:
             raise NotFound(f"run {run_id} not found")
         return self._run(row)
 
-    def _fence(self, db: sqlite3.Connection, run_id: str, epoch: int | None) -> RunRecord:
+    def _fence(self, db: sqlite3.Connection, run_id: str, epoch: int | None, *,
+               journal: bool = False) -> RunRecord:
+        """Check the epoch; ``journal`` writes (steps, approvals, audit) also refuse a finished
+        run, whose chain ends with its terminal record (DESIGN §7)."""
         run = self._fetch_run(db, run_id)
         if epoch is not None and run.epoch != epoch:
             raise LeaseLost(run_id, epoch)
+        if journal and run.state.terminal:
+            raise LeaseLost(run_id, -1 if epoch is None else epoch)
         return run
 
-    def _fence_light(self, db: sqlite3.Connection, run_id: str, epoch: int) -> list[str]:
-        """The epoch check of the journal hot path, without decoding the whole run."""
-        row = db.execute("SELECT epoch, ledgers FROM runs WHERE id=?", (run_id,)).fetchone()
+    def _fence_light(self, db: sqlite3.Connection, run_id: str,
+                     epoch: int) -> tuple[list[str], tuple[int, str]]:
+        """The journal fence of the hot path, without decoding the whole run: the run's
+        ledgers and audit head."""
+        row = db.execute("SELECT epoch, state, ledgers, audit_seq, audit_hash FROM runs "
+                         "WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"run {run_id} not found")
-        if row[0] != epoch:
+        if row[0] != epoch or RunState(row[1]).terminal:
             raise LeaseLost(run_id, epoch)
-        ledgers: list[str] = json.loads(row[1])
-        return ledgers
+        ledgers: list[str] = json.loads(row[2])
+        return ledgers, (row[3], row[4])
 
     def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
-               now: float) -> None:
+               now: float, head: tuple[int, str]) -> tuple[int, str]:
+        """Append to the chain after ``head`` (read from the run row in this transaction) and
+        move the head on the run row; returns the new head."""
         if not events:
-            return
+            return head
         observers.written(run_id, events)
-        row = db.execute(
-            "SELECT seq, hash FROM audit WHERE run_id=? ORDER BY seq DESC LIMIT 1", (run_id,)
-        ).fetchone()
-        last_seq, last_hash = (row[0], row[1]) if row else (0, GENESIS)
-        for ev in events:
-            rec = next_record(run_id, last_seq, last_hash, ev.kind, ev.data, ev.actor,
-                              self.audit_key, iso(now))
-            db.execute(
-                "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
-                 json.dumps(rec.data, sort_keys=True), rec.prev_hash, rec.hash),
-            )
-            last_seq, last_hash = rec.seq, rec.hash
+        chain = AuditChain(run_id, self.audit_key, *head)
+        stamp = iso(now)
+        records = [chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events]
+        db.executemany(
+            "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
+              json.dumps(rec.data, sort_keys=True), rec.prev_hash, rec.hash)
+             for rec in records],
+        )
+        db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
+                   (chain.last_seq, chain.last_hash, run_id))
+        return chain.last_seq, chain.last_hash
+
+    def _recover(self, db: sqlite3.Connection, run: RunRecord, rec: Recovery,
+                 now: float) -> None:
+        """Write a crash recovery: requeued (lease cleared, epoch bumped) or quarantined."""
+        db.execute(
+            "UPDATE runs SET state=?, lease_owner=NULL, lease_expires_at=NULL, epoch=epoch+1, "
+            "crash_count=?, error_code=COALESCE(?, error_code), "
+            "error_message=COALESCE(?, error_message), updated_at=? WHERE id=?",
+            (str(rec.state), rec.crash_count, rec.error_code, rec.error_message, now, run.id))
+        self._audit(db, run.id, rec.events, now, run.audit_head)
 
     def _set_state(self, db: sqlite3.Connection, run: RunRecord, to: RunState, now: float,
                    error_code: str | None, reason: str, actor: str = "engine") -> AuditEvent:
@@ -245,6 +266,7 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     return self._run(row), False
+            run = run.with_head((0, GENESIS))
             data = run.model_dump()
             for f in _JSON_RUN_FIELDS:
                 data[f] = json.dumps(data[f])
@@ -260,8 +282,8 @@ class SQLiteStore:
                            "VALUES (?,?,?,?,?)", (ledger.id, json.dumps(ledger.limits),
                                                   json.dumps(ledger.used), ledger.exhausted,
                                                   run.created_at))
-            self._audit(db, run.id, audit, run.created_at)
-        return run, True
+            head = self._audit(db, run.id, audit, run.created_at, (0, GENESIS))
+        return run.with_head(head), True
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         run = self._fetch_run(self._conn, run_id)
@@ -293,32 +315,29 @@ class SQLiteStore:
         return self._conn.execute(sql, (*args, limit)).fetchall()
 
     async def claim_run(
-        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False
+        self, run_id: str, owner: str, lease_seconds: float, now: float, *, steal: bool = False,
+        expected_epoch: int | None = None, max_attempts: int | None = None,
     ) -> RunRecord | None:
         with self._tx() as db:
             run = self._fetch_run(db, run_id)
-            return self._claim(db, run, owner, lease_seconds, now, steal)
+            plan = plan_claim(run, owner, now, steal=steal, expected_epoch=expected_epoch,
+                              max_attempts=max_attempts)
+            return self._claim(db, run, plan, owner, lease_seconds, now)
 
-    def _claim(self, db: sqlite3.Connection, run: RunRecord, owner: str, lease_seconds: float,
-               now: float, steal: bool) -> RunRecord | None:
-        events = []
-        if run.state == RunState.RUNNING:
-            expired = run.lease_expires_at is not None and run.lease_expires_at < now
-            if not (expired or steal):
-                return None
-            why = "lease expired" if expired else f"lease taken over from {run.lease_owner}"
-            events.append(self._set_state(db, run, RunState.QUEUED, now, None, why))
-            run = run.model_copy(update={"state": RunState.QUEUED})
-        if run.state != RunState.QUEUED:
+    def _claim(self, db: sqlite3.Connection, run: RunRecord, plan: ClaimPlan | None,
+               owner: str, lease_seconds: float, now: float) -> RunRecord | None:
+        if plan is None:
             return None
-        events.append(self._set_state(db, run, RunState.RUNNING, now, None, f"claimed by {owner}"))
-        epoch = run.epoch + 1
+        if plan.quarantine is not None:
+            self._recover(db, run, plan.quarantine, now)
+            return None
         db.execute(
-            "UPDATE runs SET state=?, lease_owner=?, lease_expires_at=?, epoch=?, updated_at=? "
-            "WHERE id=?",
-            (str(RunState.RUNNING), owner, now + lease_seconds, epoch, now, run.id),
+            "UPDATE runs SET state=?, lease_owner=?, lease_expires_at=?, epoch=?, updated_at=?, "
+            "crash_count=? WHERE id=?",
+            (str(RunState.RUNNING), owner, now + lease_seconds, run.epoch + 1, now,
+             plan.crash_count, run.id),
         )
-        self._audit(db, run.id, events, now)
+        self._audit(db, run.id, plan.events, now, run.audit_head)
         return self._fetch_run(db, run.id)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
@@ -329,7 +348,8 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return None
-            return self._claim(db, self._run(row), owner, lease_seconds, now, False)
+            run = self._run(row)
+            return self._claim(db, run, plan_claim(run, owner, now), owner, lease_seconds, now)
 
     async def renew_lease(
         self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
@@ -356,26 +376,37 @@ class SQLiteStore:
     ) -> RunRecord:
         with self._tx() as db:
             run = self._fence(db, run_id, epoch)
-            if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
-                raise LeaseLost(run_id, -1)
-            reason = error_message or ("finished" if to.terminal else str(to))
-            event = self._set_state(db, run, to, now, error_code, reason)
-            event.data.update({"error_code": error_code} if error_code else {})
-            keep_lease = to == RunState.RUNNING
-            epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
-            db.execute(
-                "UPDATE runs SET state=?, output=COALESCE(?, output), error_code=?, "
-                "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
-                "lease_owner=CASE WHEN ? THEN lease_owner END, "
-                "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
-                (str(to), output, error_code, error_message,
-                 json.dumps(usage) if usage is not None else None, now, epoch_after,
-                 keep_lease, keep_lease, run_id),
-            )
-            if to.terminal:
-                self._close_started_steps(db, run_id, to, error_code, now)
-            self._audit(db, run_id, [*audit, event], now)
-            return self._fetch_run(db, run_id)
+            return self._transition(db, run, to, now, epoch=epoch, output=output,
+                                    error_code=error_code, error_message=error_message,
+                                    usage=usage, audit=audit)
+
+    def _transition(
+        self, db: sqlite3.Connection, run: RunRecord, to: RunState, now: float, *,
+        epoch: int | None, output: str | None = None, error_code: str | None = None,
+        error_message: str | None = None, usage: dict[str, Any] | None = None,
+        audit: Sequence[AuditEvent] = (),
+    ) -> RunRecord:
+        """The body of :meth:`transition` for a run fenced in this transaction."""
+        if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
+            raise LeaseLost(run.id, -1)
+        reason = error_message or ("finished" if to.terminal else str(to))
+        event = self._set_state(db, run, to, now, error_code, reason)
+        event.data.update({"error_code": error_code} if error_code else {})
+        keep_lease = to == RunState.RUNNING
+        epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        db.execute(
+            "UPDATE runs SET state=?, output=COALESCE(?, output), error_code=?, "
+            "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
+            "lease_owner=CASE WHEN ? THEN lease_owner END, "
+            "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
+            (str(to), output, error_code, error_message,
+             json.dumps(usage) if usage is not None else None, now, epoch_after,
+             keep_lease, keep_lease, run.id),
+        )
+        if to.terminal:
+            self._close_started_steps(db, run.id, to, error_code, now)
+        self._audit(db, run.id, [*audit, event], now, run.audit_head)
+        return self._fetch_run(db, run.id)
 
     @staticmethod
     def _close_started_steps(db: sqlite3.Connection, run_id: str, to: RunState,
@@ -388,19 +419,24 @@ class SQLiteStore:
                    (str(StepStatus.FAILED), error, now, run_id, str(StepStatus.STARTED)))
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
-        run = await self.get_run(run_id, tenant)
-        if run.state.terminal:
-            return run
-        if run.state == RunState.RUNNING:
-            with self._tx() as db:
-                db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
-                self._audit(db, run_id, [AuditEvent(kind="cancel.requested", actor="user")],
-                            run.updated_at)
-            return await self.get_run(run_id)
-        return await self.transition(run_id, RunState.CANCELLED, run.updated_at,
-                                     error_code="cancelled", error_message="cancelled by user")
+        """Decided inside one transaction: a run that finishes meanwhile is left as it is
+        (nothing is appended after its terminal record)."""
+        with self._tx() as db:
+            run = self._fetch_run(db, run_id)
+            if tenant is not None and run.tenant != tenant:
+                raise NotFound(f"run {run_id} not found")
+            if run.state.terminal:
+                return run
+            if run.state != RunState.RUNNING:
+                return self._transition(db, run, RunState.CANCELLED, run.updated_at,
+                                        epoch=None, error_code="cancelled",
+                                        error_message="cancelled by user")
+            db.execute("UPDATE runs SET cancel_requested=1 WHERE id=?", (run_id,))
+            self._audit(db, run_id, [AuditEvent(kind="cancel.requested", actor="user")],
+                        run.updated_at, run.audit_head)
+            return self._fetch_run(db, run_id)
 
-    async def requeue_expired(self, now: float) -> list[str]:
+    async def requeue_expired(self, now: float, *, max_attempts: int | None = None) -> list[str]:
         ids = [r[0] for r in self._conn.execute(
             "SELECT id FROM runs WHERE state=? AND lease_expires_at < ?",
             (str(RunState.RUNNING), now)).fetchall()]
@@ -410,14 +446,10 @@ class SQLiteStore:
                 run = self._fetch_run(db, run_id)
                 if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
                     continue
-                event = self._set_state(db, run, RunState.QUEUED, now, None,
-                                        f"lease of {run.lease_owner} expired")
-                db.execute(
-                    "UPDATE runs SET state=?, lease_owner=NULL, lease_expires_at=NULL, "
-                    "epoch=epoch+1, updated_at=? WHERE id=?",
-                    (str(RunState.QUEUED), now, run_id))
-                self._audit(db, run_id, [event], now)
-                done.append(run_id)
+                rec = recover_run(run, f"lease of {run.lease_owner} expired", max_attempts)
+                self._recover(db, run, rec, now)
+                if not rec.quarantined:
+                    done.append(run_id)
         return done
 
     # -- steps and audit -------------------------------------------------------------------------
@@ -430,7 +462,7 @@ class SQLiteStore:
         refused: ledger_logic.BudgetExceeded | None = None
         over: ledger_logic.BudgetExceeded | None = None
         with self._tx() as db:
-            ledger_ids = self._fence_light(db, step.run_id, epoch)
+            ledger_ids, head = self._fence_light(db, step.run_id, epoch)
             if reserve:
                 row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
                                  (step.run_id, step.seq)).fetchone()
@@ -454,7 +486,7 @@ class SQLiteStore:
                         db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
                                    "WHERE id=?", (over.resource, over.ledger_id))
                 self._write_step(db, step)
-                self._audit(db, step.run_id, audit, step.finished_at or step.started_at)
+                self._audit(db, step.run_id, audit, step.finished_at or step.started_at, head)
         if refused is not None:
             with self._tx() as db:
                 db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) WHERE id=?",
@@ -513,8 +545,8 @@ class SQLiteStore:
         self, run_id: str, events: Sequence[AuditEvent], now: float, *, epoch: int | None = None
     ) -> None:
         with self._tx() as db:
-            self._fence(db, run_id, epoch)
-            self._audit(db, run_id, events, now)
+            run = self._fence(db, run_id, epoch, journal=True)
+            self._audit(db, run_id, events, now, run.audit_head)
 
     async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]:
         rows = self._conn.execute(
@@ -534,7 +566,7 @@ class SQLiteStore:
     ) -> ApprovalRecord:
         """Record a pending approval for a step; the same step never gets two."""
         with self._tx() as db:
-            self._fence(db, approval.run_id, epoch)
+            run = self._fence(db, approval.run_id, epoch, journal=True)
             row = db.execute("SELECT * FROM approvals WHERE run_id=? AND step=?",
                              (approval.run_id, approval.step)).fetchone()
             if row is not None:
@@ -545,7 +577,7 @@ class SQLiteStore:
             cols = ", ".join(data)
             db.execute(f"INSERT INTO approvals ({cols}) VALUES ({', '.join('?' * len(data))})",
                        tuple(data.values()))
-            self._audit(db, approval.run_id, audit, approval.created_at)
+            self._audit(db, approval.run_id, audit, approval.created_at, run.audit_head)
         return approval
 
     async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:
@@ -579,24 +611,30 @@ class SQLiteStore:
             approval = self._approval(row)
             if approval.status != ApprovalStatus.PENDING:
                 raise ApprovalConflict(f"approval {approval_id} is already {approval.status}")
+            run = self._fetch_run(db, approval.run_id)
+            if run.state.terminal:
+                raise ApprovalConflict(closed_run_decision(approval_id, run))
             status = ApprovalStatus.APPROVED if approve else ApprovalStatus.REJECTED
             db.execute("UPDATE approvals SET status=?, decided_by=?, decided_at=?, comment=? "
                        "WHERE id=?", (str(status), by, now, comment, approval_id))
             events = [AuditEvent(kind="approval.decided", actor=f"user:{by}", data={
                 "approval_id": approval_id, "step": approval.step, "action": approval.action,
                 "decision": str(status), "comment": comment, "decided_at": iso(now)})]
-            self._wake(db, approval.run_id, now, events, "approval decided")
+            self._wake(db, run, now, events, "approval decided")
             return approval.model_copy(update={"status": status, "decided_by": by,
                                                "decided_at": now, "comment": comment})
 
-    def _wake(self, db: sqlite3.Connection, run_id: str, now: float,
+    def _wake(self, db: sqlite3.Connection, run: RunRecord, now: float,
               events: list[AuditEvent], why: str) -> None:
-        run = self._fetch_run(db, run_id)
+        """Requeue a waiting run and audit the decision; a finished run's chain is closed, so
+        a decision on it (an approval expiring after a cancel) is only kept on the approval."""
+        if run.state.terminal:
+            return
         if run.state == RunState.WAITING:
             events.append(self._set_state(db, run, RunState.QUEUED, now, None, why))
             db.execute("UPDATE runs SET state=?, updated_at=? WHERE id=?",
-                       (str(RunState.QUEUED), now, run_id))
-        self._audit(db, run_id, events, now)
+                       (str(RunState.QUEUED), now, run.id))
+        self._audit(db, run.id, events, now, run.audit_head)
 
     async def expire_approvals(self, now: float) -> list[ApprovalRecord]:
         """Pending approvals past their expiry: marked expired; the run is woken to apply its
@@ -614,7 +652,7 @@ class SQLiteStore:
                 db.execute("UPDATE approvals SET status=?, decided_by=?, decided_at=? "
                            "WHERE id=?", (str(ApprovalStatus.EXPIRED), "system:expiry", now,
                                           approval_id))
-                self._wake(db, approval.run_id, now, [AuditEvent(
+                self._wake(db, self._fetch_run(db, approval.run_id), now, [AuditEvent(
                     kind="approval.expired", actor="system:expiry",
                     data={"approval_id": approval_id, "policy": approval.on_expiry})],
                     "approval expired")

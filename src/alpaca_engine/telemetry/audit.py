@@ -5,11 +5,12 @@ prev_hash, hash}``. ``hash`` is SHA-256 (or HMAC-SHA256 with the server key from
 ``ALPACA_AUDIT_KEY``) over the canonical JSON of the record without ``hash``, and each record
 names the previous record's hash, so editing, removing, reordering or inserting a record breaks
 the chain at a place ``verify_chain`` can name. Nothing here does I/O: the stores read the run's
-last ``(seq, hash)`` inside their transaction, call ``next_record`` and persist the result.
+head ``(seq, hash)`` from the run row inside their transaction, call ``next_record`` (through
+``AuditChain``) and persist the records and the new head in that same transaction.
 
 Without a key anyone with write access can rebuild the chain from the edit onwards; the key (or
-anchoring the head hash elsewhere) is what makes rewriting detectable. Likewise, dropping records
-from the *end* of a chain is only detectable against a known head.
+anchoring the head hash elsewhere) is what makes rewriting detectable. Dropping records from the
+*end* of a chain is detectable against the head the run row carries (``verify_chain(head=…)``).
 """
 
 from __future__ import annotations
@@ -352,15 +353,70 @@ def verify_chain(
     records: Iterable[AuditRecord | Mapping[str, Any]],
     key: bytes | None = None,
     run_id: str | None = None,
+    *,
+    head: tuple[int, str] | None = None,
+    terminal_state: str | None = None,
 ) -> VerifyResult:
     """Recompute the chain in the given (stored) order and name the first bad record.
 
     ``first_bad_seq`` is the seq the chain should have at the failing position (for a removed
     record, the missing seq). ``run_id`` defaults to the first record's. Checks per record, in
     order: well-formed, own hash (edited), run_id, seq (removed/reordered/inserted), link to the
-    previous record. An empty chain verifies; truncation at the end needs a known head.
+    previous record.
+
+    Loss is tampering too: ``head`` is the ``(seq, hash)`` the run row says its chain ends at
+    (written with every append), so records deleted from the end, or the whole chain, are named
+    by the first missing seq. Records after the head are accepted for a live run (appended
+    after its row was read); ``terminal_state`` (the state of a finished run) requires the
+    chain to end at the head with the ``state.changed`` record into that state. Without a head
+    an empty chain verifies and truncation at the end cannot be seen.
     """
     items = list(records)
+    result = _verify_links(items, key, run_id)
+    if result.ok and (head is not None or terminal_state is not None):
+        parsed = [r if isinstance(r, AuditRecord) else AuditRecord.from_dict(r) for r in items]
+        return _verify_end(parsed, head, terminal_state)
+    return result
+
+
+def _verify_end(
+    items: list[AuditRecord], head: tuple[int, str] | None, terminal_state: str | None
+) -> VerifyResult:
+    """The end-of-chain checks of ``verify_chain`` on a chain whose links verified."""
+    count = len(items)
+
+    def bad(seq: int, reason: str) -> VerifyResult:
+        return VerifyResult(ok=False, count=min(count, seq - 1), first_bad_seq=seq, reason=reason)
+
+    if head is not None:
+        head_seq, head_hash = head
+        if count == 0 and head_seq > 0:
+            return bad(1, f"audit chain missing: the run's head is seq {head_seq}, "
+                          "no records are stored (records deleted)")
+        if count < head_seq:
+            return bad(count + 1, f"chain ends at seq {count} but the run's head is seq "
+                                  f"{head_seq} (records {count + 1}..{head_seq} deleted)")
+        if head_seq > 0 and not hmac.compare_digest(
+            items[head_seq - 1].hash.encode("utf-8", "surrogatepass"),
+            head_hash.encode("utf-8", "surrogatepass"),
+        ):
+            return bad(head_seq, f"record {head_seq} is not the run's head record "
+                                 "(chain rewritten)")
+        if terminal_state is not None and count > head_seq:
+            return bad(head_seq + 1, f"records after the head (seq {head_seq}) of a finished "
+                                     "run (records appended)")
+    if terminal_state is not None:
+        last = items[-1] if items else None
+        if last is None or last.kind != "state.changed" or last.data.get("to") != terminal_state:
+            return bad(count + 1, f"the run is {terminal_state} but its chain does not end with "
+                                  f"the state change to {terminal_state} (records deleted)")
+    return VerifyResult(ok=True, count=count)
+
+
+def _verify_links(
+    items: list[AuditRecord | Mapping[str, Any]], key: bytes | None, run_id: str | None
+) -> VerifyResult:
+    """The per-record checks of ``verify_chain``."""
     expected_run = run_id
     prev_hash = GENESIS
     for index, item in enumerate(items):

@@ -26,6 +26,8 @@ def side_effect(label: str, ctx: ToolContext) -> str:
     if label == "block" and not marker.exists():
         marker.write_text(str(os.getpid()))
         time.sleep(120)  # killed here
+    if label == "block":  # the re-execution: held a while if a test asks (a racing resume)
+        time.sleep(float(os.environ.get("ALPACA_TEST_HOLD", "0")))
     return f"done {label}"
 
 
