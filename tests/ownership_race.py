@@ -31,8 +31,9 @@ HOLD_SECONDS = 0.3
 """How long the re-executed call takes: the loser's claim happens while the winner holds it."""
 
 
-class Crash(BaseException):
-    """Stands in for SIGKILL inside one process: nothing after it runs."""
+class Crash(asyncio.CancelledError):
+    """Stands in for SIGKILL inside one process: nothing after it runs (a cancellation,
+    because any other BaseException a tool raises is just a failed call, by design)."""
 
 
 def dead_pid() -> int:
