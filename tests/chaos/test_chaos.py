@@ -263,6 +263,10 @@ def worker_env(db_url: str, redis_url: str, lease: float = LEASE_SECONDS) -> dic
         "ALPACA_LEASE_SECONDS": str(lease), "ALPACA_WORKER_CONCURRENCY": "4",
         "ALPACA_POLL_INTERVAL": "0.2", "ALPACA_AUDIT_KEY": AUDIT_KEY,
         "ALPACA_CHAOS_EFFECTS_URL": db_url, "COLUMNS": "200",
+        # Every SIGKILL counts as a crashed attempt of each run the worker held; with 25
+        # kills a run could reach the default crash-loop quarantine (5) by bad luck, and
+        # this test is about losing nothing, not about quarantine (test_crash_loop.py).
+        "ALPACA_MAX_RUN_ATTEMPTS": "1000",
     })
     return env
 
