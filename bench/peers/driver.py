@@ -200,13 +200,15 @@ def run_child(cmd: list[str], timeout: float) -> tuple[dict[str, Any] | None, st
 
 
 def engine_version() -> str:
-    """The engine is measured from this checkout: its commit (``+`` when it has changes)."""
+    """The engine is measured from this checkout: its commit (``+`` when ``src/`` or
+    ``pyproject.toml`` has changes)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True,
                               check=False).stdout.strip()
 
     sha = git("rev-parse", "--short", "HEAD") or "checkout"
-    return sha + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--", "../../src", "../../pyproject.toml")
+    return sha + ("+" if changed else "")
 
 
 @dataclass
@@ -419,8 +421,8 @@ def report_json(plan: Plan) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="one repetition, n = 10,50, 100 concurrent runs (about a minute)")
-    p.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+                   help="one repetition, n = 10,50, 100 concurrent runs (1-2 minutes)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 2)")
     p.add_argument("--long-reps", type=int, default=1,
                    help="repetitions that include the largest n (default 1)")
     p.add_argument("--b-reps", type=int, default=1,
@@ -428,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--turns", default=None, help="workload A's n values (default 10,50,200,1000)")
     p.add_argument("--turn-budget", type=int, default=None,
                    help="timed turns per n per child: runs of n turns = budget // n, at least "
-                        "one (default 200)")
+                        "one (default 100)")
     p.add_argument("--runs", type=int, default=None, help="workload B's runs (default 1000)")
     p.add_argument("--model-calls", type=int, default=5,
                    help="workload B's model calls per run (default 5)")
@@ -454,9 +456,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     a = p.parse_args(argv)
     quick = a.quick
-    a.reps = a.reps or (1 if quick else 3)
+    a.reps = a.reps or (1 if quick else 2)
     a.turns = a.turns or ("10,50" if quick else "10,50,200,1000")
-    a.turn_budget = a.turn_budget or (50 if quick else 200)
+    a.turn_budget = a.turn_budget or (50 if quick else 100)
     a.runs = a.runs or (100 if quick else 1000)
     try:
         a.turn_list = sorted({int(t) for t in a.turns.split(",") if t.strip()})
