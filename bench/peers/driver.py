@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -90,28 +91,42 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_venv(venv: Path, requirements: Path) -> str | None:
-    """Create ``venv`` and install ``requirements`` unless that was already done for this
-    exact file; None on success, else the reason in one line."""
+def direct_pins(requirements: Path) -> list[str]:
+    return [ln.strip() for ln in requirements.read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith(("#", "-"))]
+
+
+def ensure_venv(venv: Path, requirements: Path) -> tuple[str | None, list[str]]:
+    """Create ``venv`` and install ``requirements`` (with ``constraints.txt`` beside it)
+    unless that was already done for these exact files.
+
+    Returns (why no peer can run, or None; the pins that could not be installed). When the
+    whole set does not install, each pin is tried alone, so one peer that cannot be had
+    does not take the others down; the venv is then re-tried on the next invocation.
+    """
     stamp = venv / ".requirements.sha256"
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    files = [requirements, requirements.with_name("constraints.txt")]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()
     if venv_python(venv).exists() and stamp.exists() and stamp.read_text() == digest:
-        return None
-    base = shutil.which("python3") or sys.executable
+        return None, []
     venv.mkdir(parents=True, exist_ok=True)
     log = venv / "pip.log"
     print(f"creating {venv} (pip install -r {requirements.name}; log in {log}) ...",
           file=sys.stderr, flush=True)
     with log.open("w") as out:
-        steps = [[base, "-m", "venv", str(venv)],
-                 [str(venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check",
-                  "-q", "-r", str(requirements)]]
-        for cmd in steps:
-            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
-                tail = [ln for ln in log.read_text().splitlines() if ln.strip()]
-                return f"{' '.join(cmd[-3:])} failed: {tail[-1] if tail else 'no output'}"
-    stamp.write_text(digest)
-    return None
+        def ok(cmd: list[str]) -> bool:
+            return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode == 0
+
+        base = shutil.which("python3") or sys.executable
+        if not ok([base, "-m", "venv", str(venv)]):
+            return f"python3 -m venv {venv} failed (see {log})", []
+        pip = [str(venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check",
+               "-q"]
+        if ok([*pip, "-r", str(requirements)]):
+            stamp.write_text(digest)
+            return None, []
+        return None, [pin for pin in direct_pins(requirements)
+                      if not ok([*pip, "-c", str(files[1]), pin])]
 
 
 # --- PostgreSQL: one fresh database per child ----------------------------------------------
@@ -158,12 +173,16 @@ class Databases:
                 sql.Identifier(name)))
         self.live.remove(name)
 
+    def drop_quietly(self, name: str) -> None:
+        """Drop ``name``, or warn and keep it listed for :meth:`drop_all` to retry."""
+        try:
+            self.drop(name)
+        except Exception as exc:
+            print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
+
     def drop_all(self) -> None:
         for name in list(self.live):
-            try:
-                self.drop(name)
-            except Exception as exc:
-                print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
+            self.drop_quietly(name)
 
 
 # --- children ------------------------------------------------------------------------------
@@ -199,6 +218,7 @@ def run_child(cmd: list[str], timeout: float) -> tuple[dict[str, Any] | None, st
     return None, f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}"[:300]
 
 
+@functools.cache
 def engine_version() -> str:
     """The engine is measured from this checkout: its commit (``+`` when ``src/`` or
     ``pyproject.toml`` has changes)."""
@@ -229,9 +249,9 @@ class Plan:
         else:
             head = [str(self.peers_python), str(HERE / "peer_side.py")]
         cmd = [*head, row.child_row, "--workload", workload,
-                      "--turns", ",".join(map(str, turns)), "--turn-budget", str(a.turn_budget),
-                      "--runs", str(a.runs), "--model-calls", str(a.model_calls),
-                      "--latency", str(a.latency), "--workdir", str(workdir)]
+               "--turns", ",".join(map(str, turns)), "--turn-budget", str(a.turn_budget),
+               "--runs", str(a.runs), "--model-calls", str(a.model_calls),
+               "--latency", str(a.latency), "--workdir", str(workdir)]
         if not a.trace:
             cmd.append("--no-trace")
         if a.sqlite_defaults:
@@ -258,7 +278,7 @@ class Plan:
                 result, reason = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
             finally:
                 if name is not None and self.databases is not None:
-                    self.databases.drop(name)
+                    self.databases.drop_quietly(name)
         if result is None:
             self.failed[(row.name, workload)] = reason
             print(f"{label} {row.name}: failed ({reason})", file=sys.stderr, flush=True)
@@ -499,15 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     venv = Path(a.venv)
     plan = Plan(a, venv_python(venv), None)
     if any(r.side == "peer" for r in rows):
-        reason = ensure_venv(venv, HERE / "requirements.txt")
+        reason, not_installed = ensure_venv(venv, HERE / "requirements.txt")
         if reason is None:
             probe, why = run_child([str(plan.peers_python), str(HERE / "peer_side.py"),
                                     "--probe"], 120)
+            note = (f"; pip could not install {', '.join(not_installed)}, see "
+                    f"{venv / 'pip.log'}") if not_installed else ""
             for r in rows:
                 if r.side == "peer":
                     entry = (probe or {}).get(r.child_row, {"reason": why or "not probed"})
                     if "reason" in entry:
-                        plan.unavailable[r.name] = entry["reason"]
+                        plan.unavailable[r.name] = entry["reason"] + note
         else:
             plan.unavailable.update({r.name: reason for r in rows if r.side == "peer"})
     if any(r.postgres for r in rows):
