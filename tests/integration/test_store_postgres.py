@@ -34,6 +34,7 @@ from alpaca_engine.telemetry.audit import verify_chain
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    ThreadConformance,
     WorkflowConformance,
     new_run,
     new_workflow,
@@ -81,7 +82,8 @@ async def store(schema: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
-class TestPostgres(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestPostgres(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                   ThreadConformance):
     pass  # uses the fresh-schema ``store`` fixture above
 
 
@@ -416,6 +418,8 @@ async def test_migrations_are_versioned_and_idempotent(schema: str):
                 "runs",
                 "schema_migrations",
                 "steps",
+                "thread_audit",
+                "threads",
                 "workflows",
             ]
         finally:
@@ -433,8 +437,9 @@ async def test_existing_empty_schema_starts_at_version_zero(schema: str):
         assert await s.schema_version() == len(POSTGRES)
         await admin.execute(
             sql.SQL(
-                "DROP TABLE {0}.workflows, {0}.api_keys, {0}.approvals, {0}.ledgers, {0}.audit, "
-                "{0}.steps, {0}.runs, {0}.schema_migrations"
+                "DROP TABLE {0}.thread_audit, {0}.threads, {0}.workflows, {0}.api_keys, "
+                "{0}.approvals, {0}.ledgers, {0}.audit, {0}.steps, {0}.runs, "
+                "{0}.schema_migrations"
             ).format(sql.Identifier(schema))
         )
         assert await s.schema_version() == 0

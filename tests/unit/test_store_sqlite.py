@@ -13,15 +13,18 @@ from alpaca_engine.store.sqlite import SQLiteStore
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    ThreadConformance,
     WorkflowConformance,
 )
 
 
-class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                       ThreadConformance):
     pass  # uses the in-memory ``store`` fixture of tests/unit/conftest.py
 
 
-class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                     ThreadConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         s = SQLiteStore(f"sqlite:///{tmp_path}/alpaca.db", audit_key=b"k")
