@@ -212,6 +212,12 @@ class AuditVerification(BaseModel):
                                       "records missing up to it are reported as deleted.")
     first_bad_seq: int | None
     reason: str | None
+    deleted_with: str | None = Field(
+        default=None, description="The thread whose deletion erased this run's content and "
+        "chain (`ok` then says the run's head is anchored in that thread's audit chain).")
+    anchor_seq: int | None = Field(
+        default=None, description="The seq of the `thread.deleted` record of that thread's "
+        "chain that holds this run's head.")
 
 
 class AgentInfo(BaseModel):

@@ -295,8 +295,11 @@ async def verify_audit(run_id: RunId, st: State, who: Caller) -> AuditVerificati
     checked = await verify_run(st.store, await st.store.get_run(run_id, who.tenant),
                                st.settings.audit_key_bytes())
     result = checked.result
+    anchor = checked.anchor
     return AuditVerification(ok=result.ok, records=result.count, head_seq=checked.head_seq,
-                             first_bad_seq=result.first_bad_seq, reason=result.reason)
+                             first_bad_seq=result.first_bad_seq, reason=result.reason,
+                             deleted_with=anchor.thread_id if anchor else None,
+                             anchor_seq=anchor.seq if anchor else None)
 
 
 # -------------------------------------------------------------------------------- approvals

@@ -192,7 +192,8 @@ class Store(Protocol):
         """The turn runs of a thread, in turn order."""
 
     async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
-                          audit: Sequence[AuditEvent] = ()) -> ThreadRecord:
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
         """Insert the fork ``thread`` with its copied turns (runs, steps, each copy's audit
         chain) and the thread's chain, in one transaction; NotFound when the source thread
         (``thread.forked_from``) was deleted meanwhile."""

@@ -1406,11 +1406,12 @@ class MongoStore:
         return await self._turns(None, thread_id)
 
     async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
-                          audit: Sequence[AuditEvent] = ()) -> ThreadRecord:
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
         async def body(s: Session) -> ThreadRecord:
             if thread.forked_from is not None:  # locked: conflicts with a concurrent delete
                 await self._lock_thread(s, thread.forked_from, thread.tenant)
-            await self._insert_thread(s, thread, audit, None)
+            await self._insert_thread(s, thread, audit, ledger)
             for copy in copies:
                 await self._insert_run(s, copy.run, copy.audit, None)
                 for step in copy.steps:

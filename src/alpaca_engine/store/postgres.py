@@ -1138,11 +1138,12 @@ class PostgresStore:
             return await self._turns(cur, thread_id)
 
     async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
-                          audit: Sequence[AuditEvent] = ()) -> ThreadRecord:
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
         async with self._tx() as cur:
             if thread.forked_from is not None:  # locked: a concurrent delete waits or wins
                 await self._fetch_thread(cur, thread.forked_from, thread.tenant, lock=True)
-            await self._insert_thread(cur, thread, audit, None)
+            await self._insert_thread(cur, thread, audit, ledger)
             for copy in copies:
                 await self._insert_run(cur, copy.run, copy.audit, None)
                 for step in copy.steps:

@@ -834,11 +834,12 @@ class SQLiteStore:
         return self._turns(self._conn, thread_id)
 
     async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
-                          audit: Sequence[AuditEvent] = ()) -> ThreadRecord:
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
         with self._tx() as db:
             if thread.forked_from is not None:
                 self._fetch_thread(db, thread.forked_from, thread.tenant)
-            self._insert_thread(db, thread, audit, None)
+            self._insert_thread(db, thread, audit, ledger)
             for copy in copies:
                 self._insert_run(db, copy.run, copy.audit, None)
                 for step in copy.steps:
