@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from alpaca_engine.budget import BudgetExceeded
-from alpaca_engine.errors import ApprovalConflict, LeaseLost
+from alpaca_engine.errors import ApprovalConflict, LeaseLost, TurnInProgress
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store.factory import make_store
 from alpaca_engine.store.postgres import PostgresStore
@@ -37,6 +37,8 @@ from tests.conformance.store_suite import (
     ThreadConformance,
     WorkflowConformance,
     new_run,
+    new_thread,
+    new_turn,
     new_workflow,
 )
 from tests.conftest import service_unavailable
@@ -478,3 +480,30 @@ async def test_audit_data_round_trips_exactly(store: PostgresStore):
     records = await store.list_audit("r1")
     assert records[0].data == data and isinstance(records[0].data["big"], float)
     assert verify_chain(records, key=KEY).ok
+
+
+async def test_concurrent_messages_from_many_processes_make_one_turn(schema: str):
+    """Twenty stores (twenty connections, as twenty API replicas would hold) post a message
+    to one thread at once: exactly one becomes turn 1, the others are refused, naming it."""
+    setup = await _open(schema)
+    await setup.create_thread(new_thread())
+    posters = [await _open(schema, pool_size=1) for _ in range(20)]
+    barrier = asyncio.Barrier(len(posters))
+
+    async def post(n: int, s: PostgresStore):
+        await barrier.wait()
+        try:
+            return (await s.create_turn(new_turn(f"r{n:02d}")))[0]
+        except TurnInProgress as exc:
+            return exc
+
+    try:
+        results = await asyncio.gather(*(post(n, s) for n, s in enumerate(posters)))
+    finally:
+        for s in posters:
+            await s.close()
+    made = [r for r in results if not isinstance(r, TurnInProgress)]
+    assert len(made) == 1 and made[0].turn == 1
+    assert {r.run_id for r in results if isinstance(r, TurnInProgress)} == {made[0].id}
+    assert [r.id for r in await setup.list_turns("th1")] == [made[0].id]
+    await setup.close()

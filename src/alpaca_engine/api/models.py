@@ -45,6 +45,9 @@ def storable_text(text: Any) -> Any:
 Text = Annotated[str, BeforeValidator(storable_text)]
 """A request string the stores can keep (422 ``invalid_unicode`` / ``nul_character``)."""
 
+MAX_INPUT_CHARS = 256 * 1024
+"""The longest run input or thread message, in characters (a tool payload's cap)."""
+
 
 class Budget(BaseModel):
     """Limits for the whole run tree; unset fields keep the workflow's defaults. Strict:
@@ -63,7 +66,7 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agent: Text = Field(min_length=1, max_length=200)
-    input: Text
+    input: Text = Field(max_length=MAX_INPUT_CHARS)
     workflow: Text | None = Field(
         default=None, max_length=4096,
         description="A registered workflow, `NAME` (its latest version) or `NAME@VERSION`, "
@@ -77,6 +80,9 @@ class Run(BaseModel):
     tenant: str
     agent: str
     workflow: str
+    thread_id: str | None = Field(default=None, description="The thread this run is a turn "
+                                  "of (`GET /v1/threads/{id}`).")
+    turn: int | None = Field(default=None, description="Its turn number in that thread.")
     input: str
     state: RunState
     output: str | None

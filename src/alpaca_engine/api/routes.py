@@ -70,7 +70,7 @@ State = Annotated[ApiState, Depends(get_state)]
 Caller = Annotated[Principal, Depends(principal)]
 
 
-def _no_nul(value: str, what: str) -> str:
+def no_nul(value: str, what: str) -> str:
     """Ids never hold NUL, and PostgreSQL cannot even compare one: answer 404 up front."""
     if "\x00" in value:
         raise NotFound(f"{what} {value!r} not found")
@@ -78,12 +78,12 @@ def _no_nul(value: str, what: str) -> str:
 
 
 def _run_id(run_id: Annotated[str, PathParam(description="A run id (`run_...`).")]) -> str:
-    return _no_nul(run_id, "run")
+    return no_nul(run_id, "run")
 
 
 def _approval_id(approval_id: Annotated[str, PathParam(description="An approval id.")]
                  ) -> str:
-    return _no_nul(approval_id, "approval")
+    return no_nul(approval_id, "approval")
 
 
 RunId = Annotated[str, Depends(_run_id)]
@@ -104,6 +104,12 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 AUTHED = (401, 403)
+Wait = Annotated[bool, Query(description="Block until the run tree is terminal or waits for "
+                                        "an approval.")]
+WaitSeconds = Annotated[float, Query(alias="timeout", ge=0, le=300,
+                                     description="Most seconds to wait.")]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                              max_length=255)]
 
 runs = APIRouter(prefix="/v1", tags=["runs"])
 approvals = APIRouter(prefix="/v1", tags=["approvals"])
@@ -123,12 +129,9 @@ async def create_run(
     response: Response,
     st: State,
     who: Caller,
-    wait: Annotated[bool, Query(description="Block until the run tree is terminal or "
-                                "waits for an approval.")] = False,
-    wait_seconds: Annotated[float, Query(alias="timeout", ge=0, le=300,
-                                         description="Most seconds to wait.")] = 30.0,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                                  max_length=255)] = None,
+    wait: Wait = False,
+    wait_seconds: WaitSeconds = 30.0,
+    idempotency_key: IdempotencyKey = None,
 ) -> Run:
     """Start a run of an agent of a registered (pinned to its version) or served workflow."""
     require(who, Role.USER)
