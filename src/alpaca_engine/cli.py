@@ -812,6 +812,8 @@ def main() -> None:
 
 
 # Registered workflows live in their own module; the import is here, after ``app`` exists.
+from .cli_threads import threads_app  # noqa: E402
 from .cli_workflows import workflows_app  # noqa: E402
 
 app.add_typer(workflows_app, name="workflows")
+app.add_typer(threads_app, name="threads")

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..lifecycle import RunState
 from ..store.records import RunRecord, ThreadRecord
+from ..telemetry.audit import AuditRecord
 from .models import MAX_INPUT_CHARS, AuditEntry, Budget, Text
 
 MAX_METADATA_BYTES = 16 * 1024
@@ -131,6 +132,12 @@ class ThreadDeleted(BaseModel):
                                          "delegated runs).")
     anchor_seq: int = Field(description="The `thread.deleted` record of the thread's audit "
                                         "chain holding each erased run's chain head.")
+
+    @classmethod
+    def of(cls, thread: ThreadRecord, anchor: AuditRecord) -> ThreadDeleted:
+        """The deleted thread and the last record of its chain (its ``thread.deleted``)."""
+        return cls(id=thread.id, deleted_at=thread.deleted_at or 0.0,
+                   erased_runs=len(anchor.data.get("runs", [])), anchor_seq=anchor.seq)
 
 
 # -- the thread event stream ---------------------------------------------------------------------

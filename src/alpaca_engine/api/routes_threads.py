@@ -114,9 +114,7 @@ async def delete_thread(thread_id: ThreadId, st: State, who: Caller) -> ThreadDe
         gone = await st.engine.delete_thread(thread_id, tenant=who.tenant,
                                              actor=f"user:{who.label}")
     await st.publish(gone.id, {"type": "thread.deleted", "thread_id": gone.id})
-    anchor = (await st.store.list_thread_audit(gone.id))[-1]
-    return ThreadDeleted(id=gone.id, deleted_at=gone.deleted_at or 0.0,
-                         erased_runs=len(anchor.data.get("runs", [])), anchor_seq=anchor.seq)
+    return ThreadDeleted.of(gone, (await st.store.list_thread_audit(gone.id))[-1])
 
 
 @threads.post("/threads/{thread_id}/messages", status_code=201, response_model=Run,
