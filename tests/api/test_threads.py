@@ -438,3 +438,34 @@ async def test_concurrent_posters_on_postgresql_make_one_turn_and_a_409_each(
                 assert len((await c.get(url)).json()["items"]) == 1
         finally:
             await store.close()
+
+
+def versioned(tag: str) -> str:
+    return textwrap.dedent(f"""
+        version: 1
+        name: talker
+        agents:
+          - name: talker
+            model:
+              provider: scripted
+              script: ["{tag} first answer", "{tag} second answer"]
+    """).lstrip("\n")
+
+
+async def test_a_thread_pins_its_registered_workflow_version_for_every_turn(
+        start_api: ApiFactory) -> None:
+    keys = {"ann": ("acme", "builder")}
+    yaml = {"content-type": "application/yaml"}
+    async with start_api(keys=keys) as api, api.client("ann") as c:
+        assert (await c.post("/v1/workflows", content=versioned("v1"),
+                             headers=yaml)).status_code == 201
+        thread = await a_thread(c, agent="talker", workflow="talker")
+        assert (thread["workflow"], thread["workflow_version"]) == ("registry:talker@1", 1)
+        assert (await say(c, thread["id"], "hi"))["output"] == "v1 first answer"
+        assert (await c.post("/v1/workflows", content=versioned("v2"),
+                             headers=yaml)).json()["version"] == 2
+        second = await say(c, thread["id"], "again")  # a scripted model continues its script
+        assert (second["output"], second["workflow"]) == ("v1 second answer",
+                                                          "registry:talker@1")
+        newer = await a_thread(c, agent="talker", workflow="talker")
+        assert newer["workflow"] == "registry:talker@2"
