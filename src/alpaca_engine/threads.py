@@ -14,16 +14,29 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .budget import limits_from_budget
+from .errors import NotFound
 from .forks import ForkPastEnd, copy_turn
 from .store.records import AuditEvent, LedgerRecord, RunRecord, ThreadRecord
 from .store.thread_rules import check_deletable
 from .workflow import Workflow
 from .workflows.registry import is_registry_ref, parse_name
+from .workflows.schema import WorkflowError
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ForkPastEnd", "create_thread", "delete_thread", "fork_thread", "send_message"]
+__all__ = ["ForkPastEnd", "ThreadWorkflowGone", "create_thread", "delete_thread",
+           "fork_thread", "send_message"]
+
+
+class ThreadWorkflowGone(Exception):
+    """The workflow a thread pinned no longer loads here (a file edited or removed, a
+    version gone), or no longer has the thread's agent: no turn can run."""
+
+    def __init__(self, thread: ThreadRecord, cause: BaseException) -> None:
+        reason = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
+        super().__init__(f"thread {thread.id}: its workflow {thread.workflow} does not load "
+                         f"for agent {thread.agent!r}: {reason}")
 
 
 def new_thread_id() -> str:
@@ -73,9 +86,14 @@ async def send_message(engine: Engine, thread_id: str, text: str, *, tenant: str
     """Queue the next turn of a thread (``False``: the idempotency key named a run already).
 
     NotFound for an absent, deleted or foreign thread; TurnInProgress while the last turn is
-    unfinished. ``alpaca chat`` and the API call this; ``engine.chat`` also runs the turn."""
+    unfinished; ThreadWorkflowGone when its pinned workflow no longer loads. ``alpaca chat``
+    and the API call this; ``engine.chat`` also runs the turn."""
     thread = await engine.store.get_thread(thread_id, tenant)
-    workflow = await engine.load_workflow(tenant, thread.workflow)
+    try:
+        workflow = await engine.load_workflow(tenant, thread.workflow)
+        workflow.agent(thread.agent)
+    except (WorkflowError, NotFound, KeyError) as exc:
+        raise ThreadWorkflowGone(thread, exc) from exc
     return await engine.submit_run(workflow, thread.agent, text, tenant=tenant,
                                    idempotency_key=idempotency_key, budget=budget,
                                    thread=thread)

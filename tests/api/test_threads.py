@@ -469,3 +469,15 @@ async def test_a_thread_pins_its_registered_workflow_version_for_every_turn(
                                                           "registry:talker@1")
         newer = await a_thread(c, agent="talker", workflow="talker")
         assert newer["workflow"] == "registry:talker@2"
+
+
+async def test_a_message_to_a_thread_whose_workflow_no_longer_loads_is_422(
+        start_api: ApiFactory, chat_workflow: Path) -> None:
+    async with start_api(workflows=[str(chat_workflow)], worker=False) as api, \
+            api.client() as c:
+        thread = await a_thread(c)
+        chat_workflow.rename(chat_workflow.with_suffix(".gone"))  # noqa: ASYNC240
+        r = await c.post(f"/v1/threads/{thread['id']}/messages", json={"content": "hi"})
+        detail = assert_problem(r, 422, "workflow_error")["detail"]
+        assert thread["id"] in detail and "cannot read the file" in detail
+        assert (await c.get(f"/v1/threads/{thread['id']}/messages")).json()["items"] == []

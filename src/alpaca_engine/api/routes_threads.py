@@ -18,6 +18,7 @@ from sse_starlette import EventSourceResponse
 
 from ..errors import TurnInProgress
 from ..forks import ForkPastEnd
+from ..threads import ThreadWorkflowGone
 from . import events
 from .auth import Role, require
 from .models import Run
@@ -138,9 +139,12 @@ async def post_message(
     thread = await st.store.get_thread(thread_id, who.tenant)
     budget = body.budget.model_dump(exclude_none=True) if body.budget else None
     with _turn_conflicts():
-        record, created = await st.engine.send_message(
-            thread.id, body.content, tenant=who.tenant, budget=budget,
-            idempotency_key=idempotency_key)
+        try:
+            record, created = await st.engine.send_message(
+                thread.id, body.content, tenant=who.tenant, budget=budget,
+                idempotency_key=idempotency_key)
+        except ThreadWorkflowGone as exc:
+            raise ProblemError(422, "workflow_error", str(exc)) from None
     if not created and not (record.thread_id == thread.id and await same_request(
             st.store, record, thread.agent, body.content, thread.workflow, thread.workflow,
             budget or {})):
