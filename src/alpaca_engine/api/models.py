@@ -45,8 +45,9 @@ def storable_text(text: Any) -> Any:
 Text = Annotated[str, BeforeValidator(storable_text)]
 """A request string the stores can keep (422 ``invalid_unicode`` / ``nul_character``)."""
 
-MAX_INPUT_CHARS = 256 * 1024
-"""The longest run input or thread message, in characters (a tool payload's cap)."""
+MAX_INPUT_CHARS = 512 * 1024
+"""The longest run input or thread message, in characters (half the default body limit, so
+an oversized text is a 422 naming the field rather than a 413)."""
 
 
 class Budget(BaseModel):
