@@ -472,6 +472,7 @@ async def test_chaos_kill_pause_and_redis_restart_lose_nothing(
     workers = Workers(env, tmp_path)
     workflow = load_workflow(WORKFLOW)
     wall0 = time.monotonic()
+    restarts = 0
     kills = 0
     pause: Pause | None = None
     redis_restarted = False
@@ -538,6 +539,15 @@ async def test_chaos_kill_pause_and_redis_restart_lose_nothing(
                         proc = workers.slots[pause.slot].proc
                         pause.survived = proc.pid == pause.pid and proc.poll() is None
                         pause.lease_lost_logs = log_text.count("lease lost")
+                for slot, state in list(workers.slots.items()):
+                    if state.proc.poll() is not None:
+                        # Like a process supervisor: a worker started while Redis was down
+                        # refuses to start (one line, exit 1) and is started again.
+                        refused = state.log.read_text(errors="replace")
+                        assert state.proc.returncode == 1 and "cannot connect" in refused, (
+                            f"worker {slot} died on its own:\n{refused[-3000:]}")
+                        restarts += 1
+                        workers.spawn(slot)
                 if redis_at and now >= redis_at and finished_roots(database):
                     redis_server.kill()  # once workers are through a first tree
                     redis_at, redis_up_at = 0.0, now + 1.5
@@ -595,7 +605,8 @@ async def test_chaos_kill_pause_and_redis_restart_lose_nothing(
           f"{kills} SIGKILL+restart; SIGSTOP {pause.resumed_at - pause.since:.0f}s of a worker "
           f"holding "
           f"{len(pause.held)} lease(s), {len(pause.taken_over)} taken over, "
-          f"{pause.lease_lost_logs} stale write(s) refused ('lease lost'); 1 Redis restart; "
+          f"{pause.lease_lost_logs} stale write(s) refused ('lease lost'); 1 Redis restart "
+          f"({restarts} worker start(s) refused while it was down); "
           f"side effects: {tally.attempts} attempts -> {tally.effects} effects "
           f"({tally.reexecuted_keys} keys executed more than once); {tally.audit_records} "
           f"audit records verified; chaos {chaos_wall:.1f}s + settle {settle:.1f}s, "
