@@ -481,3 +481,17 @@ async def test_a_message_to_a_thread_whose_workflow_no_longer_loads_is_422(
         detail = assert_problem(r, 422, "workflow_error")["detail"]
         assert thread["id"] in detail and "cannot read the file" in detail
         assert (await c.get(f"/v1/threads/{thread['id']}/messages")).json()["items"] == []
+
+
+async def test_metadata_the_stores_cannot_keep_is_422(start_api: ApiFactory,
+                                                      chat_workflow: Path) -> None:
+    headers = {"content-type": "application/json"}
+    async with start_api(workflows=[str(chat_workflow)], worker=False) as api, \
+            api.client() as c:
+        for body, needle in ((b'{"agent": "memo", "metadata": {"k": "a\\ud800"}}', "surrogate"),
+                             (b'{"agent": "memo", "metadata": {"a\\u0000": 1}}', "NUL")):
+            r = await c.post("/v1/threads", content=body, headers=headers)
+            assert needle in assert_problem(r, 422, "validation_error")["detail"]
+        kept = await a_thread(c, metadata={"k": "\\u0000 as text", "emoji": "\U0001f600"})
+        assert kept["metadata"] == {"k": "\\u0000 as text", "emoji": "\U0001f600"}
+        assert (await c.get("/v1/threads")).status_code == 200

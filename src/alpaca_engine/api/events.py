@@ -239,6 +239,7 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
     position = dict(cursor)
     touched: set[int] = set()
     ended: set[int] = set()
+    complete: set[int] = set()  # read terminal, then read to the end: nothing more will come
     waker = ThreadWaker(st.engine, thread_id)
     async with waker:
         while True:
@@ -254,6 +255,8 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
                 yield ServerSentEvent(data=json.dumps(delta, default=str))
             for run in turns:
                 turn = run.turn or 0
+                if turn in complete:
+                    continue
                 for record in await st.store.list_audit(run.id, position.get(turn, 0)):
                     position[turn] = record.seq
                     touched.add(turn)
@@ -261,6 +264,8 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
                                              record=AuditEntry.of(record))
                     yield ServerSentEvent(data=event.model_dump_json(),
                                           id=format_thread_cursor(position))
+                if run.state.terminal:
+                    complete.add(turn)
                 if run.state.terminal and turn in touched and turn not in ended:
                     ended.add(turn)
                     end = TurnEndEvent(type="turn.end", run_id=run.id, turn=turn,

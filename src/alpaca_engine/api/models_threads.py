@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -22,8 +23,30 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _texts(value: Any) -> Iterator[str]:
+    """Every key and string of a JSON value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _texts(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _texts(v)
+
+
 def _small_metadata(value: dict[str, Any]) -> dict[str, Any]:
-    size = len(json.dumps(value, ensure_ascii=False).encode())
+    """Storable on every store (as ``Text`` is) and small."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise ValueError("metadata holds a lone UTF-16 surrogate (not valid Unicode); send "
+                         "well-formed text") from None
+    if any("\x00" in t for t in _texts(value)):
+        raise ValueError("metadata holds a NUL character (U+0000), which the engine does not "
+                         "store; remove it")
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
     return value

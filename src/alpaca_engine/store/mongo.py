@@ -115,7 +115,7 @@ from .records import (
     workflow_not_found,
 )
 from .thread_rules import (
-    ERASED_TITLE,
+    ERASED,
     Erased,
     check_deletable,
     next_turn,
@@ -1440,13 +1440,13 @@ class MongoStore:
                     session=s)
                 await self._c("runs").update_one(
                     {"_id": e.run_id},
-                    {"$set": {"input": ERASED_TITLE, "output": None, "error_message": None}},
+                    {"$set": {"input": ERASED, "output": None, "error_message": None}},
                     session=s)
             await self._c("threads").update_one({"_id": thread_id}, {"$set": {
-                "title": ERASED_TITLE, "metadata": {}, "deleted_at": now, "updated_at": now}},
+                "title": ERASED, "metadata": {}, "deleted_at": now, "updated_at": now}},
                 session=s)
             await self._thread_audit(s, thread_id, [thread_deleted(erased, actor)], now)
-            return thread.model_copy(update={"title": ERASED_TITLE, "metadata": {},
+            return thread.model_copy(update={"title": ERASED, "metadata": {},
                                              "deleted_at": now, "updated_at": now})
 
         return await self._tx(body)

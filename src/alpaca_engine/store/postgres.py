@@ -53,7 +53,7 @@ from .records import (
     workflow_not_found,
 )
 from .thread_rules import (
-    ERASED_TITLE,
+    ERASED,
     Erased,
     check_deletable,
     next_turn,
@@ -1170,11 +1170,11 @@ class PostgresStore:
             await cur.execute("UPDATE approvals SET arguments='{}', comment=NULL "
                               "WHERE run_id = ANY(%s)", (ids,))
             await cur.execute("UPDATE runs SET input=%s, output=NULL, error_message=NULL "
-                              "WHERE id = ANY(%s)", (ERASED_TITLE, ids))
+                              "WHERE id = ANY(%s)", (ERASED, ids))
             await cur.execute("UPDATE threads SET title=%s, metadata='{}', deleted_at=%s, "
-                              "updated_at=%s WHERE id=%s", (ERASED_TITLE, now, now, thread_id))
+                              "updated_at=%s WHERE id=%s", (ERASED, now, now, thread_id))
             await self._thread_audit(cur, thread_id, [thread_deleted(erased, actor)], now)
-        return thread.model_copy(update={"title": ERASED_TITLE, "metadata": {},
+        return thread.model_copy(update={"title": ERASED, "metadata": {},
                                          "deleted_at": now, "updated_at": now})
 
     async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:

@@ -40,7 +40,7 @@ from .records import (
     workflow_not_found,
 )
 from .thread_rules import (
-    ERASED_TITLE,
+    ERASED,
     Erased,
     check_deletable,
     next_turn,
@@ -864,11 +864,11 @@ class SQLiteStore:
                 db.execute("UPDATE approvals SET arguments='{}', comment=NULL WHERE run_id=?",
                            (e.run_id,))
                 db.execute("UPDATE runs SET input=?, output=NULL, error_message=NULL "
-                           "WHERE id=?", (ERASED_TITLE, e.run_id))
+                           "WHERE id=?", (ERASED, e.run_id))
             db.execute("UPDATE threads SET title=?, metadata='{}', deleted_at=?, updated_at=? "
-                       "WHERE id=?", (ERASED_TITLE, now, now, thread_id))
+                       "WHERE id=?", (ERASED, now, now, thread_id))
             self._thread_audit(db, thread_id, [thread_deleted(erased, actor)], now)
-        return thread.model_copy(update={"title": ERASED_TITLE, "metadata": {},
+        return thread.model_copy(update={"title": ERASED, "metadata": {},
                                          "deleted_at": now, "updated_at": now})
 
     async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:

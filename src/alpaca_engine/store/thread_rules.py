@@ -54,5 +54,5 @@ def thread_deleted(erased: Sequence[Erased], actor: str) -> AuditEvent:
                   "audit_hash": e.hash} for e in erased]})
 
 
-ERASED_TITLE = ""
-"""What a deleted thread's title (and a deleted run's input) becomes."""
+ERASED = ""
+"""What a deleted thread's title, and an erased run's input, become."""
