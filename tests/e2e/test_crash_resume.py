@@ -22,7 +22,7 @@ import pytest
 
 from alpaca_engine.journal import conversation_digest
 from alpaca_engine.models.base import Message
-from tests.helpers import PATIENCE, free_port
+from tests.helpers import PATIENCE, free_port, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -125,16 +125,8 @@ def test_sigkill_mid_turn_two_of_a_thread_then_resume_sends_the_same_conversatio
          str(WORKFLOW)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
+        wait_ready(server, base)
         deadline = time.monotonic() + PATIENCE
-        while True:
-            assert server.poll() is None, server.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "alpaca serve did not become ready"
-            time.sleep(0.1)
         with httpx.Client(base_url=base, timeout=PATIENCE) as c:
             thread = c.post("/v1/threads", json={"agent": "chatter"}).json()
             first = c.post(f"/v1/threads/{thread['id']}/messages?wait=true",

@@ -136,10 +136,7 @@ async def create_run(
     """Start a run of an agent of a registered (pinned to its version) or served workflow."""
     require(who, Role.USER)
     workflow = await run_workflow(st, who.tenant, body.workflow)
-    if body.agent not in workflow.agents:
-        known = ", ".join(sorted(workflow.agents))
-        raise ProblemError(422, "unknown_agent",
-                           f"agent {body.agent!r} is not in {workflow.ref} (known: {known})")
+    check_agent(workflow, body.agent)
     budget = body.budget.model_dump(exclude_none=True) if body.budget else None
     record, created = await st.engine.submit_run(
         workflow, body.agent, body.input, tenant=who.tenant, idempotency_key=idempotency_key,
@@ -154,6 +151,14 @@ async def create_run(
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/runs/{record.id}"
     return Run.of(record)
+
+
+def check_agent(workflow: Workflow, agent: str) -> None:
+    """422 ``unknown_agent`` naming the agents there are."""
+    if agent not in workflow.agents:
+        known = ", ".join(sorted(workflow.agents))
+        raise ProblemError(422, "unknown_agent",
+                           f"agent {agent!r} is not in {workflow.ref} (known: {known})")
 
 
 async def same_request(store: Store, run: RunRecord, agent: str, input: str,

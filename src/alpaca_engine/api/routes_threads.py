@@ -40,6 +40,7 @@ from .routes import (
     State,
     Wait,
     WaitSeconds,
+    check_agent,
     errors,
     no_nul,
     same_request,
@@ -76,10 +77,7 @@ async def create_thread(body: ThreadCreate, response: Response, st: State,
     workflow; each message then runs one turn."""
     require(who, Role.USER)
     workflow = await run_workflow(st, who.tenant, body.workflow)
-    if body.agent not in workflow.agents:
-        known = ", ".join(sorted(workflow.agents))
-        raise ProblemError(422, "unknown_agent",
-                           f"agent {body.agent!r} is not in {workflow.ref} (known: {known})")
+    check_agent(workflow, body.agent)
     thread = await st.engine.create_thread(
         agent=body.agent, workflow=workflow, tenant=who.tenant, title=body.title,
         metadata=body.metadata,

@@ -369,6 +369,17 @@ def _workflow(doc: Mapping[str, Any]) -> WorkflowRecord:
     return WorkflowRecord.model_validate({k: v for k, v in doc.items() if k != "_id"})
 
 
+def _chained(chain: AuditChain, events: Sequence[AuditEvent], now: float) -> list[Doc]:
+    """The documents of ``events`` appended to ``chain`` (which moves to the new head)."""
+    stamp = iso_utc(now)
+    docs = []
+    for ev in events:
+        doc = chain.append(ev.kind, ev.data, ev.actor, stamp).to_dict()
+        doc["data"] = encode(doc["data"])
+        docs.append(doc)
+    return docs
+
+
 def _thread(doc: Mapping[str, Any]) -> ThreadRecord:
     return ThreadRecord.model_validate(_fields(doc))
 
@@ -595,13 +606,7 @@ class MongoStore:
             return head
         observers.written(run_id, events)
         chain = AuditChain(run_id, self.audit_key, *head)
-        stamp = iso_utc(now)
-        docs = []
-        for ev in events:
-            doc = chain.append(ev.kind, ev.data, ev.actor, stamp).to_dict()
-            doc["data"] = encode(doc["data"])
-            docs.append(doc)
-        await self._c("audit").insert_many(docs, session=s)
+        await self._c("audit").insert_many(_chained(chain, events, now), session=s)
         await self._c("runs").update_one(
             {"_id": run_id},
             {"$set": {"audit_seq": chain.last_seq, "audit_hash": chain.last_hash}},
@@ -1328,13 +1333,7 @@ class MongoStore:
             session=s)
         chain = AuditChain(thread_id, self.audit_key,
                            *((int(head["seq"]), str(head["hash"])) if head else (0, GENESIS)))
-        stamp = iso_utc(now)
-        docs = []
-        for ev in events:
-            doc = chain.append(ev.kind, ev.data, ev.actor, stamp).to_dict()
-            doc["data"] = encode(doc["data"])
-            docs.append(doc)
-        await self._c("thread_audit").insert_many(docs, session=s)
+        await self._c("thread_audit").insert_many(_chained(chain, events, now), session=s)
 
     async def _insert_thread(self, s: Session, thread: ThreadRecord,
                              audit: Sequence[AuditEvent], ledger: LedgerRecord | None) -> None:
