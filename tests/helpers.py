@@ -79,27 +79,32 @@ def free_port() -> int:
 def alpaca_serve(env: dict[str, str], *args: str, port: int | None = None) -> Iterator[str]:
     """A real `alpaca serve` process on ``port`` (default: a free one); yields its base URL
     once /readyz answers, and stops it with SIGTERM (then SIGKILL) afterwards."""
-    import httpx
-
     port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "alpaca_engine", "serve", "--port", str(port), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + PATIENCE
-        while True:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "alpaca serve did not become ready"
-            time.sleep(0.1)
+        wait_ready(proc, base)
         yield base
     finally:
         stop(proc, 15)
+
+
+def wait_ready(proc: subprocess.Popen[str], base: str) -> None:
+    """Until the `alpaca serve` process ``proc`` answers /readyz at ``base``."""
+    import httpx
+
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "alpaca serve did not become ready"
+        time.sleep(0.1)
 
 
 def stop(proc: subprocess.Popen[str], grace: float) -> None:

@@ -1,13 +1,13 @@
 """Alpaca Agent Engine: governed, durable, auditable AI agents."""
 
-from .agents import Agent
+from .agents import Agent, HistoryPolicy
 from .engine import Engine
-from .errors import AlpacaError, ErrorCode
+from .errors import AlpacaError, ErrorCode, TurnInProgress
 from .lifecycle import RunState
 from .models.base import Message, Model, ModelResponse, ToolCall, ToolSpec, Usage
 from .models.function import FunctionModel
 from .models.scripted import ScriptedModel
-from .store.records import RunRecord, StepRecord
+from .store.records import RunRecord, StepRecord, ThreadRecord
 from .store.sqlite import SQLiteStore
 from .tools.base import Tool, ToolContext
 from .tools.breaker import BreakerPolicy
@@ -18,7 +18,8 @@ from .workflow import Workflow
 
 __all__ = [
     "Agent", "AlpacaError", "BreakerPolicy", "Engine", "ErrorCode", "FunctionModel",
-    "Message", "Model", "ModelResponse", "RetryPolicy", "RunRecord", "RunState",
-    "SQLiteStore", "ScriptedModel", "StepRecord", "Tool", "ToolCall", "ToolContext",
-    "ToolRegistry", "ToolSpec", "TransientError", "Usage", "Workflow", "tool",
+    "HistoryPolicy", "Message", "Model", "ModelResponse", "RetryPolicy", "RunRecord",
+    "RunState", "SQLiteStore", "ScriptedModel", "StepRecord", "ThreadRecord", "Tool",
+    "ToolCall", "ToolContext", "ToolRegistry", "ToolSpec", "TransientError",
+    "TurnInProgress", "Usage", "Workflow", "tool",
 ]

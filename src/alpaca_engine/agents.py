@@ -45,6 +45,19 @@ class ApprovalPolicy:
         return None
 
 
+@dataclass(frozen=True)
+class HistoryPolicy:
+    """How much of a thread's earlier turns each turn sends the model (DESIGN §10).
+
+    Whole turns are kept, newest first, while both bounds hold; everything older is left out
+    (and audited as ``history.truncated``). ``None`` bounds nothing."""
+
+    max_turns: int | None = None
+    """Most earlier turns sent (0: none)."""
+    max_tokens: int | None = None
+    """Most estimated tokens (4 characters a token) of the earlier turns sent."""
+
+
 @dataclass
 class Agent:
     name: str
@@ -63,6 +76,8 @@ class Agent:
     """Sub-limits (``max_tool_calls`` …) for this agent's subtree when it is delegated to."""
     max_output_tokens: int = 1024
     """Reserved from the token budget for each model call (the provider's cap)."""
+    history: HistoryPolicy = field(default_factory=HistoryPolicy)
+    """What a turn of a thread sends of the earlier turns."""
 
     def describe(self) -> dict[str, object]:
         return {

@@ -615,7 +615,11 @@ def audit_verify(
         dump([_verification_json(v) for v in results])
     else:
         for v in results:
-            if v.result.ok:
+            if v.result.ok and v.anchor is not None:
+                console.print(f"[green]ok[/green] {v.run_id}: deleted with thread "
+                              f"{v.anchor.thread_id}, anchored (its head, seq {v.head_seq}, "
+                              f"is in record {v.anchor.seq} of the thread's chain)")
+            elif v.result.ok:
                 console.print(f"[green]ok[/green] {v.run_id}: {v.result.count} records, "
                               "chain intact")
             else:
@@ -626,7 +630,9 @@ def audit_verify(
 def _verification_json(v: RunVerification) -> dict[str, Any]:
     res = v.result
     return {"run_id": v.run_id, "ok": res.ok, "records": res.count, "head_seq": v.head_seq,
-            "first_bad_seq": res.first_bad_seq, "reason": res.reason}
+            "first_bad_seq": res.first_bad_seq, "reason": res.reason,
+            "deleted_with": v.anchor.thread_id if v.anchor else None,
+            "anchor_seq": v.anchor.seq if v.anchor else None}
 
 
 def _tampered_line(v: RunVerification) -> str:
@@ -806,6 +812,8 @@ def main() -> None:
 
 
 # Registered workflows live in their own module; the import is here, after ``app`` exists.
+from .cli_threads import threads_app  # noqa: E402
 from .cli_workflows import workflows_app  # noqa: E402
 
 app.add_typer(workflows_app, name="workflows")
+app.add_typer(threads_app, name="threads")

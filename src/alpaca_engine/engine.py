@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import threads
 from .budget import limits_from_budget
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Dispatcher, EventBus
@@ -27,7 +28,7 @@ from .lifecycle import RunState
 from .runner import StepRunner
 from .store.base import Store
 from .store.ownership import DEFAULT_MAX_RUN_ATTEMPTS
-from .store.records import AuditEvent, LedgerRecord, RunRecord
+from .store.records import AuditEvent, LedgerRecord, RunRecord, ThreadRecord
 from .telemetry import tracing
 from .tools.governance import OPEN_POLICY, TenantPolicy
 from .wakeups import wake_finished_waiters, wake_if_ready
@@ -166,8 +167,10 @@ class Engine:
         tenant: str = "local",
         idempotency_key: str | None = None,
         budget: dict[str, Any] | None = None,
+        thread: ThreadRecord | None = None,
     ) -> tuple[RunRecord, bool]:
-        """Queue a run; ``False`` when the tenant's idempotency key already named a run."""
+        """Queue a run (the next turn of ``thread``, also reserving on the thread's ledger);
+        ``False`` when the tenant's idempotency key already named a run."""
         workflow.agent(agent)  # unknown agents are refused before anything is stored
         now = self.clock.now()
         run_id = f"run_{uuid.uuid4().hex[:16]}"
@@ -182,13 +185,17 @@ class Engine:
         run = RunRecord(
             id=run_id, tenant=tenant, agent=agent, workflow=workflow.ref, input=input,
             root_id=run_id, ancestry=[agent], idempotency_key=idempotency_key,
-            budget=merged, created_at=now, updated_at=now, ledgers=[run_id],
-            traceparent=traceparent,
+            budget=merged, created_at=now, updated_at=now,
+            ledgers=[run_id, *([thread.ledger_id] if thread and thread.ledger_id else [])],
+            traceparent=traceparent, thread_id=thread.id if thread else None,
         )
-        record, _created = await self.store.create_run(run, [AuditEvent(
+        audit = [AuditEvent(
             kind="run.created", actor=f"tenant:{tenant}",
             data={"agent": agent, "workflow": workflow.ref, "input": input,
-                  "budget": merged, "requested_budget": budget or {}})], ledger=ledger)
+                  "budget": merged, "requested_budget": budget or {},
+                  **({"thread_id": thread.id} if thread else {})})]
+        create = self.store.create_turn if thread else self.store.create_run
+        record, _created = await create(run, audit, ledger=ledger)
         if _created:
             await self.dispatch(record.id)
         return record, _created
@@ -253,9 +260,51 @@ class Engine:
     async def workflow_for(self, run: RunRecord) -> Workflow:
         """The workflow a run was submitted to: a registered version (within the run's
         tenant), a file or a builtin."""
-        if is_registry_ref(run.workflow):
-            return await self.registry.resolve(run.tenant, run.workflow)
-        return self.resolve(run.workflow)
+        return await self.load_workflow(run.tenant, run.workflow)
+
+    async def load_workflow(self, tenant: str, ref: str) -> Workflow:
+        """A recorded workflow ref (a run's, a thread's) loaded back, within ``tenant``."""
+        if is_registry_ref(ref):
+            return await self.registry.resolve(tenant, ref)
+        return self.resolve(ref)
+
+    # -- threads (DESIGN §10; threads.py) --------------------------------------------------------
+    async def create_thread(self, *, agent: str, workflow: Workflow | str,
+                            tenant: str = "local", title: str = "",
+                            metadata: dict[str, Any] | None = None,
+                            budget: dict[str, Any] | None = None) -> ThreadRecord:
+        """A new conversation with ``agent`` of ``workflow`` (a Workflow, a registered name
+        pinned to its version, or a ref such as ``builtin:demo``); ``budget`` limits the
+        whole thread, across turns (each turn also has its run tree's own)."""
+        return await threads.create_thread(self, agent=agent, workflow=workflow,
+                                           tenant=tenant, title=title, metadata=metadata,
+                                           budget=budget)
+
+    async def send_message(self, thread_id: str, text: str, *, tenant: str = "local",
+                           budget: dict[str, Any] | None = None,
+                           idempotency_key: str | None = None) -> tuple[RunRecord, bool]:
+        """Queue the next turn of a thread (not run here); see :func:`threads.send_message`."""
+        return await threads.send_message(self, thread_id, text, tenant=tenant, budget=budget,
+                                          idempotency_key=idempotency_key)
+
+    async def chat(self, thread_id: str, text: str, *, tenant: str = "local",
+                   budget: dict[str, Any] | None = None) -> RunRecord:
+        """Send one message and run its turn in this process, like :meth:`run`: the turn's
+        run, terminal or waiting for an approval. Its ``output`` is the answer (for a typed
+        agent, the JSON text of its value: parse it with ``json.loads``)."""
+        record, _created = await self.send_message(thread_id, text, tenant=tenant,
+                                                   budget=budget)
+        return await self.run_tree(record.id)
+
+    async def fork_thread(self, thread_id: str, turn: int, *,
+                          tenant: str = "local") -> ThreadRecord:
+        """A new thread sharing the first ``turn`` turns of ``thread_id`` (copied)."""
+        return await threads.fork_thread(self, thread_id, turn, tenant=tenant)
+
+    async def delete_thread(self, thread_id: str, *, tenant: str = "local",
+                            actor: str = "user") -> ThreadRecord:
+        """Erase a thread's content; its audit chain keeps the deleted runs' anchors."""
+        return await threads.delete_thread(self, thread_id, tenant=tenant, actor=actor)
 
     async def drive(self, run: RunRecord) -> RunRecord:
         """Run the StepRunner under a heartbeat that renews the lease, inside one run span

@@ -72,6 +72,17 @@ class NotFound(Exception):
     """A run, approval or key that does not exist (or belongs to another tenant)."""
 
 
+class TurnInProgress(Exception):
+    """A thread's turns run one after the other: its last turn is not finished yet."""
+
+    def __init__(self, thread_id: str, run_id: str, turn: int) -> None:
+        super().__init__(f"turn {turn} of thread {thread_id} (run {run_id}) is still in "
+                         "progress; send the next message once it has finished, or cancel it")
+        self.thread_id = thread_id
+        self.run_id = run_id
+        self.turn = turn
+
+
 class ApprovalConflict(Exception):
     """The approval was already decided (or expired): decisions are final."""
 

@@ -1,7 +1,10 @@
 """Replay: rebuild a run's conversation and position from its journaled steps.
 
 Completed steps are answered from the journal and never executed again; a step left
-``started`` by a crash is executed again under the same idempotency key.
+``started`` by a crash is executed again under the same idempotency key. The same decoding
+(:func:`recorded_response`, :func:`recorded_result`, :func:`tool_message`) serves the
+runner's replay of its own run and :func:`replayed_messages`, the earlier turns of a thread
+(history.py): both send the model exactly what the journal says it was sent.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .models.base import Message
+from .models.base import Message, ModelResponse
 from .store.records import StepKind, StepRecord, StepStatus
 
 
@@ -39,14 +42,24 @@ class Conversation:
     def append(self, message: Message) -> None:
         self.messages.append(message)
         self._hash.update(_message_bytes(message))
-        self.chars += len(message.content or "") + sum(
-            len(c.arguments) + len(c.name) for c in message.tool_calls)
+        self.chars += message_chars(message)
 
     def digest(self) -> str:
         return self._hash.copy().hexdigest()
 
     def __len__(self) -> int:
         return len(self.messages)
+
+
+def message_chars(message: Message) -> int:
+    """Characters of a message's content and tool calls (for token estimates)."""
+    return len(message.content or "") + sum(
+        len(c.arguments) + len(c.name) for c in message.tool_calls)
+
+
+def estimate_tokens(chars: int, messages: int) -> int:
+    """A cheap upper-ish estimate (4 characters a token, plus a few per message)."""
+    return chars // 4 + 4 * messages
 
 
 def idempotency_key(run_id: str, seq: int) -> str:
@@ -56,6 +69,41 @@ def idempotency_key(run_id: str, seq: int) -> str:
 def tool_message(call_id: str, name: str, result: Any) -> Message:
     return Message(role="tool", tool_call_id=call_id, name=name,
                    content=json.dumps(result, sort_keys=True, default=str))
+
+
+def recorded_response(step: StepRecord) -> ModelResponse:
+    """The model turn a finished model step journaled (redacted once, when it was made)."""
+    return ModelResponse.model_validate(step.output)
+
+
+def recorded_result(step: StepRecord) -> Any:
+    """What the model was given for a finished tool or delegation step: its error or output."""
+    return {"error": step.error} if step.error else step.output
+
+
+def replayed_messages(steps: Iterable[StepRecord]) -> list[Message]:
+    """The assistant turns and tool results a run exchanged with its model, rebuilt from its
+    journal in the runner's order (model step, then one step per tool call it made); stops
+    before the first model turn whose steps did not all finish."""
+    journal = Journal(steps)
+    messages: list[Message] = []
+    seq = 1
+    while (step := journal.finished(seq, StepKind.MODEL)) is not None \
+            and step.status == StepStatus.COMPLETED:
+        response = recorded_response(step)
+        turn = [response.as_message()]
+        for call in response.tool_calls:
+            seq += 1
+            done = journal.get(seq)
+            if done is None or done.status == StepStatus.STARTED or done.kind not in (
+                    StepKind.TOOL, StepKind.DELEGATION):
+                return messages
+            turn.append(tool_message(call.id, call.name, recorded_result(done)))
+        messages += turn
+        if not response.tool_calls:
+            break
+        seq += 1
+    return messages
 
 
 class Journal:

@@ -25,7 +25,7 @@ STATE_STYLE = {
 
 
 # Run, approval and key ids: users copy them into the next command, so they are never cut.
-_ID = re.compile(r"\b(?:run|apr|key)_[0-9a-f]{8,}(?:\.\d+)*")
+_ID = re.compile(r"\b(?:run|apr|key|thr)_[0-9a-f]{8,}(?:\.\d+)*")
 
 
 def short(value: Any, limit: int = 80) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import budget as ledger_logic
-from . import delegation
+from . import delegation, history
 from .agents import Agent
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Outcome
@@ -29,7 +29,15 @@ from .coord.local import LocalBreakerBoard
 from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound, Paused
 from .events import EventSink, discard
 from .faults import Unavailable
-from .journal import Conversation, Journal, idempotency_key, tool_message
+from .journal import (
+    Conversation,
+    Journal,
+    estimate_tokens,
+    idempotency_key,
+    recorded_response,
+    recorded_result,
+    tool_message,
+)
 from .lifecycle import RunState
 from .models.base import (
     MalformedModelOutput,
@@ -151,7 +159,7 @@ def _redacted(response: ModelResponse) -> ModelResponse:
 
 def _estimate_tokens(messages: Conversation) -> int:
     """A cheap upper-ish estimate (4 characters a token) for the budget reservation."""
-    return messages.chars // 4 + 4 * len(messages)
+    return estimate_tokens(messages.chars, len(messages))
 
 
 class StepRunner:
@@ -184,6 +192,8 @@ class StepRunner:
         self._interrupted: set[int] = set()
         self._open: StepRecord | None = None
         """The step journaled ``started`` whose outcome is not yet written."""
+        self._history_audit: list[AuditEvent] = []
+        """``history.truncated``, written with the first model step (once, even on resume)."""
 
     def emit(self, event: dict[str, Any]) -> None:
         """Progress displays must never break a run."""
@@ -246,6 +256,8 @@ class StepRunner:
         messages = Conversation()
         if agent.instructions:
             messages.append(Message(role="system", content=agent.instructions))
+        for message in await self._history(agent):
+            messages.append(message)
         messages.append(Message(role="user", content=run.input))
         specs = self._visible_tools(agent)
         seq = 0
@@ -268,6 +280,24 @@ class StepRunner:
                 with bind(run_id=run.id, step=seq):
                     result = await self._tool_step(agent, seq, call, journal)
                 messages.append(tool_message(call.id, call.name, result))
+
+    async def _history(self, agent: Agent) -> list[Message]:
+        """A thread turn's earlier turns, rebuilt from their journals within the agent's
+        history policy; what is left out is audited once, with the first model step."""
+        run = self.run_record
+        if run.thread_id is None or not run.turn or run.turn <= 1:
+            return []
+        earlier = []
+        for turn in await self.store.list_turns(run.thread_id):
+            if (turn.turn or 0) < run.turn:
+                steps = await self.store.list_steps(turn.id) if (
+                    turn.state == RunState.SUCCEEDED) else []
+                earlier.append(history.past_turn(turn, steps))
+        chosen = history.build(earlier, agent.history)
+        if chosen.left_out:
+            self._history_audit = [AuditEvent(kind="history.truncated",
+                                              data=chosen.audit_data(agent.history))]
+        return chosen.messages
 
     def _visible_tools(self, agent: Agent) -> list[ToolSpec]:
         """The model only ever sees tools it is permitted to call."""
@@ -321,7 +351,7 @@ class StepRunner:
                 code = str(error.get("code"))
                 raise AlpacaError(ErrorCode(code) if code in set(ErrorCode)
                                   else ErrorCode.MODEL_ERROR, error.get("message", ""))
-            response = ModelResponse.model_validate(done.output)
+            response = recorded_response(done)
             self._count(StepKind.MODEL, response, agent)
             return response
         model_name = agent.model.name
@@ -331,8 +361,9 @@ class StepRunner:
         step = StepRecord(run_id=self.run_record.id, seq=seq, kind=StepKind.MODEL,
                           name=model_name, input={"digest": digest, "messages": len(messages)},
                           started_at=self.clock.now())
-        await self._save_started(step, reserve, [AuditEvent(kind="budget.reserved", data={
-            "step": seq, **reserve})])
+        first = self._history_audit if seq == 1 and seq not in self._interrupted else []
+        await self._save_started(step, reserve, [*first, AuditEvent(
+            kind="budget.reserved", data={"step": seq, **reserve})])
         self.emit({"type": "step.started", "run_id": step.run_id, "seq": seq, "kind": "model",
                    "name": model_name})
         t0 = time.perf_counter()
@@ -456,7 +487,7 @@ class StepRunner:
         done = journal.finished(seq, kind)
         if done is not None:
             self._count(StepKind.TOOL)
-            return {"error": done.error} if done.error else done.output
+            return recorded_result(done)
         step = StepRecord(run_id=self.run_record.id, seq=seq, kind=kind, name=call.name,
                           input={"call_id": call.id, "arguments": call.arguments},
                           idempotency_key=idempotency_key(self.run_record.id, seq),

@@ -25,7 +25,7 @@ async def test_audit_verify_finds_a_tampered_record(start_api: ApiFactory) -> No
         count = len((await c.get(f"/v1/runs/{run['id']}/audit")).json()["items"])
         ok = (await c.get(f"/v1/runs/{run['id']}/audit/verify")).json()
         assert ok == {"ok": True, "records": count, "head_seq": count, "first_bad_seq": None,
-                      "reason": None}
+                      "reason": None, "deleted_with": None, "anchor_seq": None}
         after = (await c.get(f"/v1/runs/{run['id']}/audit", params={"after": 3})).json()
         assert [a["seq"] for a in after["items"]] == list(range(4, count + 1))
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from alpaca_engine.budget import BudgetExceeded
-from alpaca_engine.errors import ApprovalConflict, LeaseLost, NotFound
+from alpaca_engine.errors import ApprovalConflict, LeaseLost, NotFound, TurnInProgress
 from alpaca_engine.lifecycle import IllegalTransition, RunState
 from alpaca_engine.store.records import (
     ApiKeyRecord,
@@ -17,6 +17,8 @@ from alpaca_engine.store.records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    ThreadRecord,
+    TurnCopy,
     WorkflowRecord,
 )
 from alpaca_engine.telemetry.audit import verify_chain
@@ -469,3 +471,214 @@ class WorkflowConformance:
                                          for i in range(8)))
         assert sorted(r.version for r, _created in results) == list(range(1, 9))
         assert all(created for _r, created in results)
+
+
+def new_thread(tid: str = "th1", *, tenant: str = "t1", at: float = 100.0,
+               ledger_id: str | None = None) -> ThreadRecord:
+    return ThreadRecord(id=tid, tenant=tenant, agent="a", workflow="w", title="Hello",
+                        metadata={"topic": "names", "n": 1}, created_at=at, updated_at=at,
+                        ledger_id=ledger_id)
+
+
+def new_turn(rid: str, thread_id: str = "th1", *, tenant: str = "t1", key: str | None = None,
+             at: float = 100.0, ledgers: list[str] | None = None) -> RunRecord:
+    return new_run(rid, tenant=tenant, key=key, at=at).model_copy(
+        update={"thread_id": thread_id, "input": f"message of {rid}",
+                "ledgers": ledgers or [rid]})
+
+
+async def finish(store, rid: str, state: RunState = RunState.SUCCEEDED,  # type: ignore[no-untyped-def]
+                 at: float = 101.0) -> RunRecord:
+    run = await store.claim_run(rid, "w", 10, at)
+    return await store.transition(rid, state, at, epoch=run.epoch, output=f"answer of {rid}",
+                                  error_code=None if state == RunState.SUCCEEDED else "x")
+
+
+class ThreadConformance:
+    """Threads (DESIGN §10): turns one after the other, forks, deletion with anchors."""
+
+    async def test_thread_round_trip_tenants_and_listing(self, store):
+        created = await store.create_thread(new_thread(), [AuditEvent(kind="thread.created")])
+        assert await store.get_thread("th1") == created
+        assert (await store.get_thread("th1", "t1")).metadata == {"topic": "names", "n": 1}
+        with pytest.raises(NotFound, match="thread th1 not found"):
+            await store.get_thread("th1", "t2")
+        with pytest.raises(NotFound):
+            await store.get_thread("nope")
+        await store.create_thread(new_thread("th2", at=200))
+        await store.create_thread(new_thread("th3", tenant="t2", at=300))
+        assert [t.id for t in await store.list_threads(tenant="t1")] == ["th2", "th1"]
+        assert [t.id for t in await store.list_threads(tenant="t1", limit=1)] == ["th2"]
+        assert [t.id for t in await store.list_threads()] == ["th3", "th2", "th1"]
+        records = await store.list_thread_audit("th1")
+        assert [r.kind for r in records] == ["thread.created"] and records[0].run_id == "th1"
+
+    async def test_turns_are_numbered_and_strictly_one_after_the_other(self, store):
+        await store.create_thread(new_thread())
+        first, created = await store.create_turn(new_turn("r1", at=110))
+        assert created and (first.thread_id, first.turn) == ("th1", 1)
+        assert (await store.get_thread("th1")).updated_at == 110
+        for state in (RunState.QUEUED, RunState.RUNNING, RunState.WAITING):
+            if state == RunState.RUNNING:
+                await store.claim_run("r1", "w", 10, 111)
+            if state == RunState.WAITING:
+                await store.transition("r1", RunState.WAITING, 112, epoch=1)
+            with pytest.raises(TurnInProgress) as refused:
+                await store.create_turn(new_turn("r2"))
+            assert (refused.value.run_id, refused.value.turn) == ("r1", 1)
+        with pytest.raises(NotFound):
+            await store.get_run("r2")  # nothing was stored for the refused message
+        await store.transition("r1", RunState.QUEUED, 113, epoch=1)
+        await finish(store, "r1", at=114)
+        second, _ = await store.create_turn(new_turn("r2", at=120))
+        await finish(store, "r2", RunState.FAILED, at=121)
+        third, _ = await store.create_turn(new_turn("r3", at=130))
+        assert (second.turn, third.turn) == (2, 3)  # a failed turn is finished too
+        assert [(r.id, r.turn) for r in await store.list_turns("th1")] == [
+            ("r1", 1), ("r2", 2), ("r3", 3)]
+        assert [r.data for r in await store.list_thread_audit("th1")] == [
+            {"turn": 1, "run_id": "r1"}, {"turn": 2, "run_id": "r2"},
+            {"turn": 3, "run_id": "r3"}]
+
+    async def test_an_idempotent_message_returns_its_turn_even_while_it_runs(self, store):
+        await store.create_thread(new_thread())
+        await store.create_turn(new_turn("r1", key="k"))
+        again, created = await store.create_turn(new_turn("r2", key="k"))
+        assert not created and again.id == "r1" and again.turn == 1
+
+    async def test_a_turn_needs_the_thread_of_its_tenant(self, store):
+        await store.create_thread(new_thread())
+        with pytest.raises(NotFound):
+            await store.create_turn(new_turn("r1", "nope"))
+        with pytest.raises(NotFound):
+            await store.create_turn(new_turn("r1", tenant="t2"))
+        assert await store.list_turns("th1") == []
+
+    async def test_concurrent_messages_never_make_two_turns_of_one_number(self, store):
+        await store.create_thread(new_thread())
+
+        async def post(n: int):  # type: ignore[no-untyped-def]
+            try:
+                return (await store.create_turn(new_turn(f"r{n}")))[0]
+            except TurnInProgress as exc:
+                return exc
+
+        results = await asyncio.gather(*(post(n) for n in range(8)))
+        made = [r for r in results if isinstance(r, RunRecord)]
+        assert len(made) == 1 and made[0].turn == 1
+        assert all(r.run_id == made[0].id for r in results if isinstance(r, TurnInProgress))
+        assert [r.id for r in await store.list_turns("th1")] == [made[0].id]
+
+    async def test_every_turn_also_reserves_on_the_thread_ledger(self, store):
+        await store.create_thread(new_thread(ledger_id="th1"),
+                                  ledger=LedgerRecord(id="th1", limits={"steps": 3}))
+        for n, at in ((1, 110), (2, 120)):
+            rid = f"r{n}"
+            await store.create_turn(new_turn(rid, at=at, ledgers=[rid, "th1"]),
+                                    ledger=LedgerRecord(id=rid, limits={"steps": 10}))
+            run = await store.claim_run(rid, "w", 10, at)
+            await store.save_step(StepRecord(run_id=rid, seq=1, kind="model", name="m"),
+                                  run.epoch, reserve={"steps": 1.0})
+            await store.transition(rid, RunState.SUCCEEDED, at + 1, epoch=run.epoch)
+        assert (await store.get_ledger("th1")).used == {"steps": 2.0}
+        assert (await store.get_ledger("r2")).used == {"steps": 1.0}
+        await store.create_turn(new_turn("r3", at=130, ledgers=["r3", "th1"]))
+        run = await store.claim_run("r3", "w", 10, 130)
+        await store.save_step(StepRecord(run_id="r3", seq=1, kind="model", name="m"),
+                              run.epoch, reserve={"steps": 1.0})
+        with pytest.raises(BudgetExceeded):
+            await store.save_step(StepRecord(run_id="r3", seq=2, kind="model", name="m"),
+                                  run.epoch, reserve={"steps": 1.0})
+        assert (await store.get_ledger("th1")).exhausted == "steps"
+
+    async def _two_turns(self, store):  # type: ignore[no-untyped-def]
+        await store.create_thread(new_thread(), [AuditEvent(kind="thread.created")])
+        for n, at in ((1, 110), (2, 120)):
+            rid = f"r{n}"
+            await store.create_turn(new_turn(rid, at=at), [AuditEvent(kind="run.created")])
+            run = await store.claim_run(rid, "w", 10, at)
+            await store.save_step(StepRecord(run_id=rid, seq=1, kind="model", name="m",
+                                             status="completed", output={"content": "ok"}),
+                                  run.epoch, [AuditEvent(kind="model.output")])
+            if n == 2:  # a delegated child, and an approval with arguments
+                await store.create_run(new_run("r2.2", parent="r2", at=at).model_copy(
+                    update={"root_id": "r2", "input": "the task"}))
+                await store.create_approval(ApprovalRecord(
+                    id="a1", tenant="t1", run_id=rid, root_id=rid, step=3, action="x",
+                    arguments={"secret_plan": "world"}, created_at=at), run.epoch)
+            await store.transition(rid, RunState.SUCCEEDED, at + 1, epoch=run.epoch,
+                                   output=f"answer {n}")
+
+    async def test_a_fork_copies_turns_with_their_journal_and_own_chains(self, store):
+        await self._two_turns(store)
+        source = await store.get_run("r1")
+        copy = source.model_copy(update={"id": "f1", "root_id": "f1", "thread_id": "th9",
+                                         "turn": 1, "ledgers": []})
+        steps = [s.model_copy(update={"run_id": "f1"}) for s in await store.list_steps("r1")]
+        fork = new_thread("th9", at=300).model_copy(update={"forked_from": "th1",
+                                                            "forked_turn": 1})
+        made = await store.fork_thread(fork, [TurnCopy(run=copy, steps=steps, audit=[
+            AuditEvent(kind="run.forked", data={"source_run_id": "r1"}),
+            AuditEvent(kind="state.changed", data={"to": "succeeded"})])],
+            [AuditEvent(kind="thread.forked")])
+        assert made == await store.get_thread("th9")
+        [turn] = await store.list_turns("th9")
+        assert (turn.id, turn.turn, turn.state, turn.output) == ("f1", 1, "succeeded", "answer 1")
+        assert turn.input == "message of r1"
+        assert [s.output for s in await store.list_steps("f1")] == [{"content": "ok"}]
+        records = await store.list_audit("f1")
+        assert [r.kind for r in records] == ["run.forked", "state.changed"]
+        assert verify_chain(records, key=store.audit_key, head=turn.audit_head,
+                            terminal_state="succeeded").ok
+        # the source thread deleted: the fork keeps its copy
+        await store.delete_thread("th1", 400)
+        assert (await store.get_run("f1")).output == "answer 1"
+        assert len(await store.list_steps("f1")) == 1
+        with pytest.raises(NotFound):  # a fork of a deleted thread is refused
+            await store.fork_thread(new_thread("th8").model_copy(
+                update={"forked_from": "th1"}), [])
+        with pytest.raises(NotFound):
+            await store.get_thread("th8")
+
+    async def test_delete_erases_content_and_anchors_each_chain_head(self, store):
+        await self._two_turns(store)
+        heads = {rid: (await store.get_run(rid)).audit_head for rid in ("r1", "r2", "r2.2")}
+        gone = await store.delete_thread("th1", 500, tenant="t1", actor="user:ann")
+        assert gone.deleted_at == 500 and gone.title == "" and gone.metadata == {}
+        with pytest.raises(NotFound):
+            await store.get_thread("th1")
+        assert (await store.get_thread("th1", deleted=True)).deleted_at == 500
+        assert await store.list_threads() == []
+        for rid in ("r1", "r2", "r2.2"):
+            run = await store.get_run(rid)
+            assert (run.input, run.output, run.error_message) == ("", None, None)
+            assert run.audit_head == heads[rid]  # the row keeps its head
+            assert await store.list_steps(rid) == [] and await store.list_audit(rid) == []
+        assert (await store.get_approval("a1")).arguments == {}
+        chain = await store.list_thread_audit("th1")
+        assert verify_chain(chain, key=store.audit_key, run_id="th1").ok
+        deleted = chain[-1]
+        assert (deleted.kind, deleted.actor) == ("thread.deleted", "user:ann")
+        assert deleted.data["runs"] == [
+            {"run_id": "r1", "turn": 1, "audit_seq": heads["r1"][0],
+             "audit_hash": heads["r1"][1]},
+            {"run_id": "r2", "turn": 2, "audit_seq": heads["r2"][0],
+             "audit_hash": heads["r2"][1]},
+            {"run_id": "r2.2", "turn": None, "audit_seq": heads["r2.2"][0],
+             "audit_hash": heads["r2.2"][1]}]
+        with pytest.raises(NotFound):
+            await store.delete_thread("th1", 501)
+        with pytest.raises(NotFound):
+            await store.create_turn(new_turn("r3"))
+
+    async def test_delete_refuses_a_thread_with_a_turn_in_progress_or_of_another_tenant(
+            self, store):
+        await store.create_thread(new_thread())
+        await store.create_turn(new_turn("r1"))
+        with pytest.raises(NotFound):
+            await store.delete_thread("th1", 200, tenant="t2")
+        with pytest.raises(TurnInProgress):
+            await store.delete_thread("th1", 200)
+        assert (await store.get_run("r1")).input == "message of r1"
+        await finish(store, "r1")
+        await store.delete_thread("th1", 200)

@@ -51,6 +51,7 @@ from alpaca_engine.telemetry.audit import verify_chain
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    ThreadConformance,
     WorkflowConformance,
     new_run,
 )
@@ -107,7 +108,8 @@ async def store(database: str) -> AsyncIterator[MongoStore]:
 
 
 @needs_mongo
-class TestMongo(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestMongo(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                ThreadConformance):
     pass  # uses the fresh-database ``store`` fixture above
 
 
@@ -665,8 +667,17 @@ class _FakeCollection:
                     out[field] = value
         return out
 
-    def find(self, query: dict[str, Any], projection: list[str] | None = None) -> _FakeCursor:
+    def find(self, query: dict[str, Any], projection: list[str] | None = None,
+             session: Any = None) -> _FakeCursor:
         return _FakeCursor([self._project(d, projection) for d in self.docs if _matches(d, query)])
+
+    async def delete_many(self, query: dict[str, Any], session: Any = None) -> None:
+        self.docs = [d for d in self.docs if not _matches(d, query)]
+
+    async def update_many(self, query: dict[str, Any], update: dict[str, Any],
+                          session: Any = None) -> None:
+        for doc in [d for d in self.docs if _matches(d, query)]:
+            self._store(self._updated(doc, update, insert=False), replace=doc)
 
     async def find_one(
         self,
@@ -811,7 +822,7 @@ def _fake_server(monkeypatch: pytest.MonkeyPatch, **hello: Any) -> _FakeServer:
 
 
 class TestMongoStoreLogicOnAFakeDriver(
-    StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance
+    StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance, ThreadConformance
 ):
     @pytest.fixture
     async def store(self, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MongoStore]:

@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from alpaca_engine.budget import BudgetExceeded
-from alpaca_engine.errors import ApprovalConflict, LeaseLost
+from alpaca_engine.errors import ApprovalConflict, LeaseLost, TurnInProgress
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store.factory import make_store
 from alpaca_engine.store.postgres import PostgresStore
@@ -34,8 +34,11 @@ from alpaca_engine.telemetry.audit import verify_chain
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    ThreadConformance,
     WorkflowConformance,
     new_run,
+    new_thread,
+    new_turn,
     new_workflow,
 )
 from tests.conftest import service_unavailable
@@ -81,7 +84,8 @@ async def store(schema: str) -> AsyncIterator[PostgresStore]:
     await s.close()
 
 
-class TestPostgres(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestPostgres(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                   ThreadConformance):
     pass  # uses the fresh-schema ``store`` fixture above
 
 
@@ -416,6 +420,8 @@ async def test_migrations_are_versioned_and_idempotent(schema: str):
                 "runs",
                 "schema_migrations",
                 "steps",
+                "thread_audit",
+                "threads",
                 "workflows",
             ]
         finally:
@@ -433,8 +439,9 @@ async def test_existing_empty_schema_starts_at_version_zero(schema: str):
         assert await s.schema_version() == len(POSTGRES)
         await admin.execute(
             sql.SQL(
-                "DROP TABLE {0}.workflows, {0}.api_keys, {0}.approvals, {0}.ledgers, {0}.audit, "
-                "{0}.steps, {0}.runs, {0}.schema_migrations"
+                "DROP TABLE {0}.thread_audit, {0}.threads, {0}.workflows, {0}.api_keys, "
+                "{0}.approvals, {0}.ledgers, {0}.audit, {0}.steps, {0}.runs, "
+                "{0}.schema_migrations"
             ).format(sql.Identifier(schema))
         )
         assert await s.schema_version() == 0
@@ -473,3 +480,30 @@ async def test_audit_data_round_trips_exactly(store: PostgresStore):
     records = await store.list_audit("r1")
     assert records[0].data == data and isinstance(records[0].data["big"], float)
     assert verify_chain(records, key=KEY).ok
+
+
+async def test_concurrent_messages_from_many_processes_make_one_turn(schema: str):
+    """Twenty stores (twenty connections, as twenty API replicas would hold) post a message
+    to one thread at once: exactly one becomes turn 1, the others are refused, naming it."""
+    setup = await _open(schema)
+    await setup.create_thread(new_thread())
+    posters = [await _open(schema, pool_size=1) for _ in range(20)]
+    barrier = asyncio.Barrier(len(posters))
+
+    async def post(n: int, s: PostgresStore):
+        await barrier.wait()
+        try:
+            return (await s.create_turn(new_turn(f"r{n:02d}")))[0]
+        except TurnInProgress as exc:
+            return exc
+
+    try:
+        results = await asyncio.gather(*(post(n, s) for n, s in enumerate(posters)))
+    finally:
+        for s in posters:
+            await s.close()
+    made = [r for r in results if not isinstance(r, TurnInProgress)]
+    assert len(made) == 1 and made[0].turn == 1
+    assert {r.run_id for r in results if isinstance(r, TurnInProgress)} == {made[0].id}
+    assert [r.id for r in await setup.list_turns("th1")] == [made[0].id]
+    await setup.close()

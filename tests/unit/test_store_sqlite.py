@@ -13,15 +13,18 @@ from alpaca_engine.store.sqlite import SQLiteStore
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
+    ThreadConformance,
     WorkflowConformance,
 )
 
 
-class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                       ThreadConformance):
     pass  # uses the in-memory ``store`` fixture of tests/unit/conftest.py
 
 
-class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance):
+class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+                     ThreadConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         s = SQLiteStore(f"sqlite:///{tmp_path}/alpaca.db", audit_key=b"k")
@@ -46,3 +49,45 @@ def test_factory_rejects_unknown_schemes():
         make_store("oracle://x")
     with pytest.raises(ValueError, match="sqlite URL"):
         SQLiteStore("sqlite:/relative")
+
+
+async def test_migration_5_adds_threads_to_a_database_of_version_4(tmp_path: Path):
+    """A database left by the engine before threads: its runs are plain runs after the
+    upgrade, and threads work beside them."""
+    from alpaca_engine.lifecycle import RunState
+    from tests.conformance.store_suite import new_run, new_thread, new_turn
+
+    url = f"sqlite:///{tmp_path}/v4.db"
+    old = SQLiteStore(url)
+    old.upgrade = lambda: _apply(old, 4)  # type: ignore[method-assign]
+    await old.open()
+    assert old.schema_version() == 4
+    old._conn.execute("INSERT INTO runs(id, tenant, agent, workflow, input, state, root_id, "
+                      "created_at, updated_at) VALUES ('r0','t1','a','w','hi','succeeded',"
+                      "'r0',1,1)")
+    await old.close()
+    store = SQLiteStore(url)
+    await store.open()
+    try:
+        assert store.migrations_applied == (5,) and store.schema_version() == len(SQLITE)
+        before = await store.get_run("r0")
+        assert (before.thread_id, before.turn, before.state) == (None, None, RunState.SUCCEEDED)
+        await store.create_thread(new_thread())
+        turn, _ = await store.create_turn(new_turn("r1"))
+        assert turn.turn == 1 and [r.id for r in await store.list_turns("th1")] == ["r1"]
+        await store.create_run(new_run("r2"))
+        assert (await store.get_run("r2")).thread_id is None
+    finally:
+        await store.close()
+
+
+def _apply(store: SQLiteStore, upto: int) -> list[int]:
+    """The first ``upto`` migrations only, as an older engine would have applied them."""
+    db = store._conn
+    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+    for version, script in enumerate(SQLITE[:upto], start=1):
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("INSERT INTO schema_migrations(version) VALUES (?)", (version,))
+    return list(range(1, upto + 1))

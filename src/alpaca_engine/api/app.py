@@ -34,6 +34,7 @@ from .problems import (
     install_problem_handlers,
 )
 from .routes import approvals, catalog, ops, runs
+from .routes_threads import threads as threads_router
 from .routes_workflows import workflows as workflows_router
 from .state import ApiState, LocalDispatcher, MetricsCache, ServedWorkflows, workflow_ref
 
@@ -140,7 +141,7 @@ def create_app(
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=body_limit)
     app.add_middleware(InternalErrorMiddleware)
-    for router in (runs, approvals, workflows_router, catalog, ops, ui_router):
+    for router in (runs, threads_router, approvals, workflows_router, catalog, ops, ui_router):
         app.include_router(router)
 
     def openapi() -> dict[str, Any]:

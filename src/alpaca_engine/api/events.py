@@ -19,16 +19,22 @@ The wire contract, for any client (a browser ``EventSource``, a generated client
 
 from __future__ import annotations
 
+import json
 import re
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from sse_starlette import ServerSentEvent
 
 from ..delegation import children_of
+from ..engine import Engine
+from ..errors import NotFound
 from ..store.base import Store
 from ..store.records import RunRecord
 from .models import SEQ_MAX, AuditEntry, AuditRecordEvent, EndEvent
+from .models_threads import ThreadAuditEvent, ThreadDeletedEvent, TurnEndEvent
 from .problems import ProblemError
 from .state import ApiState, Waker
 
@@ -154,4 +160,116 @@ async def stream(st: ApiState, scope: Scope, cursor: Cursor) -> AsyncIterator[Se
                                last_event_id=scope.event_id(position) if position else None)
                 yield ServerSentEvent(data=end.model_dump_json())
                 return
+            await waker.wait(SSE_POLL_SECONDS)
+
+
+# -- thread streams (DESIGN §10) ----------------------------------------------------------------
+#
+# ``GET /v1/threads/{id}/events`` streams every turn of a thread, in turn order: each turn's
+# audit records (``type: audit``, with ``run_id`` and ``turn``; the id is a **thread cursor**
+# ``1:14,2:3``, the last seq sent of each turn), the ``message.delta`` events of its model
+# (ephemeral, no id, straight from the event bus), and ``turn.end`` (no id) after the last
+# record of a turn that finished. A thread is open-ended: the stream does not end when a turn
+# does; it stays open with pings for the next turn, and ends after ``thread.deleted`` when the
+# thread is deleted (or when the client leaves). A reconnect with Last-Event-ID gets what came
+# after it; ``turn.end`` of a turn whose records were all sent before is not repeated (its
+# last record, the ``state.changed`` into a terminal state, says the same).
+
+ThreadCursor = dict[int, int]
+"""The last seq sent, by turn."""
+
+_TURN_AT = re.compile(r"([0-9]{1,9}):([0-9]{1,19})")
+_DELTAS_KEPT = 10_000
+
+
+def format_thread_cursor(cursor: ThreadCursor) -> str:
+    return ",".join(f"{turn}:{seq}" for turn, seq in sorted(cursor.items()))
+
+
+def parse_thread_cursor(text: str, last_turn: int) -> ThreadCursor:
+    """Read a thread cursor; 422 when it is not one, or names a turn the thread lacks."""
+    if len(text) > MAX_CURSOR_CHARS:
+        raise _invalid(f"Last-Event-ID is longer than {MAX_CURSOR_CHARS} characters")
+    cursor: ThreadCursor = {}
+    for part in text.split(","):
+        match = _TURN_AT.fullmatch(part)
+        if match is None or int(match.group(1)) in cursor or int(match.group(1)) < 1:
+            raise _invalid(f"Last-Event-ID {text[:80]!r} is not a thread cursor (send back "
+                           "the id of the last event received)")
+        turn = int(match.group(1))
+        if turn > last_turn:
+            raise _invalid(f"Last-Event-ID names turn {turn}; the thread has {last_turn}")
+        cursor[turn] = _seq(match.group(2), "each position of a thread cursor")
+    return cursor
+
+
+class ThreadWaker(Waker):
+    """Wakes a thread stream on any event of its turns' runs (or naming the thread), and
+    keeps their ``message.delta`` events to forward. A delta of a run the stream has not
+    read yet (a turn that just started) is held until the next read tells whose it is."""
+
+    def __init__(self, engine: Engine, thread_id: str) -> None:
+        super().__init__(engine, "*", tree=True)  # every run's events
+        self.thread_id = thread_id
+        self.turns: dict[str, int] = {}
+        """Run id -> turn, as last read from the store."""
+        self._deltas: deque[dict[str, Any]] = deque(maxlen=_DELTAS_KEPT)
+        self._unplaced: deque[dict[str, Any]] = deque(maxlen=_DELTAS_KEPT)
+
+    def _concerns(self, event: dict[str, Any]) -> bool:
+        run_id = str(event.get("run_id", ""))
+        if event.get("type") == "message.delta":
+            (self._deltas if run_id in self.turns else self._unplaced).append(event)
+        return run_id in self.turns or event.get("thread_id") == self.thread_id
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The deltas of this thread's turns since the last drain, each with its ``turn``."""
+        held = [e for e in self._unplaced if str(e.get("run_id")) in self.turns]
+        self._unplaced.clear()
+        out = [{**e, "turn": self.turns[str(e["run_id"])]} for e in (*self._deltas, *held)
+               if str(e.get("run_id")) in self.turns]
+        self._deltas.clear()
+        return out
+
+
+async def thread_stream(st: ApiState, thread_id: str, tenant: str,
+                        cursor: ThreadCursor) -> AsyncIterator[ServerSentEvent]:
+    """Every record of every turn after ``cursor``, deltas and ``turn.end`` as they come;
+    ends with ``thread.deleted``."""
+    position = dict(cursor)
+    touched: set[int] = set()
+    ended: set[int] = set()
+    complete: set[int] = set()  # read terminal, then read to the end: nothing more will come
+    waker = ThreadWaker(st.engine, thread_id)
+    async with waker:
+        while True:
+            try:
+                await st.store.get_thread(thread_id, tenant)
+            except NotFound:
+                gone = ThreadDeletedEvent(type="thread.deleted", thread_id=thread_id)
+                yield ServerSentEvent(data=gone.model_dump_json())
+                return
+            turns = await st.store.list_turns(thread_id)  # read before their records
+            waker.turns = {t.id: t.turn or 0 for t in turns}
+            for delta in waker.drain():
+                yield ServerSentEvent(data=json.dumps(delta, default=str))
+            for run in turns:
+                turn = run.turn or 0
+                if turn in complete:
+                    continue
+                for record in await st.store.list_audit(run.id, position.get(turn, 0)):
+                    position[turn] = record.seq
+                    touched.add(turn)
+                    event = ThreadAuditEvent(type="audit", run_id=run.id, turn=turn,
+                                             record=AuditEntry.of(record))
+                    yield ServerSentEvent(data=event.model_dump_json(),
+                                          id=format_thread_cursor(position))
+                if run.state.terminal:
+                    complete.add(turn)
+                if run.state.terminal and turn in touched and turn not in ended:
+                    ended.add(turn)
+                    end = TurnEndEvent(type="turn.end", run_id=run.id, turn=turn,
+                                       state=run.state, answer=run.output,
+                                       last_event_id=format_thread_cursor(position))
+                    yield ServerSentEvent(data=end.model_dump_json())
             await waker.wait(SSE_POLL_SECONDS)

@@ -45,6 +45,10 @@ def storable_text(text: Any) -> Any:
 Text = Annotated[str, BeforeValidator(storable_text)]
 """A request string the stores can keep (422 ``invalid_unicode`` / ``nul_character``)."""
 
+MAX_INPUT_CHARS = 512 * 1024
+"""The longest run input or thread message, in characters (half the default body limit, so
+an oversized text is a 422 naming the field rather than a 413)."""
+
 
 class Budget(BaseModel):
     """Limits for the whole run tree; unset fields keep the workflow's defaults. Strict:
@@ -63,7 +67,7 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agent: Text = Field(min_length=1, max_length=200)
-    input: Text
+    input: Text = Field(max_length=MAX_INPUT_CHARS)
     workflow: Text | None = Field(
         default=None, max_length=4096,
         description="A registered workflow, `NAME` (its latest version) or `NAME@VERSION`, "
@@ -77,6 +81,9 @@ class Run(BaseModel):
     tenant: str
     agent: str
     workflow: str
+    thread_id: str | None = Field(default=None, description="The thread this run is a turn "
+                                  "of (`GET /v1/threads/{id}`).")
+    turn: int | None = Field(default=None, description="Its turn number in that thread.")
     input: str
     state: RunState
     output: str | None
@@ -212,6 +219,12 @@ class AuditVerification(BaseModel):
                                       "records missing up to it are reported as deleted.")
     first_bad_seq: int | None
     reason: str | None
+    deleted_with: str | None = Field(
+        default=None, description="The thread whose deletion erased this run's content and "
+        "chain (`ok` then says the run's head is anchored in that thread's audit chain).")
+    anchor_seq: int | None = Field(
+        default=None, description="The seq of the `thread.deleted` record of that thread's "
+        "chain that holds this run's head.")
 
 
 class AgentInfo(BaseModel):

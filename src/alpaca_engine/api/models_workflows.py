@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..store.records import WorkflowRecord
+from ..telemetry.logging import redact_text
 from ..workflow import Workflow
 from ..workflows.loader import Diagnosis
 from ..workflows.registry import content_hash, registry_ref
@@ -24,7 +25,10 @@ class Issue(BaseModel):
 
     @classmethod
     def of(cls, error: WorkflowError) -> Issue:
-        return cls(path=error.field, line=error.line, message=error.message)
+        # The message may quote the pushed text: a lone surrogate there would make the
+        # response unencodable (a 500), so it goes through the one redaction pass.
+        return cls(path=redact_text(error.field), line=error.line,
+                   message=redact_text(error.message))
 
 
 class WorkflowVersion(BaseModel):

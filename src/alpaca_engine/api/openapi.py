@@ -16,12 +16,14 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
 from .models import RunStreamEvent
+from .models_threads import ThreadStreamEvent
 from .problems import PROBLEM_JSON
 
 SERVERS = [{"url": "/", "description": "The server this document was fetched from."}]
 
 STREAMS: dict[str, tuple[str, Any]] = {
     "/v1/runs/{run_id}/events": ("RunStreamEvent", RunStreamEvent),
+    "/v1/threads/{thread_id}/events": ("ThreadStreamEvent", ThreadStreamEvent),
 }
 """Path → (component name, type of each event's ``data``) of every SSE endpoint."""
 

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ApprovalConflict, NotFound
 from ..faults import StoreUnavailable, Unavailable, fault_of
+from ..telemetry.logging import redact_value
 from .models import TEXT_ERRORS
 
 log = logging.getLogger("alpaca.api")
@@ -67,6 +68,13 @@ def problem_body(status: int, code: str, detail: str | None, instance: str | Non
                             "status": status, "detail": detail, "instance": instance,
                             "code": code}
     body.update(extra)
+    try:
+        json.dumps(body, ensure_ascii=False, default=str).encode()
+    except UnicodeEncodeError:
+        # A detail may quote the request (a pushed workflow's text): a lone surrogate would
+        # make the response itself unencodable (a 500 instead of this problem).
+        cleaned: dict[str, Any] = redact_value(body, mask_keys=False)
+        return cleaned
     return body
 
 

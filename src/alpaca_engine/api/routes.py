@@ -70,7 +70,7 @@ State = Annotated[ApiState, Depends(get_state)]
 Caller = Annotated[Principal, Depends(principal)]
 
 
-def _no_nul(value: str, what: str) -> str:
+def no_nul(value: str, what: str) -> str:
     """Ids never hold NUL, and PostgreSQL cannot even compare one: answer 404 up front."""
     if "\x00" in value:
         raise NotFound(f"{what} {value!r} not found")
@@ -78,12 +78,12 @@ def _no_nul(value: str, what: str) -> str:
 
 
 def _run_id(run_id: Annotated[str, PathParam(description="A run id (`run_...`).")]) -> str:
-    return _no_nul(run_id, "run")
+    return no_nul(run_id, "run")
 
 
 def _approval_id(approval_id: Annotated[str, PathParam(description="An approval id.")]
                  ) -> str:
-    return _no_nul(approval_id, "approval")
+    return no_nul(approval_id, "approval")
 
 
 RunId = Annotated[str, Depends(_run_id)]
@@ -104,6 +104,12 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 AUTHED = (401, 403)
+Wait = Annotated[bool, Query(description="Block until the run tree is terminal or waits for "
+                                        "an approval.")]
+WaitSeconds = Annotated[float, Query(alias="timeout", ge=0, le=300,
+                                     description="Most seconds to wait.")]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                              max_length=255)]
 
 runs = APIRouter(prefix="/v1", tags=["runs"])
 approvals = APIRouter(prefix="/v1", tags=["approvals"])
@@ -123,20 +129,14 @@ async def create_run(
     response: Response,
     st: State,
     who: Caller,
-    wait: Annotated[bool, Query(description="Block until the run tree is terminal or "
-                                "waits for an approval.")] = False,
-    wait_seconds: Annotated[float, Query(alias="timeout", ge=0, le=300,
-                                         description="Most seconds to wait.")] = 30.0,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                                  max_length=255)] = None,
+    wait: Wait = False,
+    wait_seconds: WaitSeconds = 30.0,
+    idempotency_key: IdempotencyKey = None,
 ) -> Run:
     """Start a run of an agent of a registered (pinned to its version) or served workflow."""
     require(who, Role.USER)
     workflow = await run_workflow(st, who.tenant, body.workflow)
-    if body.agent not in workflow.agents:
-        known = ", ".join(sorted(workflow.agents))
-        raise ProblemError(422, "unknown_agent",
-                           f"agent {body.agent!r} is not in {workflow.ref} (known: {known})")
+    check_agent(workflow, body.agent)
     budget = body.budget.model_dump(exclude_none=True) if body.budget else None
     record, created = await st.engine.submit_run(
         workflow, body.agent, body.input, tenant=who.tenant, idempotency_key=idempotency_key,
@@ -151,6 +151,14 @@ async def create_run(
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/runs/{record.id}"
     return Run.of(record)
+
+
+def check_agent(workflow: Workflow, agent: str) -> None:
+    """422 ``unknown_agent`` naming the agents there are."""
+    if agent not in workflow.agents:
+        known = ", ".join(sorted(workflow.agents))
+        raise ProblemError(422, "unknown_agent",
+                           f"agent {agent!r} is not in {workflow.ref} (known: {known})")
 
 
 async def same_request(store: Store, run: RunRecord, agent: str, input: str,
@@ -295,8 +303,11 @@ async def verify_audit(run_id: RunId, st: State, who: Caller) -> AuditVerificati
     checked = await verify_run(st.store, await st.store.get_run(run_id, who.tenant),
                                st.settings.audit_key_bytes())
     result = checked.result
+    anchor = checked.anchor
     return AuditVerification(ok=result.ok, records=result.count, head_seq=checked.head_seq,
-                             first_bad_seq=result.first_bad_seq, reason=result.reason)
+                             first_bad_seq=result.first_bad_seq, reason=result.reason,
+                             deleted_with=anchor.thread_id if anchor else None,
+                             anchor_seq=anchor.seq if anchor else None)
 
 
 # -------------------------------------------------------------------------------- approvals

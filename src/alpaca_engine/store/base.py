@@ -1,4 +1,5 @@
-"""The Store protocol: runs, steps, audit, approvals, keys and workflows behind one interface.
+"""The Store protocol: runs, steps, audit, approvals, keys, workflows and threads behind one
+interface.
 
 Every mutation of a leased run carries the lease epoch; a store refuses a write whose epoch
 is stale (``LeaseLost``), so a worker paused past its lease cannot write anything. Audit
@@ -20,6 +21,8 @@ from .records import (
     LedgerRecord,
     RunRecord,
     StepRecord,
+    ThreadRecord,
+    TurnCopy,
     WorkflowRecord,
 )
 
@@ -158,3 +161,50 @@ class Store(Protocol):
 
     async def list_workflow_versions(self, tenant: str, name: str) -> list[WorkflowRecord]:
         """Every version of one workflow, newest first (empty when there is none)."""
+
+    # -- threads (DESIGN §10) -------------------------------------------------------------------
+    async def create_thread(
+        self, thread: ThreadRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> ThreadRecord:
+        """Insert a thread (and its budget ledger), starting its audit chain with ``audit``."""
+
+    async def get_thread(self, thread_id: str, tenant: str | None = None, *,
+                         deleted: bool = False) -> ThreadRecord:
+        """NotFound when absent, another tenant's, or deleted (unless ``deleted``)."""
+
+    async def list_threads(self, *, tenant: str | None = None,
+                           limit: int = 100) -> list[ThreadRecord]:
+        """Threads not deleted, most recently active first (``updated_at``, then id)."""
+
+    async def create_turn(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """Insert ``run`` as the next turn of ``run.thread_id`` (its ``turn`` is assigned
+        here) and bump the thread's ``updated_at``, atomically: TurnInProgress when the last
+        turn is not terminal, so two concurrent messages never both become turn N (a unique
+        ``(thread_id, turn)`` key guards it too). With an idempotency key the tenant already
+        used, the existing run and ``False`` (before any other check). NotFound when the
+        thread is absent or deleted."""
+
+    async def list_turns(self, thread_id: str) -> list[RunRecord]:
+        """The turn runs of a thread, in turn order."""
+
+    async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
+        """Insert the fork ``thread`` with its copied turns (runs, steps, each copy's audit
+        chain) and the thread's chain, in one transaction; NotFound when the source thread
+        (``thread.forked_from``) was deleted meanwhile."""
+
+    async def delete_thread(self, thread_id: str, now: float, *, tenant: str | None = None,
+                            actor: str = "user") -> ThreadRecord:
+        """Erase a thread's content in one transaction: its turns' run trees lose their
+        input, output, error text, steps, audit records and approval arguments; the thread
+        its title and metadata. The rows stay as tombstones, and the thread's chain gets a
+        ``thread.deleted`` record anchoring each erased run's chain head (last seq and hash).
+        TurnInProgress when a turn is not terminal; NotFound as :meth:`get_thread`."""
+
+    async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:
+        """The thread's own hash chain (created, turns, fork, deletion): it survives delete."""

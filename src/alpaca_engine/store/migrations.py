@@ -145,3 +145,42 @@ SQLITE.append(
     );
     """
 )
+
+SQLITE.append(
+    # 5: threads (DESIGN §10): turns are runs with thread_id and turn, unique per thread (two
+    #    concurrent messages can never both be turn N); the thread's own audit chain, which
+    #    survives the thread's deletion (it holds the anchors of the erased runs)
+    """
+    ALTER TABLE runs ADD COLUMN thread_id TEXT;
+    ALTER TABLE runs ADD COLUMN turn INTEGER;
+    CREATE UNIQUE INDEX runs_thread_turn ON runs(thread_id, turn) WHERE thread_id IS NOT NULL;
+    CREATE TABLE threads (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        workflow_version INTEGER,
+        title TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        budget TEXT NOT NULL,
+        ledger_id TEXT,
+        forked_from TEXT,
+        forked_turn INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        deleted_at REAL
+    );
+    CREATE INDEX threads_tenant ON threads(tenant, updated_at);
+    CREATE TABLE thread_audit (
+        thread_id TEXT NOT NULL REFERENCES threads(id),
+        seq INTEGER NOT NULL,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (thread_id, seq)
+    );
+    """
+)

@@ -25,6 +25,11 @@ newer (the oldest server PyMongo 4.20 talks to).
 ``api_keys``        ``_id`` = key id; unique ``key_hash``; ``(tenant, created_at)``.
 ``workflows``       one document per registered workflow version; unique ``(tenant, name,
                     version)``.
+``threads``         ``_id`` = thread id; ``(tenant, updated_at)``; a ``version`` lock counter.
+                    Turns are ``runs`` with ``thread_id`` and ``turn``: unique ``(thread_id,
+                    turn)`` over runs with a string ``thread_id``.
+``thread_audit``    a thread's own chain (it survives the thread's deletion); unique
+                    ``(run_id, seq)``, ``run_id`` holding the thread id.
 ``schema_migrations`` one document per applied index-set version (``_id`` = version).
 =================== ===========================================================================
 
@@ -102,9 +107,20 @@ from .records import (
     RunRecord,
     StepRecord,
     StepStatus,
+    ThreadRecord,
+    TurnCopy,
     WorkflowRecord,
+    thread_not_found,
     unfinished_step_error,
     workflow_not_found,
+)
+from .thread_rules import (
+    ERASED,
+    Erased,
+    check_deletable,
+    next_turn,
+    thread_deleted,
+    turn_created,
 )
 
 Doc = dict[str, Any]
@@ -116,7 +132,7 @@ _T = TypeVar("_T")
 
 DEFAULT_DATABASE = "alpaca"
 COLLECTIONS = ("runs", "steps", "audit", "ledgers", "approvals", "api_keys", "workflows",
-               "schema_migrations")
+               "threads", "thread_audit", "schema_migrations")
 
 Backfill = Callable[[AsyncDatabase[Doc]], Awaitable[None]]
 """A data migration: rewrites documents in place (idempotent, so a racing opener is safe)."""
@@ -195,6 +211,26 @@ MIGRATIONS: list[dict[str, list[IndexModel]] | Backfill] = [
                 [("tenant", ASCENDING), ("name", ASCENDING), ("version", DESCENDING)],
                 name="workflows_version",
                 unique=True,
+            ),
+        ],
+    },
+    # 5: threads (DESIGN §10); the unique (thread_id, turn) key guards that two concurrent
+    # messages never both become turn N (create_turn also locks the thread document)
+    {
+        "runs": [
+            IndexModel(
+                [("thread_id", ASCENDING), ("turn", ASCENDING)],
+                name="runs_thread_turn",
+                unique=True,
+                partialFilterExpression={"thread_id": {"$type": "string"}},
+            ),
+        ],
+        "threads": [
+            IndexModel([("tenant", ASCENDING), ("updated_at", DESCENDING)], name="threads_tenant"),
+        ],
+        "thread_audit": [
+            IndexModel(
+                [("run_id", ASCENDING), ("seq", ASCENDING)], name="thread_audit_seq", unique=True
             ),
         ],
     },
@@ -331,6 +367,30 @@ def _api_key(doc: Mapping[str, Any]) -> ApiKeyRecord:
 def _workflow(doc: Mapping[str, Any]) -> WorkflowRecord:
     # Not _fields: a workflow's ``version`` is its number, not a lock counter to drop.
     return WorkflowRecord.model_validate({k: v for k, v in doc.items() if k != "_id"})
+
+
+def _chained(chain: AuditChain, events: Sequence[AuditEvent], now: float) -> list[Doc]:
+    """The documents of ``events`` appended to ``chain`` (which moves to the new head)."""
+    stamp = iso_utc(now)
+    docs = []
+    for ev in events:
+        doc = chain.append(ev.kind, ev.data, ev.actor, stamp).to_dict()
+        doc["data"] = encode(doc["data"])
+        docs.append(doc)
+    return docs
+
+
+def _thread(doc: Mapping[str, Any]) -> ThreadRecord:
+    return ThreadRecord.model_validate(_fields(doc))
+
+
+def _thread_doc(thread: ThreadRecord) -> Doc:
+    data = thread.model_dump()
+    data["_id"] = data.pop("id")
+    data["metadata"] = encode(thread.metadata)
+    data["budget"] = encode(thread.budget)
+    data["version"] = 0
+    return data
 
 
 def _ledger_state(doc: Mapping[str, Any]) -> ledger_logic.LedgerState:
@@ -546,13 +606,7 @@ class MongoStore:
             return head
         observers.written(run_id, events)
         chain = AuditChain(run_id, self.audit_key, *head)
-        stamp = iso_utc(now)
-        docs = []
-        for ev in events:
-            doc = chain.append(ev.kind, ev.data, ev.actor, stamp).to_dict()
-            doc["data"] = encode(doc["data"])
-            docs.append(doc)
-        await self._c("audit").insert_many(docs, session=s)
+        await self._c("audit").insert_many(_chained(chain, events, now), session=s)
         await self._c("runs").update_one(
             {"_id": run_id},
             {"$set": {"audit_seq": chain.last_seq, "audit_hash": chain.last_hash}},
@@ -584,42 +638,56 @@ class MongoStore:
         audit: Sequence[AuditEvent] = (),
         ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
-        run = run.with_head((0, GENESIS))
-        doc = _run_doc(run)
-
         async def body(s: Session) -> tuple[RunRecord, bool]:
-            if run.idempotency_key:
-                found = await self._c("runs").find_one(
-                    {"tenant": run.tenant, "idempotency_key": run.idempotency_key}, session=s
-                )
-                if found is not None:
-                    return _run(found), False
-            await self._c("runs").insert_one(dict(doc), session=s)
-            if ledger is not None:
-                await self._c("ledgers").insert_one(
-                    {
-                        "_id": ledger.id,
-                        "limits": encode(ledger.limits),
-                        "used": encode(ledger.used),
-                        "exhausted": ledger.exhausted,
-                        "updated_at": run.created_at,
-                        "version": 0,
-                    },
-                    session=s,
-                )
-            head = await self._append(s, run.id, audit, run.created_at, (0, GENESIS))
-            return run.with_head(head), True
+            found = await self._idempotent(s, run)
+            if found is not None:
+                return found, False
+            return await self._insert_run(s, run, audit, ledger), True
 
+        return await self._create(body, run)
+
+    async def _create(self, body: Callable[[Session], Awaitable[tuple[RunRecord, bool]]],
+                      run: RunRecord) -> tuple[RunRecord, bool]:
+        """Run a transaction inserting ``run``; when the same idempotency key committed
+        concurrently (the unique index refused ours), that run wins."""
         try:
             return await self._tx(body)
         except DuplicateKeyError:
-            if run.idempotency_key:  # the same key committed concurrently: that run wins
-                found = await self._c("runs").find_one(
-                    {"tenant": run.tenant, "idempotency_key": run.idempotency_key}
-                )
-                if found is not None:
-                    return _run(found), False
+            found = await self._idempotent(None, run)
+            if found is not None:
+                return found, False
             raise
+
+    async def _idempotent(self, s: Session | None, run: RunRecord) -> RunRecord | None:
+        """The run the tenant's idempotency key of ``run`` already names, if any."""
+        if not run.idempotency_key:
+            return None
+        found = await self._c("runs").find_one(
+            {"tenant": run.tenant, "idempotency_key": run.idempotency_key}, session=s
+        )
+        return _run(found) if found is not None else None
+
+    async def _insert_run(self, s: Session, run: RunRecord, audit: Sequence[AuditEvent],
+                          ledger: LedgerRecord | None) -> RunRecord:
+        """Insert a new run (and its ledger) and start its chain; returns it with its head."""
+        run = run.with_head((0, GENESIS))
+        await self._c("runs").insert_one(_run_doc(run), session=s)
+        if ledger is not None:
+            await self._insert_ledger(s, ledger, run.created_at)
+        return run.with_head(await self._append(s, run.id, audit, run.created_at, (0, GENESIS)))
+
+    async def _insert_ledger(self, s: Session, ledger: LedgerRecord, now: float) -> None:
+        await self._c("ledgers").insert_one(
+            {
+                "_id": ledger.id,
+                "limits": encode(ledger.limits),
+                "used": encode(ledger.used),
+                "exhausted": ledger.exhausted,
+                "updated_at": now,
+                "version": 0,
+            },
+            session=s,
+        )
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         doc = await self._c("runs").find_one({"_id": run_id})
@@ -1242,3 +1310,147 @@ class MongoStore:
         cursor = self._c("workflows").find({"tenant": tenant, "name": name}).sort(
             "version", DESCENDING)
         return [_workflow(d) for d in await cursor.to_list()]
+
+    # -- threads ---------------------------------------------------------------------------------
+    async def _lock_thread(self, s: Session, thread_id: str, tenant: str | None) -> ThreadRecord:
+        """Bump the thread's version: concurrent turns, forks and deletions of one thread
+        conflict and re-run (the counterpart of PostgreSQL's ``FOR UPDATE``)."""
+        doc = await self._c("threads").find_one_and_update(
+            {"_id": thread_id}, {"$inc": {"version": 1}},
+            return_document=ReturnDocument.AFTER, session=s)
+        if doc is None or (tenant is not None and doc["tenant"] != tenant) or (
+                doc.get("deleted_at") is not None):
+            raise NotFound(thread_not_found(thread_id))
+        return _thread(doc)
+
+    async def _thread_audit(self, s: Session, thread_id: str, events: Sequence[AuditEvent],
+                            now: float) -> None:
+        """Append to the thread's chain; callers hold the thread's lock (or just inserted it)."""
+        if not events:
+            return
+        head = await self._c("thread_audit").find_one(
+            {"run_id": thread_id}, projection=["seq", "hash"], sort=[("seq", DESCENDING)],
+            session=s)
+        chain = AuditChain(thread_id, self.audit_key,
+                           *((int(head["seq"]), str(head["hash"])) if head else (0, GENESIS)))
+        await self._c("thread_audit").insert_many(_chained(chain, events, now), session=s)
+
+    async def _insert_thread(self, s: Session, thread: ThreadRecord,
+                             audit: Sequence[AuditEvent], ledger: LedgerRecord | None) -> None:
+        await self._c("threads").insert_one(_thread_doc(thread), session=s)
+        if ledger is not None:
+            await self._insert_ledger(s, ledger, thread.created_at)
+        await self._thread_audit(s, thread.id, audit, thread.created_at)
+
+    async def create_thread(
+        self, thread: ThreadRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> ThreadRecord:
+        async def body(s: Session) -> ThreadRecord:
+            await self._insert_thread(s, thread, audit, ledger)
+            return thread
+
+        return await self._tx(body)
+
+    async def get_thread(self, thread_id: str, tenant: str | None = None, *,
+                         deleted: bool = False) -> ThreadRecord:
+        doc = await self._c("threads").find_one({"_id": thread_id})
+        if doc is None or (tenant is not None and doc["tenant"] != tenant) or (
+                doc.get("deleted_at") is not None and not deleted):
+            raise NotFound(thread_not_found(thread_id))
+        return _thread(doc)
+
+    async def list_threads(self, *, tenant: str | None = None,
+                           limit: int = 100) -> list[ThreadRecord]:
+        if limit == 0:
+            return []
+        query: Doc = {"deleted_at": None}
+        if tenant is not None:
+            query["tenant"] = tenant
+        cursor = self._c("threads").find(query).sort(
+            [("updated_at", DESCENDING), ("_id", DESCENDING)])
+        if limit > 0:
+            cursor = cursor.limit(limit)
+        return [_thread(d) for d in await cursor.to_list()]
+
+    async def _turns(self, s: Session | None, thread_id: str) -> list[RunRecord]:
+        cursor = self._c("runs").find({"thread_id": thread_id}, session=s).sort(
+            "turn", ASCENDING)
+        return [_run(d) for d in await cursor.to_list()]
+
+    async def create_turn(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> tuple[RunRecord, bool]:
+        thread_id = run.thread_id or ""
+
+        async def body(s: Session) -> tuple[RunRecord, bool]:
+            found = await self._idempotent(s, run)
+            if found is not None:
+                return found, False
+            await self._lock_thread(s, thread_id, run.tenant)
+            last = await self._c("runs").find_one(
+                {"thread_id": thread_id}, sort=[("turn", DESCENDING)], session=s)
+            numbered = run.model_copy(update={"turn": next_turn(
+                thread_id, _run(last) if last is not None else None)})
+            created = await self._insert_run(s, numbered, audit, ledger)
+            await self._c("threads").update_one(
+                {"_id": thread_id}, {"$set": {"updated_at": run.created_at}}, session=s)
+            await self._thread_audit(s, thread_id, [turn_created(created)], run.created_at)
+            return created, True
+
+        return await self._create(body, run)
+
+    async def list_turns(self, thread_id: str) -> list[RunRecord]:
+        return await self._turns(None, thread_id)
+
+    async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
+        async def body(s: Session) -> ThreadRecord:
+            if thread.forked_from is not None:  # locked: conflicts with a concurrent delete
+                await self._lock_thread(s, thread.forked_from, thread.tenant)
+            await self._insert_thread(s, thread, audit, ledger)
+            for copy in copies:
+                await self._insert_run(s, copy.run, copy.audit, None)
+                for step in copy.steps:
+                    await self._write_step(s, step, step.reserved)
+            return thread
+
+        return await self._tx(body)
+
+    async def delete_thread(self, thread_id: str, now: float, *, tenant: str | None = None,
+                            actor: str = "user") -> ThreadRecord:
+        async def body(s: Session) -> ThreadRecord:
+            thread = await self._lock_thread(s, thread_id, tenant)
+            turns = await self._turns(s, thread_id)
+            check_deletable(thread_id, turns)
+            erased = []
+            for turn in turns:
+                tree = await self._c("runs").find({"root_id": turn.id}, session=s).sort(
+                    [("created_at", ASCENDING), ("_id", ASCENDING)]).to_list()
+                erased += [Erased(str(d["_id"]), turn.turn if d["_id"] == turn.id else None,
+                                  int(d["audit_seq"]), str(d["audit_hash"])) for d in tree]
+            for e in erased:
+                await self._c("audit").delete_many({"run_id": e.run_id}, session=s)
+                await self._c("steps").delete_many({"run_id": e.run_id}, session=s)
+                await self._c("approvals").update_many(
+                    {"run_id": e.run_id}, {"$set": {"arguments": {}, "comment": None}},
+                    session=s)
+                await self._c("runs").update_one(
+                    {"_id": e.run_id},
+                    {"$set": {"input": ERASED, "output": None, "error_message": None}},
+                    session=s)
+            await self._c("threads").update_one({"_id": thread_id}, {"$set": {
+                "title": ERASED, "metadata": {}, "deleted_at": now, "updated_at": now}},
+                session=s)
+            await self._thread_audit(s, thread_id, [thread_deleted(erased, actor)], now)
+            return thread.model_copy(update={"title": ERASED, "metadata": {},
+                                             "deleted_at": now, "updated_at": now})
+
+        return await self._tx(body)
+
+    async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:
+        cursor = self._c("thread_audit").find({"run_id": thread_id, "seq": {"$gt": after_seq}})
+        docs = await cursor.sort("seq", ASCENDING).to_list()
+        return [AuditRecord.from_dict(_fields(d, None)) for d in docs]

@@ -45,9 +45,20 @@ from .records import (
     RunRecord,
     StepRecord,
     StepStatus,
+    ThreadRecord,
+    TurnCopy,
     WorkflowRecord,
+    thread_not_found,
     unfinished_step_error,
     workflow_not_found,
+)
+from .thread_rules import (
+    ERASED,
+    Erased,
+    check_deletable,
+    next_turn,
+    thread_deleted,
+    turn_created,
 )
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
@@ -317,6 +328,16 @@ class PostgresStore:
         audit: Sequence[AuditEvent] = (),
         ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
+        async with self._tx() as cur:
+            created = await self._insert_run(cur, run, audit, ledger)
+            if created is None:  # the tenant already used this idempotency key
+                return await self._idempotent(cur, run), False
+        return created, True
+
+    async def _insert_run(self, cur: Cursor, run: RunRecord, audit: Sequence[AuditEvent],
+                          ledger: LedgerRecord | None) -> RunRecord | None:
+        """Insert a new run (and its ledger) and start its chain; ``None`` (nothing written)
+        when the tenant's idempotency key already names a run."""
         run = run.with_head((0, GENESIS))
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
@@ -333,31 +354,31 @@ class PostgresStore:
             cols=sql.SQL(", ").join(map(sql.Identifier, data)),
             vals=sql.SQL(", ").join(sql.Placeholder() * len(data)),
         )
-        async with self._tx() as cur:
-            await cur.execute(query, tuple(data.values()))
-            if await cur.fetchone() is None:  # the tenant already used this idempotency key
-                await cur.execute(
-                    "SELECT * FROM runs WHERE tenant=%s AND idempotency_key=%s",
-                    (run.tenant, run.idempotency_key),
-                )
-                row = await cur.fetchone()
-                if row is None:  # pragma: no cover - the conflicting row is committed
-                    raise NotFound(f"run with idempotency key {run.idempotency_key} vanished")
-                return self._run(row), False
-            if ledger is not None:  # only with a run this call created
-                await cur.execute(
-                    "INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
-                    "VALUES (%s,%s,%s,%s,%s)",
-                    (
-                        ledger.id,
-                        Jsonb(ledger.limits),
-                        Jsonb(ledger.used),
-                        ledger.exhausted,
-                        run.created_at,
-                    ),
-                )
-            head = await self._audit(cur, run.id, audit, run.created_at, (0, GENESIS))
-        return run.with_head(head), True
+        await cur.execute(query, tuple(data.values()))
+        if await cur.fetchone() is None:
+            return None
+        if ledger is not None:  # only with a run this call created
+            await self._insert_ledger(cur, ledger, run.created_at)
+        return run.with_head(await self._audit(cur, run.id, audit, run.created_at, (0, GENESIS)))
+
+    async def _idempotent(self, cur: Cursor, run: RunRecord) -> RunRecord:
+        """The run the tenant's idempotency key of ``run`` already names."""
+        await cur.execute(
+            "SELECT * FROM runs WHERE tenant=%s AND idempotency_key=%s",
+            (run.tenant, run.idempotency_key),
+        )
+        row = await cur.fetchone()
+        if row is None:  # pragma: no cover - the conflicting row is committed
+            raise NotFound(f"run with idempotency key {run.idempotency_key} vanished")
+        return self._run(row)
+
+    @staticmethod
+    async def _insert_ledger(cur: Cursor, ledger: LedgerRecord, now: float) -> None:
+        await cur.execute(
+            "INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
+            "VALUES (%s,%s,%s,%s,%s)",
+            (ledger.id, Jsonb(ledger.limits), Jsonb(ledger.used), ledger.exhausted, now),
+        )
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         async with self._read() as cur:
@@ -1013,3 +1034,152 @@ class PostgresStore:
                               "ORDER BY version DESC", (tenant, name))
             rows = await cur.fetchall()
         return [WorkflowRecord.model_validate(r) for r in rows]
+
+    # -- threads ---------------------------------------------------------------------------------
+    async def _fetch_thread(self, cur: Cursor, thread_id: str, tenant: str | None, *,
+                            deleted: bool = False, lock: bool = False) -> ThreadRecord:
+        """The thread row (``lock``: ``FOR UPDATE``, which serializes the turns, forks and
+        the deletion of one thread across processes)."""
+        await cur.execute("SELECT * FROM threads WHERE id=%s" + (" FOR UPDATE" if lock else ""),
+                          (thread_id,))
+        row = await cur.fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant) or (
+                row["deleted_at"] is not None and not deleted):
+            raise NotFound(thread_not_found(thread_id))
+        return ThreadRecord.model_validate(row)
+
+    async def _thread_audit(self, cur: Cursor, thread_id: str, events: Sequence[AuditEvent],
+                            now: float) -> None:
+        """Append to the thread's own chain; callers hold the thread row lock (or just
+        inserted the thread), so the head read here cannot be raced."""
+        if not events:
+            return
+        await cur.execute("SELECT seq, hash FROM thread_audit WHERE thread_id=%s "
+                          "ORDER BY seq DESC LIMIT 1", (thread_id,))
+        row = await cur.fetchone()
+        chain = AuditChain(thread_id, self.audit_key,
+                           *((int(row["seq"]), str(row["hash"])) if row else (0, GENESIS)))
+        stamp = iso_utc(now)
+        records = [chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events]
+        await cur.executemany(
+            "INSERT INTO thread_audit(thread_id, seq, time, actor, kind, data, prev_hash, hash) "
+            "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+            [(r.run_id, r.seq, r.time, r.actor, r.kind, Json(r.data), r.prev_hash, r.hash)
+             for r in records])
+
+    async def _insert_thread(self, cur: Cursor, thread: ThreadRecord,
+                             audit: Sequence[AuditEvent], ledger: LedgerRecord | None) -> None:
+        data = thread.model_dump()
+        data["metadata"], data["budget"] = Jsonb(thread.metadata), Jsonb(thread.budget)
+        await cur.execute(sql.SQL("INSERT INTO threads ({cols}) VALUES ({vals})").format(
+            cols=sql.SQL(", ").join(map(sql.Identifier, data)),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(data))), tuple(data.values()))
+        if ledger is not None:
+            await self._insert_ledger(cur, ledger, thread.created_at)
+        await self._thread_audit(cur, thread.id, audit, thread.created_at)
+
+    async def create_thread(
+        self, thread: ThreadRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> ThreadRecord:
+        async with self._tx() as cur:
+            await self._insert_thread(cur, thread, audit, ledger)
+        return thread
+
+    async def get_thread(self, thread_id: str, tenant: str | None = None, *,
+                         deleted: bool = False) -> ThreadRecord:
+        async with self._read() as cur:
+            return await self._fetch_thread(cur, thread_id, tenant, deleted=deleted)
+
+    async def list_threads(self, *, tenant: str | None = None,
+                           limit: int = 100) -> list[ThreadRecord]:
+        where, args = ("", ()) if tenant is None else (" AND tenant=%s", (tenant,))
+        async with self._read() as cur:
+            await cur.execute(f"SELECT * FROM threads WHERE deleted_at IS NULL{where} "
+                              "ORDER BY updated_at DESC, id DESC LIMIT %s",
+                              (*args, None if limit < 0 else limit))
+            rows = await cur.fetchall()
+        return [ThreadRecord.model_validate(r) for r in rows]
+
+    async def _turns(self, cur: Cursor, thread_id: str, last: bool = False) -> list[RunRecord]:
+        await cur.execute("SELECT * FROM runs WHERE thread_id=%s ORDER BY turn" +
+                          (" DESC LIMIT 1" if last else ""), (thread_id,))
+        return [self._run(r) for r in await cur.fetchall()]
+
+    async def create_turn(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """The thread row lock serializes concurrent messages: the second sees the first's
+        turn (READ COMMITTED re-reads after the lock) and is refused."""
+        thread_id = run.thread_id or ""
+        async with self._tx() as cur:
+            for locked in (False, True):  # the key again once locked: a concurrent replay
+                if run.idempotency_key:
+                    await cur.execute("SELECT * FROM runs WHERE tenant=%s AND "
+                                      "idempotency_key=%s", (run.tenant, run.idempotency_key))
+                    row = await cur.fetchone()
+                    if row is not None:
+                        return self._run(row), False
+                if not locked:
+                    await self._fetch_thread(cur, thread_id, run.tenant, lock=True)
+            last = await self._turns(cur, thread_id, last=True)
+            run = run.model_copy(update={"turn": next_turn(thread_id, last[0] if last else None)})
+            created = await self._insert_run(cur, run, audit, ledger)
+            if created is None:  # the same key committed on another thread meanwhile
+                return await self._idempotent(cur, run), False
+            await cur.execute("UPDATE threads SET updated_at=%s WHERE id=%s",
+                              (run.created_at, thread_id))
+            await self._thread_audit(cur, thread_id, [turn_created(created)], run.created_at)
+        return created, True
+
+    async def list_turns(self, thread_id: str) -> list[RunRecord]:
+        async with self._read() as cur:
+            return await self._turns(cur, thread_id)
+
+    async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
+        async with self._tx() as cur:
+            if thread.forked_from is not None:  # locked: a concurrent delete waits or wins
+                await self._fetch_thread(cur, thread.forked_from, thread.tenant, lock=True)
+            await self._insert_thread(cur, thread, audit, ledger)
+            for copy in copies:
+                await self._insert_run(cur, copy.run, copy.audit, None)
+                for step in copy.steps:
+                    await self._write_step(cur, step)
+        return thread
+
+    async def delete_thread(self, thread_id: str, now: float, *, tenant: str | None = None,
+                            actor: str = "user") -> ThreadRecord:
+        async with self._tx() as cur:
+            thread = await self._fetch_thread(cur, thread_id, tenant, lock=True)
+            turns = await self._turns(cur, thread_id)
+            check_deletable(thread_id, turns)
+            numbers = {t.id: t.turn for t in turns}
+            await cur.execute("SELECT id, root_id, audit_seq, audit_hash FROM runs WHERE "
+                              "root_id = ANY(%s) ORDER BY created_at, id FOR UPDATE",
+                              (list(numbers),))
+            rows = await cur.fetchall()
+            erased = [Erased(str(r["id"]), numbers.get(str(r["id"])), int(r["audit_seq"]),
+                             str(r["audit_hash"]))
+                      for t in turns for r in rows if r["root_id"] == t.id]
+            ids = [e.run_id for e in erased]
+            await cur.execute("DELETE FROM audit WHERE run_id = ANY(%s)", (ids,))
+            await cur.execute("DELETE FROM steps WHERE run_id = ANY(%s)", (ids,))
+            await cur.execute("UPDATE approvals SET arguments='{}', comment=NULL "
+                              "WHERE run_id = ANY(%s)", (ids,))
+            await cur.execute("UPDATE runs SET input=%s, output=NULL, error_message=NULL "
+                              "WHERE id = ANY(%s)", (ERASED, ids))
+            await cur.execute("UPDATE threads SET title=%s, metadata='{}', deleted_at=%s, "
+                              "updated_at=%s WHERE id=%s", (ERASED, now, now, thread_id))
+            await self._thread_audit(cur, thread_id, [thread_deleted(erased, actor)], now)
+        return thread.model_copy(update={"title": ERASED, "metadata": {},
+                                         "deleted_at": now, "updated_at": now})
+
+    async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:
+        async with self._read() as cur:
+            await cur.execute("SELECT * FROM thread_audit WHERE thread_id=%s AND seq>%s "
+                              "ORDER BY seq", (thread_id, after_seq))
+            rows = await cur.fetchall()
+        return [AuditRecord.from_dict({**r, "run_id": r["thread_id"]}) for r in rows]

@@ -163,3 +163,41 @@ POSTGRES.append(
     );
     """
 )
+
+POSTGRES.append(
+    # 5: threads (as SQLite migration 5); the unique (thread_id, turn) key is the guard that
+    #    two concurrent messages never both become turn N (create_turn also locks the thread)
+    """
+    ALTER TABLE runs ADD COLUMN thread_id TEXT COLLATE "C";
+    ALTER TABLE runs ADD COLUMN turn BIGINT;
+    CREATE UNIQUE INDEX runs_thread_turn ON runs(thread_id, turn) WHERE thread_id IS NOT NULL;
+    CREATE TABLE threads (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        workflow_version BIGINT,
+        title TEXT NOT NULL,
+        metadata JSONB NOT NULL,
+        budget JSONB NOT NULL,
+        ledger_id TEXT COLLATE "C",
+        forked_from TEXT COLLATE "C",
+        forked_turn BIGINT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        deleted_at DOUBLE PRECISION
+    );
+    CREATE INDEX threads_tenant ON threads(tenant, updated_at);
+    CREATE TABLE thread_audit (
+        thread_id TEXT COLLATE "C" NOT NULL REFERENCES threads(id),
+        seq BIGINT NOT NULL,
+        time TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data JSON NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        PRIMARY KEY (thread_id, seq)
+    );
+    """
+)

@@ -1,4 +1,5 @@
-"""The records every store keeps: runs, steps, audit entries, approvals, keys, workflows."""
+"""The records every store keeps: runs, steps, audit entries, approvals, keys, workflows,
+threads."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ class RunRecord(BaseModel):
     root_id: str = ""
     depth: int = 0
     ancestry: list[str] = Field(default_factory=list)
+    thread_id: str | None = None
+    """The thread this run is a turn of (DESIGN §10); ``None`` for plain runs and children."""
+    turn: int | None = None
+    """1, 2, 3 ... within its thread, assigned by the store when the turn is created."""
     idempotency_key: str | None = None
     budget: dict[str, Any] = Field(default_factory=dict)
     usage: dict[str, Any] = Field(default_factory=dict)
@@ -191,3 +196,43 @@ def workflow_not_found(name: str, version: int | None = None) -> str:
     """The one NotFound message of every store for a missing workflow (or version)."""
     which = f"workflow {name!r}" if version is None else f"version {version} of workflow {name!r}"
     return f"{which} not found"
+
+
+class ThreadRecord(BaseModel):
+    """A conversation (DESIGN §10): every user message is one run of ``agent``, a turn.
+
+    ``workflow`` is the ref every turn runs on (pinned: ``registry:NAME@V`` for a registered
+    workflow, whose number is ``workflow_version``). ``ledger_id`` names the thread's own
+    budget ledger, which every turn's run also reserves on. A deleted thread keeps its row
+    (``deleted_at``, content erased) and its audit chain: the anchors of its deleted runs.
+    """
+
+    id: str
+    tenant: str = "local"
+    agent: str
+    workflow: str
+    workflow_version: int | None = None
+    title: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    budget: dict[str, Any] = Field(default_factory=dict)
+    ledger_id: str | None = None
+    forked_from: str | None = None
+    """The thread this one was forked from, sharing its first ``forked_turn`` turns."""
+    forked_turn: int | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    deleted_at: float | None = None
+
+
+class TurnCopy(BaseModel):
+    """One turn of a fork: a copy of the source turn's run (new id, the new thread) with its
+    journal, and the audit events starting the copy's own chain (``run.forked`` ...)."""
+
+    run: RunRecord
+    steps: list[StepRecord] = Field(default_factory=list)
+    audit: list[AuditEvent] = Field(default_factory=list)
+
+
+def thread_not_found(thread_id: str) -> str:
+    """The one NotFound message of every store for a missing (or deleted) thread."""
+    return f"thread {thread_id} not found"

@@ -32,12 +32,24 @@ from .records import (
     RunRecord,
     StepRecord,
     StepStatus,
+    ThreadRecord,
+    TurnCopy,
     WorkflowRecord,
+    thread_not_found,
     unfinished_step_error,
     workflow_not_found,
 )
+from .thread_rules import (
+    ERASED,
+    Erased,
+    check_deletable,
+    next_turn,
+    thread_deleted,
+    turn_created,
+)
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
+_JSON_THREAD_FIELDS = ("metadata", "budget")
 
 
 def iso(ts: float) -> str:
@@ -266,24 +278,31 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     return self._run(row), False
-            run = run.with_head((0, GENESIS))
-            data = run.model_dump()
-            for f in _JSON_RUN_FIELDS:
-                data[f] = json.dumps(data[f])
-            data["state"] = str(run.state)
-            data["cancel_requested"] = int(run.cancel_requested)
-            if run.capabilities is not None:
-                data["capabilities"] = json.dumps(sorted(run.capabilities))
-            cols = ", ".join(data)
-            db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(data))})",
-                       tuple(data.values()))
-            if ledger is not None:
-                db.execute("INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
-                           "VALUES (?,?,?,?,?)", (ledger.id, json.dumps(ledger.limits),
-                                                  json.dumps(ledger.used), ledger.exhausted,
-                                                  run.created_at))
-            head = self._audit(db, run.id, audit, run.created_at, (0, GENESIS))
-        return run.with_head(head), True
+            return self._insert_run(db, run, audit, ledger), True
+
+    def _insert_run(self, db: sqlite3.Connection, run: RunRecord, audit: Sequence[AuditEvent],
+                    ledger: LedgerRecord | None) -> RunRecord:
+        """Insert a new run (and its ledger) and start its chain; returns it with its head."""
+        run = run.with_head((0, GENESIS))
+        data = run.model_dump()
+        for f in _JSON_RUN_FIELDS:
+            data[f] = json.dumps(data[f])
+        data["state"] = str(run.state)
+        data["cancel_requested"] = int(run.cancel_requested)
+        if run.capabilities is not None:
+            data["capabilities"] = json.dumps(sorted(run.capabilities))
+        cols = ", ".join(data)
+        db.execute(f"INSERT INTO runs ({cols}) VALUES ({', '.join('?' * len(data))})",
+                   tuple(data.values()))
+        if ledger is not None:
+            self._insert_ledger(db, ledger, run.created_at)
+        return run.with_head(self._audit(db, run.id, audit, run.created_at, (0, GENESIS)))
+
+    @staticmethod
+    def _insert_ledger(db: sqlite3.Connection, ledger: LedgerRecord, now: float) -> None:
+        db.execute("INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
+                   "VALUES (?,?,?,?,?)", (ledger.id, json.dumps(ledger.limits),
+                                          json.dumps(ledger.used), ledger.exhausted, now))
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         run = self._fetch_run(self._conn, run_id)
@@ -718,3 +737,143 @@ class SQLiteStore:
         rows = self._conn.execute("SELECT * FROM workflows WHERE tenant=? AND name=? "
                                   "ORDER BY version DESC", (tenant, name)).fetchall()
         return [WorkflowRecord.model_validate(dict(r)) for r in rows]
+
+    # -- threads ---------------------------------------------------------------------------------
+    @staticmethod
+    def _thread(row: sqlite3.Row) -> ThreadRecord:
+        data = dict(row)
+        for f in _JSON_THREAD_FIELDS:
+            data[f] = json.loads(data[f])
+        return ThreadRecord.model_validate(data)
+
+    def _fetch_thread(self, db: sqlite3.Connection, thread_id: str, tenant: str | None,
+                      deleted: bool = False) -> ThreadRecord:
+        row = db.execute("SELECT * FROM threads WHERE id=?", (thread_id,)).fetchone()
+        if row is None or (tenant is not None and row["tenant"] != tenant) or (
+                row["deleted_at"] is not None and not deleted):
+            raise NotFound(thread_not_found(thread_id))
+        return self._thread(row)
+
+    def _thread_audit(self, db: sqlite3.Connection, thread_id: str,
+                      events: Sequence[AuditEvent], now: float) -> None:
+        """Append to the thread's own chain (callers hold the write lock: BEGIN IMMEDIATE)."""
+        if not events:
+            return
+        row = db.execute("SELECT seq, hash FROM thread_audit WHERE thread_id=? "
+                         "ORDER BY seq DESC LIMIT 1", (thread_id,)).fetchone()
+        chain = AuditChain(thread_id, self.audit_key, *((row[0], row[1]) if row else
+                                                        (0, GENESIS)))
+        stamp = iso(now)
+        db.executemany(
+            "INSERT INTO thread_audit(thread_id, seq, time, actor, kind, data, prev_hash, hash) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
+              json.dumps(rec.data, sort_keys=True), rec.prev_hash, rec.hash)
+             for rec in (chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events)])
+
+    def _insert_thread(self, db: sqlite3.Connection, thread: ThreadRecord,
+                       audit: Sequence[AuditEvent], ledger: LedgerRecord | None) -> None:
+        data = thread.model_dump()
+        for f in _JSON_THREAD_FIELDS:
+            data[f] = json.dumps(data[f])
+        cols = ", ".join(data)
+        db.execute(f"INSERT INTO threads ({cols}) VALUES ({', '.join('?' * len(data))})",
+                   tuple(data.values()))
+        if ledger is not None:
+            self._insert_ledger(db, ledger, thread.created_at)
+        self._thread_audit(db, thread.id, audit, thread.created_at)
+
+    async def create_thread(
+        self, thread: ThreadRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> ThreadRecord:
+        with self._tx() as db:
+            self._insert_thread(db, thread, audit, ledger)
+        return thread
+
+    async def get_thread(self, thread_id: str, tenant: str | None = None, *,
+                         deleted: bool = False) -> ThreadRecord:
+        return self._fetch_thread(self._conn, thread_id, tenant, deleted)
+
+    async def list_threads(self, *, tenant: str | None = None,
+                           limit: int = 100) -> list[ThreadRecord]:
+        sql, args = "SELECT * FROM threads WHERE deleted_at IS NULL", cast(tuple[Any, ...], ())
+        if tenant is not None:
+            sql, args = sql + " AND tenant=?", (tenant,)
+        rows = self._conn.execute(sql + " ORDER BY updated_at DESC, id DESC LIMIT ?",
+                                  (*args, limit)).fetchall()
+        return [self._thread(r) for r in rows]
+
+    def _turns(self, db: sqlite3.Connection, thread_id: str) -> list[RunRecord]:
+        rows = db.execute("SELECT * FROM runs WHERE thread_id=? ORDER BY turn",
+                          (thread_id,)).fetchall()
+        return [self._run(r) for r in rows]
+
+    async def create_turn(
+        self, run: RunRecord, audit: Sequence[AuditEvent] = (),
+        ledger: LedgerRecord | None = None,
+    ) -> tuple[RunRecord, bool]:
+        thread_id = run.thread_id or ""
+        with self._tx() as db:  # BEGIN IMMEDIATE: no other writer until the turn is in
+            if run.idempotency_key:
+                row = db.execute("SELECT * FROM runs WHERE tenant=? AND idempotency_key=?",
+                                 (run.tenant, run.idempotency_key)).fetchone()
+                if row is not None:
+                    return self._run(row), False
+            self._fetch_thread(db, thread_id, run.tenant)
+            row = db.execute("SELECT * FROM runs WHERE thread_id=? ORDER BY turn DESC LIMIT 1",
+                             (thread_id,)).fetchone()
+            run = run.model_copy(update={"turn": next_turn(
+                thread_id, self._run(row) if row is not None else None)})
+            created = self._insert_run(db, run, audit, ledger)
+            db.execute("UPDATE threads SET updated_at=? WHERE id=?", (run.created_at, thread_id))
+            self._thread_audit(db, thread_id, [turn_created(created)], run.created_at)
+        return created, True
+
+    async def list_turns(self, thread_id: str) -> list[RunRecord]:
+        return self._turns(self._conn, thread_id)
+
+    async def fork_thread(self, thread: ThreadRecord, copies: Sequence[TurnCopy],
+                          audit: Sequence[AuditEvent] = (),
+                          ledger: LedgerRecord | None = None) -> ThreadRecord:
+        with self._tx() as db:
+            if thread.forked_from is not None:
+                self._fetch_thread(db, thread.forked_from, thread.tenant)
+            self._insert_thread(db, thread, audit, ledger)
+            for copy in copies:
+                self._insert_run(db, copy.run, copy.audit, None)
+                for step in copy.steps:
+                    self._write_step(db, step)
+        return thread
+
+    async def delete_thread(self, thread_id: str, now: float, *, tenant: str | None = None,
+                            actor: str = "user") -> ThreadRecord:
+        with self._tx() as db:
+            thread = self._fetch_thread(db, thread_id, tenant)
+            turns = self._turns(db, thread_id)
+            check_deletable(thread_id, turns)
+            erased = []
+            for turn in turns:
+                for row in db.execute("SELECT id, audit_seq, audit_hash FROM runs WHERE "
+                                      "root_id=? ORDER BY created_at, id", (turn.id,)):
+                    erased.append(Erased(row[0], turn.turn if row[0] == turn.id else None,
+                                         row[1], row[2]))
+            for e in erased:
+                db.execute("DELETE FROM audit WHERE run_id=?", (e.run_id,))
+                db.execute("DELETE FROM steps WHERE run_id=?", (e.run_id,))
+                db.execute("UPDATE approvals SET arguments='{}', comment=NULL WHERE run_id=?",
+                           (e.run_id,))
+                db.execute("UPDATE runs SET input=?, output=NULL, error_message=NULL "
+                           "WHERE id=?", (ERASED, e.run_id))
+            db.execute("UPDATE threads SET title=?, metadata='{}', deleted_at=?, updated_at=? "
+                       "WHERE id=?", (ERASED, now, now, thread_id))
+            self._thread_audit(db, thread_id, [thread_deleted(erased, actor)], now)
+        return thread.model_copy(update={"title": ERASED, "metadata": {},
+                                         "deleted_at": now, "updated_at": now})
+
+    async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:
+        rows = self._conn.execute(
+            "SELECT * FROM thread_audit WHERE thread_id=? AND seq>? ORDER BY seq",
+            (thread_id, after_seq)).fetchall()
+        return [AuditRecord.from_dict({**dict(r), "run_id": r["thread_id"],
+                                       "data": json.loads(r["data"])}) for r in rows]

@@ -28,7 +28,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from ..agents import Agent, ApprovalPolicy
+from ..agents import Agent, ApprovalPolicy, HistoryPolicy
 from ..models.base import Model
 from ..tools.base import Tool
 from ..tools.decorator import make_tool
@@ -590,6 +590,8 @@ def _agent(spec: AgentSpec, model: Model) -> Agent:
         budget={k: float(v) for k, v in
                 spec.limits.budget.model_dump(exclude_none=True).items()},
         max_output_tokens=spec.limits.max_output_tokens,
+        history=HistoryPolicy(max_turns=spec.history.max_turns,
+                              max_tokens=spec.history.max_tokens),
     )
 
 

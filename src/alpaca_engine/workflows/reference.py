@@ -116,6 +116,13 @@ DESCRIPTIONS: dict[str, str] = {
                               "`fail`: the run fails.",
     "ApprovalSpec.expires_after": "Seconds an approval waits (null: forever).",
     "ApprovalSpec.on_expiry": "What an expired approval becomes.",
+    "AgentSpec.history": "What each turn of a thread sends the model of the earlier turns "
+                         "(rebuilt from their journals; what is left out is audited as "
+                         "`history.truncated`).",
+    "HistorySpec.max_turns": "Most earlier turns sent, the newest whole ones (0: none). "
+                             "Unset: all.",
+    "HistorySpec.max_tokens": "Most estimated tokens (4 characters a token) of the earlier "
+                              "turns sent; older whole turns are left out. Unset: no bound.",
     "ScriptedModelSpec.provider": "A model that plays a fixed list of turns (offline, "
                                   "deterministic).",
     "ScriptedModelSpec.script": "One item per model turn: a string is the final answer; "

@@ -445,6 +445,13 @@ class ApprovalSpec(Spec):
     on_expiry: Literal["deny", "approve"] = "deny"
 
 
+class HistorySpec(Spec):
+    """How much of a thread's earlier turns each turn sends the model."""
+
+    max_turns: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class AgentSpec(Spec):
     name: Name
     description: str = ""
@@ -455,6 +462,7 @@ class AgentSpec(Spec):
     delegates_to: list[str] = Field(default_factory=list)
     limits: LimitsSpec = Field(default_factory=lambda: LimitsSpec())
     approval: ApprovalSpec = Field(default_factory=lambda: ApprovalSpec())
+    history: HistorySpec = Field(default_factory=lambda: HistorySpec())
 
 
 class WorkflowSpec(Spec):

@@ -39,3 +39,16 @@ def plan(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
     if done < len(LABELS):
         return {"tool": "side_effect", "args": {"label": LABELS[done]}}
     return "wrote " + ", ".join(LABELS)
+
+
+def chat(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    """A thread's agent: each user message becomes one side effect, then the answer quotes
+    the result; every call logs the conversation it was sent (the kill test compares)."""
+    with open(os.environ["ALPACA_TEST_MODEL_LOG"], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(),
+                            "messages": [m.model_dump() for m in messages]}) + "\n")
+    last = messages[-1]
+    if last.role == "user":
+        return {"tool": "side_effect", "args": {"label": last.content}}
+    turns = sum(1 for m in messages if m.role == "user")
+    return f"turn {turns}: {last.content}"
