@@ -22,7 +22,7 @@ import pytest
 
 from alpaca_engine.examples_builtin import __file__ as builtin_init
 from tests.e2e.test_web_ui import CHROMIUM_ARGS, chromium  # noqa: F401 (fixture)
-from tests.helpers import alpaca_serve
+from tests.helpers import PATIENCE, alpaca_serve
 
 DEMO = (Path(builtin_init).parent / "demo.yaml").read_text()
 PUSHED = DEMO.replace("version: 1\n", "version: 1\nname: builder-demo\n", 1)
@@ -32,7 +32,7 @@ def make_key(env: dict[str, str], role: str, name: str) -> str:
     made = subprocess.run(
         [sys.executable, "-m", "alpaca_engine", "keys", "create", "--tenant", "acme",
          "--role", role, "--name", name, "--json"],
-        env=env, capture_output=True, text=True, timeout=60)
+        env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert made.returncode == 0, made.stderr
     return str(json.loads(made.stdout)["key"])
 
@@ -59,15 +59,15 @@ def wait_for(check, seconds: float = 60.0):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1200)
 def test_push_draw_and_watch_a_run_on_the_graph(
         chromium: Path, served: tuple[str, str, str], tmp_path: Path) -> None:  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
 
     base, builder, supervisor = served
-    ann = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {builder}"}, timeout=60)
+    ann = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {builder}"}, timeout=PATIENCE)
     sue = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {supervisor}"},
-                       timeout=60)
+                       timeout=PATIENCE)
     yaml = {"Content-Type": "application/yaml"}
     v1 = ann.post("/v1/workflows", content=PUSHED, headers=yaml)
     assert v1.status_code == 201, v1.text
@@ -80,7 +80,8 @@ def test_push_draw_and_watch_a_run_on_the_graph(
                                     args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(PATIENCE * 1000)
+            expect.set_options(timeout=PATIENCE * 1000)  # the page waits; speed is not tested
             problems: list[str] = []
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("console", lambda m: problems.append(f"console: {m.text}")
