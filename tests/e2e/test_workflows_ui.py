@@ -65,7 +65,8 @@ def test_push_draw_and_watch_a_run_on_the_graph(
     from playwright.sync_api import expect, sync_playwright
 
     base, builder, supervisor = served
-    ann = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {builder}"}, timeout=PATIENCE)
+    ann = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {builder}"},
+                       timeout=PATIENCE)
     sue = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {supervisor}"},
                        timeout=PATIENCE)
     yaml = {"Content-Type": "application/yaml"}
