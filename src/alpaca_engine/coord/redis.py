@@ -173,6 +173,15 @@ class RedisEventBus:
             pipe.publish(self.channel("*"), payload)
             await pipe.execute()
 
+    async def publish_many(self, events: list[dict[str, Any]]) -> None:
+        """Several events (each with its ``run_id``) in one round trip, in order."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                payload = json.dumps(event, separators=(",", ":"), default=str)
+                pipe.publish(self.channel(str(event["run_id"])), payload)
+                pipe.publish(self.channel("*"), payload)
+            await pipe.execute()
+
     async def subscribe(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:
         """Events on ``run_id`` until the consumer stops.
 

@@ -137,3 +137,19 @@ SQLITE.append(
     );
     """
 )
+
+SQLITE.append(
+    # 5: PLACEHOLDER, not a real migration. The threads branch adds migration 5 (threads);
+    # this no-op only keeps typed outputs at number 6 until the branches are merged, when
+    # the real migration 5 replaces it.
+    """
+    SELECT 1;
+    """
+)
+
+SQLITE.append(
+    # 6: typed outputs (DESIGN §10): what a run's output holds, text or canonical JSON
+    """
+    ALTER TABLE runs ADD COLUMN output_type TEXT NOT NULL DEFAULT 'text';
+    """
+)

@@ -175,6 +175,11 @@ MIGRATIONS: list[dict[str, list[IndexModel]]] = [
             ),
         ],
     },
+    # 5: PLACEHOLDER, not a real index set: the threads branch adds version 5; this keeps
+    # typed outputs at number 6 until the branches are merged.
+    {},
+    # 6: typed outputs: nothing to index (a run without ``output_type`` reads as "text")
+    {},
 ]
 """Versioned index sets. Append, never edit, a version."""
 
@@ -709,6 +714,7 @@ class MongoStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         async def body(s: Session) -> RunRecord:
             run = await self._lock_run(s, run_id, epoch)
@@ -723,6 +729,7 @@ class MongoStore:
                 error_message=error_message,
                 usage=usage,
                 audit=audit,
+                output_type=output_type,
             )
 
         return await self._tx(body)
@@ -740,6 +747,7 @@ class MongoStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         """The body of :meth:`transition` for a run this transaction has locked."""
         if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
@@ -757,6 +765,8 @@ class MongoStore:
         }
         if output is not None:
             changes["output"] = output
+        if output_type is not None:
+            changes["output_type"] = output_type
         if usage is not None:
             changes["usage"] = encode(usage)
         if not keep_lease:

@@ -156,3 +156,19 @@ POSTGRES.append(
     );
     """
 )
+
+POSTGRES.append(
+    # 5: PLACEHOLDER, not a real migration. The threads branch adds migration 5 (threads);
+    # this no-op only keeps typed outputs at number 6 until the branches are merged, when
+    # the real migration 5 replaces it.
+    """
+    SELECT 1;
+    """
+)
+
+POSTGRES.append(
+    # 6: typed outputs (as SQLite migration 6)
+    """
+    ALTER TABLE runs ADD COLUMN output_type TEXT NOT NULL DEFAULT 'text';
+    """
+)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -53,6 +54,19 @@ class RunRecord(BaseModel):
     ledgers: list[str] = Field(default_factory=list)
     """Budget ledgers this run reserves on: the root's, then any sub-limit ledgers."""
     traceparent: str | None = None
+    output_type: Literal["text", "json"] = "text"
+    """``json`` when ``output`` is the canonical JSON text of a typed agent's answer."""
+
+    @property
+    def value(self) -> Any:
+        """The output as its reader should see it: the JSON value of a typed run, the text
+        of any other (a stored value that no longer parses stays text rather than failing)."""
+        if self.output is None or self.output_type != "json":
+            return self.output
+        try:
+            return json.loads(self.output)
+        except ValueError:
+            return self.output
 
 
 def unfinished_step_error(state: RunState, error_code: str | None) -> dict[str, Any]:

@@ -353,6 +353,7 @@ class SQLiteStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         with self._tx() as db:
             run = self._fence(db, run_id, epoch)
@@ -364,11 +365,12 @@ class SQLiteStore:
             keep_lease = to == RunState.RUNNING
             epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
             db.execute(
-                "UPDATE runs SET state=?, output=COALESCE(?, output), error_code=?, "
+                "UPDATE runs SET state=?, output=COALESCE(?, output), "
+                "output_type=COALESCE(?, output_type), error_code=?, "
                 "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
                 "lease_owner=CASE WHEN ? THEN lease_owner END, "
                 "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
-                (str(to), output, error_code, error_message,
+                (str(to), output, output_type, error_code, error_message,
                  json.dumps(usage) if usage is not None else None, now, epoch_after,
                  keep_lease, keep_lease, run_id),
             )
