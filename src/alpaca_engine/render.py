@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.json import JSON
 from rich.panel import Panel
 from rich.table import Column, Table
 from rich.tree import Tree
@@ -103,7 +104,10 @@ class ProgressPrinter:
 
 def run_summary(run: RunRecord) -> Panel:
     style = STATE_STYLE.get(str(run.state), "white")
-    if run.state == "succeeded":
+    body: RenderableType
+    if run.state == "succeeded" and run.output_type == "json" and run.output is not None:
+        body = JSON(run.output, indent=2)  # a typed agent's value, pretty
+    elif run.state == "succeeded":
         body = run.output or ""
     elif run.error_code:
         body = f"[red]{run.error_code}[/red]: {run.error_message}"
