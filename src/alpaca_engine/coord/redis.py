@@ -155,7 +155,10 @@ class RedisEventBus:
 
     Each event goes to ``{prefix}events:{run_id}`` and to ``{prefix}events`` (what ``"*"``
     subscribes to). Pub/sub is fire-and-forget: events published while a subscriber is
-    disconnected are lost, which is fine because they only wake readers of the store.
+    disconnected are lost, which is fine: most only wake readers of the store, and the
+    ephemeral ``message.delta`` ones are never replayed anyway (the completed turn is a
+    durable record). The Engine publishes through an ``Outbox`` (ordered, batched with
+    :meth:`publish_many`, bounded), so a slow Redis never holds up a run.
     """
 
     def __init__(self, client: aioredis.Redis, prefix: str = "alpaca:") -> None:
