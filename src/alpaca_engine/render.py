@@ -81,6 +81,10 @@ class ProgressPrinter:
                                f"{event['action']}({short(event['arguments'], 60)}): "
                                f"{event['reason']}")
             return
+        if kind == "output.invalid":
+            self.console.print(f"{pad}    {label}[red]✗ answer rejected[/red]: "
+                               f"{short(event['message'], 200)}")
+            return
         if kind != "step.completed":
             return
         seq = f"{pad}{label}[bold]{event['seq']:>2}[/bold]"

@@ -264,13 +264,17 @@ class StepRunner:
                 response = await self._model_step(agent, seq, messages, specs, journal)
             messages.append(response.as_message())
             if not response.tool_calls:
-                final = self._final(agent, response, rejected)
-                if isinstance(final, Message):  # a typed agent's answer was rejected
+                verdict = self._final(agent, response, rejected)
+                if verdict.problem is not None:  # a typed agent's answer was rejected
                     rejected += 1
-                    messages.append(final)
+                    messages.append(Message(role="user",
+                                            content=typed_output.correction(verdict.problem)))
+                    self.emit({"type": "output.invalid", "run_id": run.id, "seq": seq,
+                               "message": verdict.problem})
                     continue
-                return await self._finish(RunState.SUCCEEDED, output=final[0],
-                                          output_type=final[1])
+                return await self._finish(
+                    RunState.SUCCEEDED, output=verdict.text or "",
+                    output_type="json" if agent.output_contract is not None else "text")
             for call in response.tool_calls:
                 seq += 1
                 with bind(run_id=run.id, step=seq):
@@ -426,21 +430,19 @@ class StepRunner:
         return [AuditEvent(kind="output.invalid", data={
             "step": seq, "agent": agent.name, "message": verdict.problem})]
 
-    def _final(self, agent: Agent, response: ModelResponse,
-               rejected: int) -> tuple[str, str] | Message:
-        """A final answer: (output, output_type) to finish with, or the correction a typed
-        agent gets for an answer its schema rejects (``rejected`` of them so far)."""
+    @staticmethod
+    def _final(agent: Agent, response: ModelResponse, rejected: int) -> typed_output.Verdict:
+        """A final answer: the output to finish with, or (a typed agent's answer its schema
+        rejects, ``rejected`` of them so far) the problem to correct; out of corrections,
+        the run fails ``invalid_output`` with the last one."""
         if agent.output_contract is None:
-            return response.content or "", "text"
+            return typed_output.Verdict(text=response.content or "")
         verdict = typed_output.check(agent.output_contract, response.content)
-        if verdict.text is not None:
-            return verdict.text, "json"
-        problem = verdict.problem or "invalid"
-        if rejected >= agent.output_retries:
+        if verdict.problem is not None and rejected >= agent.output_retries:
             raise AlpacaError(ErrorCode.INVALID_OUTPUT, (
                 f"agent {agent.name!r} gave no valid output after {rejected} "
-                f"correction{'' if rejected == 1 else 's'}: {problem}"))
-        return Message(role="user", content=typed_output.correction(problem))
+                f"correction{'' if rejected == 1 else 's'}: {verdict.problem}"))
+        return verdict
 
     def _price(self, model: str, input_tokens: int, output_tokens: int) -> float:
         return ledger_logic.price_of(model, input_tokens, output_tokens, self.workflow.prices)
