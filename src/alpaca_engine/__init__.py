@@ -4,7 +4,17 @@ from .agents import Agent
 from .engine import Engine
 from .errors import AlpacaError, ErrorCode
 from .lifecycle import RunState
-from .models.base import Message, Model, ModelResponse, ToolCall, ToolSpec, Usage
+from .models.base import (
+    Message,
+    Model,
+    ModelDelta,
+    ModelResponse,
+    StreamingModel,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
 from .models.function import FunctionModel
 from .models.scripted import ScriptedModel
 from .store.records import RunRecord, StepRecord
@@ -18,7 +28,8 @@ from .workflow import Workflow
 
 __all__ = [
     "Agent", "AlpacaError", "BreakerPolicy", "Engine", "ErrorCode", "FunctionModel",
-    "Message", "Model", "ModelResponse", "RetryPolicy", "RunRecord", "RunState",
-    "SQLiteStore", "ScriptedModel", "StepRecord", "Tool", "ToolCall", "ToolContext",
-    "ToolRegistry", "ToolSpec", "TransientError", "Usage", "Workflow", "tool",
+    "Message", "Model", "ModelDelta", "ModelResponse", "RetryPolicy", "RunRecord", "RunState",
+    "SQLiteStore", "ScriptedModel", "StepRecord", "StreamingModel", "Tool", "ToolCall",
+    "ToolCallDelta", "ToolContext", "ToolRegistry", "ToolSpec", "TransientError", "Usage",
+    "Workflow", "tool",
 ]
