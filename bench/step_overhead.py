@@ -85,6 +85,9 @@ class Row:
     us_per_iteration_median: float
     us_per_iteration_p90: float
     us_per_iteration_min: float
+    cpu_us_per_step_median: float
+    """Process CPU time per step: less disturbed than wall time by other load."""
+    cpu_us_per_step_min: float
 
 
 @dataclass
@@ -127,8 +130,8 @@ StoreFactory = Callable[[Path], Store]
 
 
 async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
-                  kind: ModelKind = PLAIN) -> tuple[float, int]:
-    """Time one run on a fresh store; return (seconds, journaled steps)."""
+                  kind: ModelKind = PLAIN) -> tuple[float, float, int]:
+    """Time one run on a fresh store; return (seconds, CPU seconds, journaled steps)."""
     store = make(workdir)
     await store.open()
     try:
@@ -136,16 +139,16 @@ async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
         bus = LocalEventBus() if kind.bus else None
         engine = Engine(store, lambda ref: workflow, events=bus)
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         record = await engine.run(workflow, "looper", "loop")
         if engine.outbox is not None:
             await engine.outbox.flush()  # every event handed to the bus, inside the timing
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if record.state != RunState.SUCCEEDED:
             raise RuntimeError(f"run ended {record.state}: {record.error_code} "
                                f"{record.error_message}")
         journaled = len(await store.list_steps(record.id))
-        return elapsed, journaled
+        return elapsed, cpu, journaled
     finally:
         await store.close()
 
@@ -153,13 +156,15 @@ async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
 async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
                   steps: int, repeat: int, warmup: int, kind: ModelKind = PLAIN) -> Row:
     times: list[float] = []
+    cpus: list[float] = []
     journaled = 0
     with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
         for i in range(warmup + repeat):
             workdir = Path(tmp) / f"rep{i}"
-            elapsed, journaled = await one_run(make, steps, trivial, workdir, kind)
+            elapsed, cpu, journaled = await one_run(make, steps, trivial, workdir, kind)
             if i >= warmup:
                 times.append(elapsed)
+                cpus.append(cpu)
     expected = 2 * steps - 1
     if journaled != expected:
         print(f"warning: {name}: expected {expected} journaled steps, found {journaled}",
@@ -178,6 +183,8 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
         us_per_iteration_median=statistics.median(per_iter),
         us_per_iteration_p90=percentile(per_iter, 90),
         us_per_iteration_min=min(per_iter),
+        cpu_us_per_step_median=statistics.median(cpus) / journaled * 1e6,
+        cpu_us_per_step_min=min(cpus) / journaled * 1e6,
     )
 
 
@@ -241,7 +248,7 @@ def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None
           f"({2 * steps - 1} journaled steps); times are per run")
     header = (f"{'backend':<11} {'tool':<5} {'model':<11} {'n':>3} {'run ms':>8} "
               f"{'us/step med':>11} {'p90':>7} {'min':>7} "
-              f"{'us/iter med':>11} {'p90':>7} {'min':>7}")
+              f"{'us/iter med':>11} {'p90':>7} {'min':>7} {'cpu us/step':>11} {'min':>5}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -250,11 +257,12 @@ def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None
               f"{r.us_per_step_median:>11.0f} {r.us_per_step_p90:>7.0f} "
               f"{r.us_per_step_min:>7.0f} "
               f"{r.us_per_iteration_median:>11.0f} {r.us_per_iteration_p90:>7.0f} "
-              f"{r.us_per_iteration_min:>7.0f}")
+              f"{r.us_per_iteration_min:>7.0f} {r.cpu_us_per_step_median:>11.0f} "
+              f"{r.cpu_us_per_step_min:>5.0f}")
     for m in missing:
         print(f"{m.backend}: not available ({m.reason})")
     print("us/step = run time / journaled steps; us/iter = run time / model turns "
-          "(one iteration = model turn + tool call)")
+          "(one iteration = model turn + tool call); cpu = this process's CPU time / step")
 
 
 async def main_async(args: argparse.Namespace) -> int:
