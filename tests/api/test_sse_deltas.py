@@ -10,21 +10,18 @@ JSON in the API.
 from __future__ import annotations
 
 import asyncio
-import os
-import textwrap
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import PATIENCE, alpaca_serve, postgres_database, redis_database
+from tests.helpers import PATIENCE
 
-from .conftest import TOOLS_PY, ApiFactory, parse_sse
-from .test_sse import _read
+from .conftest import ApiFactory, parse_sse, workflow_folder
+from .test_sse import _read, serve_on
 
 ANSWER = "The launch is announced: everyone knows it is at noon today, see you there."
 WORKFLOW = f"""
@@ -66,12 +63,7 @@ agents:
 
 @pytest.fixture
 def streaming_workflow(tmp_path: Path) -> Path:
-    folder = tmp_path / "swf"
-    folder.mkdir()
-    (folder / "api_gated_tools.py").write_text(textwrap.dedent(TOOLS_PY))
-    path = folder / "workflow.yaml"
-    path.write_text(WORKFLOW)
-    return path
+    return workflow_folder(tmp_path / "swf", WORKFLOW)
 
 
 def kinds(events: list[dict[str, Any]]) -> list[str]:
@@ -167,15 +159,8 @@ async def test_a_typed_run_is_json_in_the_api_and_its_deltas_reach_the_tree_stre
 @pytest.fixture(params=["sqlite+local", "postgres+redis"])
 def server(request: pytest.FixtureRequest, tmp_path: Path,
            streaming_workflow: Path) -> Iterator[str]:
-    store, coordination = request.param.split("+")
-    with ExitStack() as stack:
-        env = {**os.environ, "ALPACA_POLL_INTERVAL": "0.05"}
-        env.pop("ALPACA_REDIS_URL", None)
-        env["ALPACA_DATABASE_URL"] = (stack.enter_context(postgres_database())
-                                      if store == "postgres" else f"sqlite:///{tmp_path}/d.db")
-        if coordination == "redis":
-            env["ALPACA_REDIS_URL"] = stack.enter_context(redis_database())
-        yield stack.enter_context(alpaca_serve(env, "--workflow", str(streaming_workflow)))
+    with serve_on(request.param, tmp_path, streaming_workflow) as base:
+        yield base
 
 
 @pytest.mark.e2e
