@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..store.records import WorkflowRecord
+from ..telemetry.logging import redact_text
 from ..workflow import Workflow
 from ..workflows.loader import Diagnosis
 from ..workflows.registry import content_hash, registry_ref
@@ -24,7 +25,10 @@ class Issue(BaseModel):
 
     @classmethod
     def of(cls, error: WorkflowError) -> Issue:
-        return cls(path=error.field, line=error.line, message=error.message)
+        # The path and message may quote the document: a lone surrogate it held cannot be
+        # encoded in the response (U+FFFD instead), and a secret it held is masked.
+        return cls(path=redact_text(error.field), line=error.line,
+                   message=redact_text(error.message))
 
 
 class WorkflowVersion(BaseModel):

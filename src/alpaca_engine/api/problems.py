@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ApprovalConflict, NotFound
 from ..faults import StoreUnavailable, Unavailable, fault_of
+from ..telemetry.logging import redact_value
 from .models import TEXT_ERRORS
 
 log = logging.getLogger("alpaca.api")
@@ -67,7 +68,10 @@ def problem_body(status: int, code: str, detail: str | None, instance: str | Non
                             "status": status, "detail": detail, "instance": instance,
                             "code": code}
     body.update(extra)
-    return body
+    # Details may quote what the client sent (a workflow line): never a lone surrogate
+    # (the response could not be encoded: a 500 instead of the 4xx) nor a secret.
+    cleaned: dict[str, Any] = redact_value(body, mask_keys=False)
+    return cleaned
 
 
 def problem(status: int, code: str, detail: str | None = None, *, instance: str | None = None,
