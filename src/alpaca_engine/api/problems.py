@@ -68,10 +68,14 @@ def problem_body(status: int, code: str, detail: str | None, instance: str | Non
                             "status": status, "detail": detail, "instance": instance,
                             "code": code}
     body.update(extra)
-    # Details may quote what the client sent (a workflow line): never a lone surrogate
-    # (the response could not be encoded: a 500 instead of the 4xx) nor a secret.
-    cleaned: dict[str, Any] = redact_value(body, mask_keys=False)
-    return cleaned
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError):
+        # A detail quoting what the client sent (a workflow line) with a lone surrogate
+        # could not be encoded: a 500 instead of the 4xx. U+FFFD takes its place.
+        cleaned: dict[str, Any] = redact_value(body, mask_keys=False)
+        return cleaned
+    return body
 
 
 def problem(status: int, code: str, detail: str | None = None, *, instance: str | None = None,
