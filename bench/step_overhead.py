@@ -10,9 +10,15 @@ Each repetition uses a fresh store and a fresh agent; opening the store (schema 
 creating the temp file are outside the timed region. The timed region is one
 ``await engine.run(...)`` call: submit, claim, the whole loop and the final transition.
 
+``--stream`` adds two rows for the first backend, both with an in-process event bus (as
+``alpaca serve`` has): the same scripted model plain, and streaming its turns in pieces of
+``--chunk-size`` characters (each piece a redacted ``message.delta`` event through the
+Engine's outbox to the bus); the difference is what streaming costs per step.
+
 Run::
 
     uv run python bench/step_overhead.py
+    uv run python bench/step_overhead.py --stream --backend sqlite
     uv run python bench/step_overhead.py --repeat 30 --steps 100 --backend sqlite --json
     uv run python bench/step_overhead.py --postgres-url postgresql://localhost/alpaca
 """
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_engine.agents import Agent
+from alpaca_engine.coord.local import LocalEventBus
 from alpaca_engine.engine import Engine
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.models.scripted import ScriptedModel, ScriptItem
@@ -64,6 +71,7 @@ def noop_sync(x: int) -> int:
 class Row:
     backend: str
     tool: str
+    model: str
     repeat: int
     model_turns: int
     tool_calls: int
@@ -77,6 +85,9 @@ class Row:
     us_per_iteration_median: float
     us_per_iteration_p90: float
     us_per_iteration_min: float
+    cpu_us_per_step_median: float
+    """Process CPU time per step: less disturbed than wall time by other load."""
+    cpu_us_per_step_min: float
 
 
 @dataclass
@@ -92,11 +103,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def make_workflow(steps: int, trivial: Tool) -> Workflow:
+@dataclass(frozen=True)
+class ModelKind:
+    """How the looping model answers: ``plain`` (no bus), or with an event bus, plain or
+    streaming in pieces of ``chunk_size`` characters."""
+
+    name: str = "plain"
+    bus: bool = False
+    stream: bool = False
+    chunk_size: int = 4
+
+
+PLAIN = ModelKind()
+
+
+def make_workflow(steps: int, trivial: Tool, kind: ModelKind = PLAIN) -> Workflow:
     script: list[ScriptItem] = [{"tool": "noop", "args": {"x": i}} for i in range(steps - 1)]
-    script.append("done")
-    agent = Agent(name="looper", model=ScriptedModel(script), tools=["noop"],
-                  max_steps=steps + 5)
+    script.append("done: every one of the tool calls came back with its argument unchanged.")
+    model = ScriptedModel(script, stream=kind.stream, chunk_size=kind.chunk_size)
+    agent = Agent(name="looper", model=model, tools=["noop"], max_steps=steps + 5)
     return Workflow(ref="bench:step_overhead", agents={"looper": agent},
                     tools=ToolRegistry([trivial]))
 
@@ -104,37 +129,42 @@ def make_workflow(steps: int, trivial: Tool) -> Workflow:
 StoreFactory = Callable[[Path], Store]
 
 
-async def one_run(make: StoreFactory, steps: int, trivial: Tool,
-                  workdir: Path) -> tuple[float, int]:
-    """Time one run on a fresh store; return (seconds, journaled steps)."""
+async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
+                  kind: ModelKind = PLAIN) -> tuple[float, float, int]:
+    """Time one run on a fresh store; return (seconds, CPU seconds, journaled steps)."""
     store = make(workdir)
     await store.open()
     try:
-        workflow = make_workflow(steps, trivial)
-        engine = Engine(store, lambda ref: workflow)
+        workflow = make_workflow(steps, trivial, kind)
+        bus = LocalEventBus() if kind.bus else None
+        engine = Engine(store, lambda ref: workflow, events=bus)
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         record = await engine.run(workflow, "looper", "loop")
-        elapsed = time.perf_counter() - t0
+        if engine.outbox is not None:
+            await engine.outbox.flush()  # every event handed to the bus, inside the timing
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if record.state != RunState.SUCCEEDED:
             raise RuntimeError(f"run ended {record.state}: {record.error_code} "
                                f"{record.error_message}")
         journaled = len(await store.list_steps(record.id))
-        return elapsed, journaled
+        return elapsed, cpu, journaled
     finally:
         await store.close()
 
 
 async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
-                  steps: int, repeat: int, warmup: int) -> Row:
+                  steps: int, repeat: int, warmup: int, kind: ModelKind = PLAIN) -> Row:
     times: list[float] = []
+    cpus: list[float] = []
     journaled = 0
     with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
         for i in range(warmup + repeat):
             workdir = Path(tmp) / f"rep{i}"
-            elapsed, journaled = await one_run(make, steps, trivial, workdir)
+            elapsed, cpu, journaled = await one_run(make, steps, trivial, workdir, kind)
             if i >= warmup:
                 times.append(elapsed)
+                cpus.append(cpu)
     expected = 2 * steps - 1
     if journaled != expected:
         print(f"warning: {name}: expected {expected} journaled steps, found {journaled}",
@@ -142,7 +172,7 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
     per_step = [t / journaled * 1e6 for t in times]
     per_iter = [t / steps * 1e6 for t in times]
     return Row(
-        backend=name, tool=tool_kind, repeat=repeat, model_turns=steps,
+        backend=name, tool=tool_kind, model=kind.name, repeat=repeat, model_turns=steps,
         tool_calls=steps - 1, journaled_steps=journaled,
         run_ms_median=statistics.median(times) * 1e3,
         run_ms_p90=percentile(times, 90) * 1e3,
@@ -153,6 +183,8 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
         us_per_iteration_median=statistics.median(per_iter),
         us_per_iteration_p90=percentile(per_iter, 90),
         us_per_iteration_min=min(per_iter),
+        cpu_us_per_step_median=statistics.median(cpus) / journaled * 1e6,
+        cpu_us_per_step_min=min(cpus) / journaled * 1e6,
     )
 
 
@@ -214,21 +246,23 @@ async def probe_postgres(url: str) -> str | None:
 def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None:
     print(f"step overhead: {steps} model turns + {steps - 1} tool calls per run "
           f"({2 * steps - 1} journaled steps); times are per run")
-    header = (f"{'backend':<11} {'tool':<5} {'n':>3} {'run ms':>8} "
+    header = (f"{'backend':<11} {'tool':<5} {'model':<11} {'n':>3} {'run ms':>8} "
               f"{'us/step med':>11} {'p90':>7} {'min':>7} "
-              f"{'us/iter med':>11} {'p90':>7} {'min':>7}")
+              f"{'us/iter med':>11} {'p90':>7} {'min':>7} {'cpu us/step':>11} {'min':>5}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.backend:<11} {r.tool:<5} {r.repeat:>3} {r.run_ms_median:>8.1f} "
+        print(f"{r.backend:<11} {r.tool:<5} {r.model:<11} {r.repeat:>3} "
+              f"{r.run_ms_median:>8.1f} "
               f"{r.us_per_step_median:>11.0f} {r.us_per_step_p90:>7.0f} "
               f"{r.us_per_step_min:>7.0f} "
               f"{r.us_per_iteration_median:>11.0f} {r.us_per_iteration_p90:>7.0f} "
-              f"{r.us_per_iteration_min:>7.0f}")
+              f"{r.us_per_iteration_min:>7.0f} {r.cpu_us_per_step_median:>11.0f} "
+              f"{r.cpu_us_per_step_min:>5.0f}")
     for m in missing:
         print(f"{m.backend}: not available ({m.reason})")
     print("us/step = run time / journaled steps; us/iter = run time / model turns "
-          "(one iteration = model turn + tool call)")
+          "(one iteration = model turn + tool call); cpu = this process's CPU time / step")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -240,25 +274,29 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.steps < 2:
         print("--steps must be at least 2", file=sys.stderr)
         return 2
-    plan: list[tuple[str, Tool, str]] = [(b, noop, "async") for b in backends]
+    plan: list[tuple[str, Tool, str, ModelKind]] = [(b, noop, "async", PLAIN) for b in backends]
     if args.sync_tool == "all":
-        plan += [(b, noop_sync, "sync") for b in backends]
+        plan += [(b, noop_sync, "sync", PLAIN) for b in backends]
     elif args.sync_tool == "first" and backends:
-        plan.append((backends[0], noop_sync, "sync"))
+        plan.append((backends[0], noop_sync, "sync", PLAIN))
+    if args.stream and backends:
+        plan += [(backends[0], noop, "async", ModelKind("bus", bus=True)),
+                 (backends[0], noop, "async", ModelKind("bus+stream", bus=True, stream=True,
+                                                        chunk_size=args.chunk_size))]
     missing: list[Unavailable] = []
     if args.postgres_url:
         reason = await probe_postgres(args.postgres_url)
         if reason is None:
-            plan.append(("postgresql", noop, "async"))
+            plan.append(("postgresql", noop, "async", PLAIN))
         else:
             missing.append(Unavailable("postgresql", reason))
 
     rows: list[Row] = []
-    for backend, trivial, kind in plan:
+    for backend, trivial, tool_kind, model_kind in plan:
         make = store_factory(backend, args.postgres_url)
         try:
-            rows.append(await measure(backend, make, trivial, kind, args.steps, args.repeat,
-                                      args.warmup))
+            rows.append(await measure(backend, make, trivial, tool_kind, args.steps,
+                                      args.repeat, args.warmup, model_kind))
         except Exception as exc:
             if backend != "postgresql":
                 raise
@@ -295,6 +333,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--postgres-url", default=None,
                    help="also measure a PostgresStore on URL (a fresh schema per repetition, "
                         "dropped afterwards)")
+    p.add_argument("--stream", action="store_true",
+                   help="add rows with an event bus: the model plain, and streaming")
+    p.add_argument("--chunk-size", type=int, default=4,
+                   help="characters per streamed piece in the streaming row (default 4)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     if args.repeat < 1:

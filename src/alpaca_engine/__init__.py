@@ -4,7 +4,17 @@ from .agents import Agent, HistoryPolicy
 from .engine import Engine
 from .errors import AlpacaError, ErrorCode, TurnInProgress
 from .lifecycle import RunState
-from .models.base import Message, Model, ModelResponse, ToolCall, ToolSpec, Usage
+from .models.base import (
+    Message,
+    Model,
+    ModelDelta,
+    ModelResponse,
+    StreamingModel,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
 from .models.function import FunctionModel
 from .models.scripted import ScriptedModel
 from .store.records import RunRecord, StepRecord, ThreadRecord
@@ -18,8 +28,8 @@ from .workflow import Workflow
 
 __all__ = [
     "Agent", "AlpacaError", "BreakerPolicy", "Engine", "ErrorCode", "FunctionModel",
-    "HistoryPolicy", "Message", "Model", "ModelResponse", "RetryPolicy", "RunRecord",
-    "RunState", "SQLiteStore", "ScriptedModel", "StepRecord", "ThreadRecord", "Tool",
-    "ToolCall", "ToolContext", "ToolRegistry", "ToolSpec", "TransientError",
-    "TurnInProgress", "Usage", "Workflow", "tool",
+    "HistoryPolicy", "Message", "Model", "ModelDelta", "ModelResponse", "RetryPolicy",
+    "RunRecord", "RunState", "SQLiteStore", "ScriptedModel", "StepRecord", "StreamingModel",
+    "ThreadRecord", "Tool", "ToolCall", "ToolCallDelta", "ToolContext", "ToolRegistry",
+    "ToolSpec", "TransientError", "TurnInProgress", "Usage", "Workflow", "tool",
 ]

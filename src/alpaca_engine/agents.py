@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Any, Literal
 
 from .models.base import Model
+from .tools.contracts import Contract
+from .typed_output import contract_for
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,23 @@ class Agent:
     """Reserved from the token budget for each model call (the provider's cap)."""
     history: HistoryPolicy = field(default_factory=HistoryPolicy)
     """What a turn of a thread sends of the earlier turns."""
+    output_schema: dict[str, Any] | None = None
+    """A JSON Schema the final answer must match (a typed agent): its output is JSON."""
+    output_type: Any = None
+    """The same as a Python type (a pydantic model, ``list[str]``, a TypedDict …): its JSON
+    Schema becomes ``output_schema``."""
+    output_retries: int = 1
+    """Corrections the model gets for an answer that does not match, before the run fails
+    with ``invalid_output``."""
+    output_contract: Contract | None = field(default=None, init=False, repr=False,
+                                             compare=False)
+
+    def __post_init__(self) -> None:
+        if self.output_retries < 0:
+            raise ValueError("output_retries must be >= 0")
+        self.output_contract = contract_for(self.output_schema, self.output_type)
+        if self.output_contract is not None:
+            self.output_schema = self.output_contract.schema
 
     def describe(self) -> dict[str, object]:
         return {
@@ -89,6 +108,7 @@ class Agent:
             "delegates_to": list(self.delegates_to),
             "max_steps": self.max_steps,
             "budget": dict(self.budget),
+            "output_schema": self.output_schema,
             "approval": {
                 "tools": list(self.approval.tools),
                 "capabilities": list(self.approval.capabilities),

@@ -148,6 +148,11 @@ def dump(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def run_json(run: RunRecord) -> dict[str, Any]:
+    """A run as ``--json`` prints it: a typed run's output is its JSON value, not a string."""
+    return {**run.model_dump(mode="json"), "output": run.value}
+
+
 def exit_code(run: RunRecord) -> int:
     if run.state == RunState.SUCCEEDED:
         return EXIT_OK
@@ -173,7 +178,7 @@ async def _run_and_report(cfg: Settings, ref: str, agent: str, text: str, as_jso
                           "[/dim]")
         final = await engine.run_tree(run.id)
         if as_json:
-            dump(final.model_dump(mode="json"))
+            dump(run_json(final))
         else:
             console.print(run_summary(final))
             await print_pending(store, final)
@@ -246,7 +251,7 @@ async def _demo(cfg: Settings, as_json: bool, yes: bool) -> int:
                                             key=cfg.audit_key_bytes(), run_id=r.id))
                         for r in tree]
         if as_json:
-            dump({**final.model_dump(mode="json"), "budget_used": ledger.used,
+            dump({**run_json(final), "budget_used": ledger.used,
                   "budget_limits": ledger.limits, "slack_posts": world.posts,
                   "audit_ok": all(v.ok for _, v in verified)})
             return exit_code(final)
@@ -303,7 +308,7 @@ def run(
     if submit_only:
         queued = run_async(lambda: _submit(cfg, workflow_ref(str(file)), agent, input, budget))
         if as_json:
-            dump(queued.model_dump(mode="json"))
+            dump(run_json(queued))
         else:
             console.print(queued.id)
         raise typer.Exit(EXIT_OK)
@@ -338,7 +343,7 @@ def runs_list(
 
     runs = run_async(go)
     if as_json:
-        dump([r.model_dump(mode="json") for r in runs])
+        dump([run_json(r) for r in runs])
     else:
         print_table(console, runs_table(runs, table_width(console)))
 
@@ -365,9 +370,9 @@ def runs_show(
         console.print(run_summary(run))
         return
     if as_json:
-        dump({"run": run.model_dump(mode="json"),
+        dump({"run": run_json(run),
               "steps": [s.model_dump(mode="json") for s in steps],
-              "tree": [r.model_dump(mode="json") for r in tree]})
+              "tree": [run_json(r) for r in tree]})
         return
     root = next((r for r in tree if r.id == run.root_id), run)
     console.print(run_tree(root, tree))
@@ -400,7 +405,7 @@ def runs_resume(
         err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)  # one line, any width
         raise typer.Exit(EXIT_FAILED) from None
     if as_json:
-        dump(final.model_dump(mode="json"))
+        dump(run_json(final))
     else:
         console.print(run_summary(final))
     raise typer.Exit(exit_code(final))
@@ -415,7 +420,7 @@ def runs_cancel(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None
 
     runs = run_async(go)
     if as_json:
-        dump([r.model_dump(mode="json") for r in runs])
+        dump([run_json(r) for r in runs])
         return
     for run in runs:
         what = "cancel requested" if run.state == RunState.RUNNING else str(run.state)

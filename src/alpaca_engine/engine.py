@@ -20,6 +20,7 @@ from .budget import limits_from_budget
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
+from .coord.outbox import Outbox
 from .delegation import children_of
 from .errors import ErrorCode, LeaseLost, NotFound
 from .events import EventSink, discard
@@ -117,23 +118,15 @@ class Engine:
         self.events = events
         self.dispatcher = dispatcher
         self.tenant_policies = dict(tenant_policies or {})
-        self._pending: set[asyncio.Task[None]] = set()
+        self.outbox = Outbox(events) if events is not None else None
+        """Events on their way to the bus: ordered, bounded, never awaited by a run."""
         self.breakers: BreakerBoard = breakers or LocalBreakerBoard(self.clock)
 
     def emit(self, event: dict[str, Any]) -> None:
         """Progress events go to the local sink and, best effort, to the event bus (SSE)."""
         self._sink(event)
-        if self.events is not None and "run_id" in event:
-            task = asyncio.ensure_future(self._publish(event))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _publish(self, event: dict[str, Any]) -> None:
-        try:
-            assert self.events is not None
-            await self.events.publish(str(event["run_id"]), event)
-        except Exception:
-            log.debug("event bus publish failed", exc_info=True)
+        if self.outbox is not None and "run_id" in event:
+            self.outbox.put(event)
 
     async def dispatch(self, run_id: str) -> None:
         """Tell workers a run is queued (they also poll the store, so this only saves time)."""

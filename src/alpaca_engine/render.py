@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.json import JSON
 from rich.panel import Panel
 from rich.table import Column, Table
 from rich.tree import Tree
@@ -80,6 +81,10 @@ class ProgressPrinter:
                                f"{event['action']}({short(event['arguments'], 60)}): "
                                f"{event['reason']}")
             return
+        if kind == "output.invalid":
+            self.console.print(f"{pad}    {label}[red]✗ answer rejected[/red]: "
+                               f"{short(event['message'], 200)}")
+            return
         if kind != "step.completed":
             return
         seq = f"{pad}{label}[bold]{event['seq']:>2}[/bold]"
@@ -103,7 +108,10 @@ class ProgressPrinter:
 
 def run_summary(run: RunRecord) -> Panel:
     style = STATE_STYLE.get(str(run.state), "white")
-    if run.state == "succeeded":
+    body: RenderableType
+    if run.state == "succeeded" and run.output_type == "json" and run.output is not None:
+        body = JSON(run.output, indent=2)  # a typed agent's value, pretty
+    elif run.state == "succeeded":
         body = run.output or ""
     elif run.error_code:
         body = f"[red]{run.error_code}[/red]: {run.error_message}"

@@ -21,11 +21,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import budget as ledger_logic
-from . import delegation, history
+from . import delegation, history, typed_output
 from .agents import Agent
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Outcome
 from .coord.local import LocalBreakerBoard
+from .deltas import DeltaEvents
 from .errors import AlpacaError, ErrorCode, LeaseLost, NotFound, Paused
 from .events import EventSink, discard
 from .faults import Unavailable
@@ -47,7 +48,7 @@ from .models.base import (
     ModelSettings,
     ToolCall,
     ToolSpec,
-    call_model,
+    ask_model,
     retry_hook,
 )
 from .store.base import Store
@@ -262,6 +263,7 @@ class StepRunner:
         specs = self._visible_tools(agent)
         seq = 0
         turns = 0
+        rejected = 0
         while True:
             await self._check_interrupts()
             if turns >= agent.max_steps:
@@ -274,7 +276,17 @@ class StepRunner:
                 response = await self._model_step(agent, seq, messages, specs, journal)
             messages.append(response.as_message())
             if not response.tool_calls:
-                return await self._finish(RunState.SUCCEEDED, output=response.content or "")
+                verdict = self._final(agent, response, rejected)
+                if verdict.problem is not None:  # a typed agent's answer was rejected
+                    rejected += 1
+                    messages.append(Message(role="user",
+                                            content=typed_output.correction(verdict.problem)))
+                    self.emit({"type": "output.invalid", "run_id": run.id, "seq": seq,
+                               "message": verdict.problem})
+                    continue
+                return await self._finish(
+                    RunState.SUCCEEDED, output=verdict.text or "",
+                    output_type="json" if agent.output_contract is not None else "text")
             for call in response.tool_calls:
                 seq += 1
                 with bind(run_id=run.id, step=seq):
@@ -379,11 +391,13 @@ class StepRunner:
                 "delay": round(delay, 4)})])
 
         token = retry_hook.set(journal_retry)
-        settings = ModelSettings(max_output_tokens=agent.max_output_tokens)
+        settings = ModelSettings(max_output_tokens=agent.max_output_tokens,
+                                 output_schema=agent.output_schema, output_name=agent.name)
+        deltas = DeltaEvents(self.emit, step.run_id, seq, lambda: attempts)
         with tracing.model_span(model_name, provider=provider, step=seq) as span:
             try:
-                response = await guarded(call_model(agent.model, list(messages.messages),
-                                                    specs, settings))
+                response = await guarded(ask_model(agent.model, list(messages.messages),
+                                                   specs, settings, deltas))
                 if not isinstance(response, ModelResponse):
                     raise MalformedModelOutput(
                         f"complete() returned {type(response).__name__}; expected a "
@@ -403,6 +417,7 @@ class StepRunner:
                 raise AlpacaError(code, f"model {model_name}: {error['message']}") from None
             finally:
                 retry_hook.reset(token)
+            deltas.finish()
             response = _redacted(response)
             tracing.record_model_response(span, response.model, response.usage.input_tokens,
                                           response.usage.output_tokens, response.finish_reason)
@@ -418,6 +433,7 @@ class StepRunner:
             "content": response.content,
             "tool_calls": [c.model_dump() for c in response.tool_calls],
             "usage": response.usage.model_dump(), "cost": actual_cost})]
+        audit += self._output_audit(agent, seq, response)
         if settle["tokens"] > 0 or settle["cost"] > 1e-12:
             audit.append(AuditEvent(kind="budget.overrun", data={
                 "step": seq, "reserved": reserve, "actual": {
@@ -432,6 +448,32 @@ class StepRunner:
                    "tool_calls": [c.name for c in response.tool_calls],
                    "ms": round(elapsed * 1000, 2)})
         return response
+
+    @staticmethod
+    def _output_audit(agent: Agent, seq: int, response: ModelResponse) -> list[AuditEvent]:
+        """``output.invalid``, journaled with the final answer it rejects (replay re-checks
+        it to the same verdict, so it is never written twice)."""
+        if agent.output_contract is None or response.tool_calls:
+            return []
+        verdict = typed_output.check(agent.output_contract, response.content)
+        if verdict.problem is None:
+            return []
+        return [AuditEvent(kind="output.invalid", data={
+            "step": seq, "agent": agent.name, "message": verdict.problem})]
+
+    @staticmethod
+    def _final(agent: Agent, response: ModelResponse, rejected: int) -> typed_output.Verdict:
+        """A final answer: the output to finish with, or (a typed agent's answer its schema
+        rejects, ``rejected`` of them so far) the problem to correct; out of corrections,
+        the run fails ``invalid_output`` with the last one."""
+        if agent.output_contract is None:
+            return typed_output.Verdict(text=response.content or "")
+        verdict = typed_output.check(agent.output_contract, response.content)
+        if verdict.problem is not None and rejected >= agent.output_retries:
+            raise AlpacaError(ErrorCode.INVALID_OUTPUT, (
+                f"agent {agent.name!r} gave no valid output after {rejected} "
+                f"correction{'' if rejected == 1 else 's'}: {verdict.problem}"))
+        return verdict
 
     def _price(self, model: str, input_tokens: int, output_tokens: int) -> float:
         return ledger_logic.price_of(model, input_tokens, output_tokens, self.workflow.prices)
@@ -771,7 +813,7 @@ class StepRunner:
         audit = [AuditEvent(kind="delegation.finished", data={
             "step": seq, "child_id": child.id, "state": str(child.state)})]
         if child.state == RunState.SUCCEEDED:
-            return _Outcome({"agent": target, "run_id": child.id, "output": child.output},
+            return _Outcome({"agent": target, "run_id": child.id, "output": child.value},
                             None, 1, audit)
         return _Outcome(None, _err(ErrorCode(child.error_code or "internal_error"),
                                    f"sub-agent {target} {child.state}: {child.error_message}",
@@ -827,15 +869,18 @@ class StepRunner:
         return record
 
     async def _finish(self, state: RunState, *, output: str | None = None,
+                      output_type: str | None = None,
                       error: AlpacaError | None = None) -> RunRecord:
         # ``output`` is the redacted model answer; error text may quote anything: redact it.
         record = await self.store.transition(
             self.run_record.id, state, self.clock.now(), epoch=self.epoch, output=output,
+            output_type=output_type,
             error_code=str(error.code) if error else None,
             error_message=redact_text(error.message) if error else None,
             usage=self.usage.as_dict())
         self.run_record = record
         self.emit({"type": "run.finished", "run_id": record.id, "state": str(record.state),
-                   "output": record.output, "error_code": record.error_code,
-                   "error_message": record.error_message, "usage": record.usage})
+                   "output": record.value, "output_type": record.output_type,
+                   "error_code": record.error_code, "error_message": record.error_message,
+                   "usage": record.usage})
         return record

@@ -53,15 +53,19 @@ agents:
 """
 
 
-@pytest.fixture
-def gated_workflow(tmp_path: Path) -> Path:
-    """A workflow whose ``announcer`` waits for an approval; ``echo`` answers at once."""
-    folder = tmp_path / "wf"
+def workflow_folder(folder: Path, workflow_yaml: str) -> Path:
+    """``folder/workflow.yaml`` with the gated ``announce`` tool beside it; its path."""
     folder.mkdir()
     (folder / "api_gated_tools.py").write_text(textwrap.dedent(TOOLS_PY))
     path = folder / "workflow.yaml"
-    path.write_text(WORKFLOW_YAML)
+    path.write_text(workflow_yaml)
     return path
+
+
+@pytest.fixture
+def gated_workflow(tmp_path: Path) -> Path:
+    """A workflow whose ``announcer`` waits for an approval; ``echo`` answers at once."""
+    return workflow_folder(tmp_path / "wf", WORKFLOW_YAML)
 
 
 @dataclass

@@ -120,7 +120,7 @@ def test_what_the_issue_reported_is_fixed(document: dict[str, Any]) -> None:
     assert "204" in events
     union = document["components"]["schemas"]["RunStreamEvent"]
     assert union["discriminator"]["propertyName"] == "type"
-    assert set(union["discriminator"]["mapping"]) == {"audit", "end"}
+    assert set(union["discriminator"]["mapping"]) == {"audit", "message.delta", "end"}
 
 
 def test_both_layers_fail_on_real_mistakes(document: dict[str, Any]) -> None:

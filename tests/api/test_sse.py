@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +160,11 @@ async def _read(client: httpx.AsyncClient, url: str, out: list[dict[str, Any]],
 COMBINATIONS = ["sqlite+local", "postgres+redis", "sqlite+redis"]
 
 
-@pytest.fixture(params=COMBINATIONS)
-def server(request: pytest.FixtureRequest, tmp_path: Path, gated_workflow: Path) -> Iterator[str]:
-    """`alpaca serve` of the gated workflow on each store/coordination combination."""
-    store, coordination = request.param.split("+")
+@contextmanager
+def serve_on(combination: str, tmp_path: Path, workflow: Path) -> Iterator[str]:
+    """`alpaca serve` of ``workflow`` on a ``store+coordination`` combination (a fresh
+    PostgreSQL database, an unused Redis database); yields its base URL."""
+    store, coordination = combination.split("+")
     with ExitStack() as stack:
         env = {**os.environ, "ALPACA_POLL_INTERVAL": "0.05"}
         env.pop("ALPACA_REDIS_URL", None)
@@ -171,7 +172,14 @@ def server(request: pytest.FixtureRequest, tmp_path: Path, gated_workflow: Path)
                                       if store == "postgres" else f"sqlite:///{tmp_path}/s.db")
         if coordination == "redis":
             env["ALPACA_REDIS_URL"] = stack.enter_context(redis_database())
-        yield stack.enter_context(alpaca_serve(env, "--workflow", str(gated_workflow)))
+        yield stack.enter_context(alpaca_serve(env, "--workflow", str(workflow)))
+
+
+@pytest.fixture(params=COMBINATIONS)
+def server(request: pytest.FixtureRequest, tmp_path: Path, gated_workflow: Path) -> Iterator[str]:
+    """`alpaca serve` of the gated workflow on each store/coordination combination."""
+    with serve_on(request.param, tmp_path, gated_workflow) as base:
+        yield base
 
 
 @pytest.mark.e2e

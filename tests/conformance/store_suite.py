@@ -126,6 +126,19 @@ class StoreConformance:
         with pytest.raises(IllegalTransition):
             await store.transition("r1", RunState.QUEUED, 102, epoch=run.epoch)
 
+    async def test_a_typed_output_keeps_its_type(self, store):
+        await store.create_run(new_run("r1"))
+        await store.create_run(new_run("r2"))
+        assert (await store.get_run("r1")).output_type == "text"
+        for rid, output, kind in (("r1", '{"a":[1,2]}', "json"), ("r2", "plain", None)):
+            run = await store.claim_run(rid, "w", 10, 100)
+            await store.transition(rid, RunState.SUCCEEDED, 101, epoch=run.epoch,
+                                   output=output, output_type=kind)
+        typed, plain = await store.get_run("r1"), await store.get_run("r2")
+        assert (typed.output_type, typed.value) == ("json", {"a": [1, 2]})
+        assert (plain.output_type, plain.value) == ("text", "plain")
+        assert [r.output_type for r in await store.list_runs()] == ["text", "json"]
+
     async def test_cancel(self, store):
         await store.create_run(new_run("q"))
         await store.create_run(new_run("r"))

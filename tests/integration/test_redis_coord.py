@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from alpaca_engine.clock import FakeClock
 from alpaca_engine.coord.factory import make_coordination
 from alpaca_engine.coord.local import LocalBreakerBoard, LocalEventBus
+from alpaca_engine.coord.outbox import Outbox
 from alpaca_engine.coord.redis import RedisBreakerBoard, RedisDispatcher, RedisEventBus
 from alpaca_engine.tools.breaker import BreakerPolicy, BreakerState, Transition
 from tests.conftest import service_unavailable
@@ -196,10 +197,14 @@ async def _wait_subscribed(client: aioredis.Redis, channel: str, count: int = 1)
         await asyncio.sleep(0.01)
 
 
-async def test_events_published_on_one_client_reach_subscribers_on_another(
-    connect: Connect, prefix: str
-) -> None:
-    publisher = RedisEventBus(connect(), prefix)
+Stream = AsyncGenerator[dict[str, Any], None]
+
+
+async def _subscribed(connect: Connect, prefix: str) -> tuple[
+        aioredis.Redis, Stream, Stream, asyncio.Task[dict[str, Any]],
+        asyncio.Task[dict[str, Any]]]:
+    """A listener client subscribed to ``run-1`` and to ``*``, each already reading its
+    first event (a task)."""
     listener_client = connect()
     listener = RedisEventBus(listener_client, prefix)
     one_run = listener.subscribe("run-1")
@@ -208,6 +213,15 @@ async def test_events_published_on_one_client_reach_subscribers_on_another(
     first_any = asyncio.create_task(anext(every_run))
     await _wait_subscribed(listener_client, listener.channel("run-1"))
     await _wait_subscribed(listener_client, listener.channel("*"))
+    return listener_client, one_run, every_run, first, first_any
+
+
+async def test_events_published_on_one_client_reach_subscribers_on_another(
+    connect: Connect, prefix: str
+) -> None:
+    publisher = RedisEventBus(connect(), prefix)
+    listener_client, one_run, every_run, first, first_any = await _subscribed(connect, prefix)
+    listener = RedisEventBus(listener_client, prefix)
 
     await publisher.publish("run-2", {"run_id": "run-2", "kind": "step"})
     await publisher.publish("run-1", {"run_id": "run-1", "kind": "done", "n": 1})
@@ -221,6 +235,31 @@ async def test_events_published_on_one_client_reach_subscribers_on_another(
     for run in ("run-1", "*"):
         [(_, n)] = await listener_client.pubsub_numsub(listener.channel(run))
         assert n == 0  # closing the generator unsubscribed
+
+
+async def test_an_outbox_of_deltas_reaches_a_subscriber_in_order(
+    connect: Connect, prefix: str
+) -> None:
+    """Many events put at once (a streaming model's deltas) leave in batches over a pooled
+    client and arrive in the order they were emitted, on the run's channel and on ``*``."""
+    publisher = RedisEventBus(connect(), prefix)
+    _, one_run, every_run, first, first_any = await _subscribed(connect, prefix)
+
+    outbox = Outbox(publisher)
+    for index in range(600):  # more than one batch
+        outbox.put({"type": "message.delta", "run_id": "run-1", "step": 1, "attempt": 1,
+                    "index": index, "text": "x"})
+    await asyncio.wait_for(outbox.flush(), PATIENCE)
+
+    got = [(await asyncio.wait_for(first, PATIENCE))["index"]]
+    got_any = [(await asyncio.wait_for(first_any, PATIENCE))["index"]]
+    while len(got) < 600:
+        got.append((await asyncio.wait_for(anext(one_run), PATIENCE))["index"])
+    while len(got_any) < 600:
+        got_any.append((await asyncio.wait_for(anext(every_run), PATIENCE))["index"])
+    assert got == got_any == list(range(600))
+    await one_run.aclose()
+    await every_run.aclose()
 
 
 async def test_subscriber_skips_messages_that_are_not_events(connect: Connect, prefix: str) -> None:

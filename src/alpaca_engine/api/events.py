@@ -10,8 +10,12 @@ The wire contract, for any client (a browser ``EventSource``, a generated client
   last seq sent of the streamed run, then ``path:seq`` for each run below it that sent
   something, where ``path`` is the run's id without the streamed run's id in front (child
   ids extend their parent's, ``run_x.3``; any other id is written out in full).
-* Ephemeral events (``message.delta`` of streaming models, later) carry no ``id``: they are
-  never replayed, and a reconnect resumes after the last durable event.
+* Ephemeral events (``message.delta``: a piece of a model turn as a streaming model writes
+  it) carry no ``id``: they come straight from the event bus, are never replayed, and a
+  reconnect resumes after the last durable event. A delta is sent only before the durable
+  record that completes its model step (``model.output``, a ``model.retry`` of its attempt,
+  or any record of a later step): one that arrives later is dropped, the record holds the
+  whole turn. Deltas of a step's retried attempt carry the next ``attempt``.
 * ``end`` (no ``id``) comes once every run in the stream is terminal and every record was
   sent; the server then closes. A request whose position is already at or past the end of a
   finished stream answers **204**, which stops an ``EventSource`` for good.
@@ -19,22 +23,26 @@ The wire contract, for any client (a browser ``EventSource``, a generated client
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
 
 from ..delegation import children_of
 from ..engine import Engine
 from ..errors import NotFound
+from ..lifecycle import RunState
 from ..store.base import Store
 from ..store.records import RunRecord
-from .models import SEQ_MAX, AuditEntry, AuditRecordEvent, EndEvent
-from .models_threads import ThreadAuditEvent, ThreadDeletedEvent, TurnEndEvent
+from ..telemetry.audit import AuditRecord
+from .models import SEQ_MAX, AuditEntry, AuditRecordEvent, EndEvent, MessageDeltaEvent
+from .models_threads import ThreadAuditEvent, ThreadDeletedEvent, ThreadDeltaEvent, TurnEndEvent
 from .problems import ProblemError
 from .state import ApiState, Waker
 
@@ -141,16 +149,79 @@ async def nothing_left(store: Store, scope: Scope, cursor: Cursor) -> bool:
     return True
 
 
+@dataclass
+class _Progress:
+    done_through: float = 0
+    """Every model step up to this seq is complete (its record, or a later one, was sent)."""
+    retried: dict[int, int] = field(default_factory=dict)
+    """Step → the last attempt a ``model.retry`` record closed."""
+
+
+@dataclass
+class DeltaGate:
+    """Which bus deltas a stream may still send: none of a model step (or attempt) whose
+    completing record the stream already sent, so a client never sees a piece of a turn
+    after the turn itself. Any scope can use it: it only looks at records and deltas."""
+
+    _runs: dict[str, _Progress] = field(default_factory=dict)
+
+    def saw(self, run_id: str, record: AuditRecord) -> None:
+        """Note a durable record just sent."""
+        progress = self._runs.setdefault(run_id, _Progress())
+        data = record.data
+        step = data.get("step")
+        if record.kind == "state.changed" and data.get("to") in _FINISHED:
+            progress.done_through = float("inf")
+        if not isinstance(step, int):
+            return
+        if record.kind in ("model.output", "model.error"):
+            progress.done_through = max(progress.done_through, step)
+        else:
+            progress.done_through = max(progress.done_through, step - 1)
+        if record.kind == "model.retry" and isinstance(data.get("attempt"), int):
+            progress.retried[step] = max(progress.retried.get(step, 0), data["attempt"])
+
+    def fresh(self, deltas: Iterable[dict[str, Any]],
+              shape: type[MessageDeltaEvent] = MessageDeltaEvent) -> Iterator[ServerSentEvent]:
+        """The SSE events (no id) of the deltas that still come before their record, in the
+        stream's documented ``shape`` (a thread stream's deltas also carry their turn)."""
+        for delta in deltas:
+            progress = self._runs.get(str(delta.get("run_id")))
+            step, attempt = delta.get("step"), delta.get("attempt")
+            if not isinstance(step, int) or not isinstance(attempt, int):
+                continue
+            if progress is not None and (step <= progress.done_through
+                                         or attempt <= progress.retried.get(step, 0)):
+                continue
+            try:  # the documented shape only, whatever else travelled on the bus
+                body = shape.model_validate(delta).model_dump(mode="json")
+            except ValidationError:
+                continue
+            for optional in ("text", "tool_call"):
+                if body[optional] is None:
+                    del body[optional]
+            yield ServerSentEvent(data=json.dumps(body, separators=(",", ":")))
+
+
+_FINISHED = frozenset(str(s) for s in RunState if s.terminal)
+
+
 async def stream(st: ApiState, scope: Scope, cursor: Cursor) -> AsyncIterator[ServerSentEvent]:
-    """Send every record after ``cursor`` exactly once, in seq order per run, then ``end``."""
+    """Send every record after ``cursor`` exactly once, in seq order per run, then ``end``;
+    between them, the deltas the bus brings that are not yet stale (see :class:`DeltaGate`)."""
     position = dict(cursor)
-    async with Waker(st.engine, scope.run_id, tree=scope.tree) as waker:
+    gate = DeltaGate()
+    loop = asyncio.get_running_loop()
+    async with Waker(st.engine, scope.run_id, tree=scope.tree, deltas=True) as waker:
         while True:
+            for delta in gate.fresh(waker.take_deltas()):
+                yield delta
             runs = await scope.runs(st.store)
             for run in runs:
                 for record in await st.store.list_audit(run.id,
                                                         after_seq=position.get(run.id, 0)):
                     position[run.id] = record.seq
+                    gate.saw(run.id, record)
                     event = AuditRecordEvent(type="audit", run_id=run.id,
                                              record=AuditEntry.of(record))
                     yield ServerSentEvent(data=event.model_dump_json(),
@@ -160,7 +231,10 @@ async def stream(st: ApiState, scope: Scope, cursor: Cursor) -> AsyncIterator[Se
                                last_event_id=scope.event_id(position) if position else None)
                 yield ServerSentEvent(data=end.model_dump_json())
                 return
-            await waker.wait(SSE_POLL_SECONDS)
+            deadline = loop.time() + SSE_POLL_SECONDS
+            while not await waker.wait(max(0.0, deadline - loop.time())):
+                for delta in gate.fresh(waker.take_deltas()):  # only deltas came: no read
+                    yield delta
 
 
 # -- thread streams (DESIGN §10) ----------------------------------------------------------------
@@ -206,30 +280,30 @@ def parse_thread_cursor(text: str, last_turn: int) -> ThreadCursor:
 class ThreadWaker(Waker):
     """Wakes a thread stream on any event of its turns' runs (or naming the thread), and
     keeps their ``message.delta`` events to forward. A delta of a run the stream has not
-    read yet (a turn that just started) is held until the next read tells whose it is."""
+    read yet (a turn that just started) is held, and wakes a read that tells whose it is."""
 
     def __init__(self, engine: Engine, thread_id: str) -> None:
-        super().__init__(engine, "*", tree=True)  # every run's events
+        super().__init__(engine, "*", tree=True, deltas=True)  # every run's events
         self.thread_id = thread_id
         self.turns: dict[str, int] = {}
         """Run id -> turn, as last read from the store."""
-        self._deltas: deque[dict[str, Any]] = deque(maxlen=_DELTAS_KEPT)
         self._unplaced: deque[dict[str, Any]] = deque(maxlen=_DELTAS_KEPT)
 
     def _concerns(self, event: dict[str, Any]) -> bool:
         run_id = str(event.get("run_id", ""))
-        if event.get("type") == "message.delta":
-            (self._deltas if run_id in self.turns else self._unplaced).append(event)
+        if event.get("type") == "message.delta" and run_id not in self.turns:
+            self._unplaced.append(event)
+            self._event.set()  # perhaps a new turn: read the store to place it
+            return False
         return run_id in self.turns or event.get("thread_id") == self.thread_id
 
     def drain(self) -> list[dict[str, Any]]:
-        """The deltas of this thread's turns since the last drain, each with its ``turn``."""
+        """The deltas of this thread's turns since the last drain, oldest first, each with
+        its ``turn``; held ones of runs that are still not this thread's are dropped."""
         held = [e for e in self._unplaced if str(e.get("run_id")) in self.turns]
         self._unplaced.clear()
-        out = [{**e, "turn": self.turns[str(e["run_id"])]} for e in (*self._deltas, *held)
-               if str(e.get("run_id")) in self.turns]
-        self._deltas.clear()
-        return out
+        return [{**e, "turn": self.turns[str(e["run_id"])]}
+                for e in (*held, *self.take_deltas()) if str(e.get("run_id")) in self.turns]
 
 
 async def thread_stream(st: ApiState, thread_id: str, tenant: str,
@@ -240,6 +314,8 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
     touched: set[int] = set()
     ended: set[int] = set()
     complete: set[int] = set()  # read terminal, then read to the end: nothing more will come
+    gate = DeltaGate()
+    loop = asyncio.get_running_loop()
     waker = ThreadWaker(st.engine, thread_id)
     async with waker:
         while True:
@@ -251,8 +327,8 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
                 return
             turns = await st.store.list_turns(thread_id)  # read before their records
             waker.turns = {t.id: t.turn or 0 for t in turns}
-            for delta in waker.drain():
-                yield ServerSentEvent(data=json.dumps(delta, default=str))
+            for delta in gate.fresh(waker.drain(), ThreadDeltaEvent):
+                yield delta
             for run in turns:
                 turn = run.turn or 0
                 if turn in complete:
@@ -260,6 +336,7 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
                 for record in await st.store.list_audit(run.id, position.get(turn, 0)):
                     position[turn] = record.seq
                     touched.add(turn)
+                    gate.saw(run.id, record)
                     event = ThreadAuditEvent(type="audit", run_id=run.id, turn=turn,
                                              record=AuditEntry.of(record))
                     yield ServerSentEvent(data=event.model_dump_json(),
@@ -269,7 +346,10 @@ async def thread_stream(st: ApiState, thread_id: str, tenant: str,
                 if run.state.terminal and turn in touched and turn not in ended:
                     ended.add(turn)
                     end = TurnEndEvent(type="turn.end", run_id=run.id, turn=turn,
-                                       state=run.state, answer=run.output,
+                                       state=run.state, answer=run.value,
                                        last_event_id=format_thread_cursor(position))
                     yield ServerSentEvent(data=end.model_dump_json())
-            await waker.wait(SSE_POLL_SECONDS)
+            deadline = loop.time() + SSE_POLL_SECONDS
+            while not await waker.wait(max(0.0, deadline - loop.time())):
+                for delta in gate.fresh(waker.drain(), ThreadDeltaEvent):  # no store read
+                    yield delta

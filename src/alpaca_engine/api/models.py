@@ -86,7 +86,12 @@ class Run(BaseModel):
     turn: int | None = Field(default=None, description="Its turn number in that thread.")
     input: str
     state: RunState
-    output: str | None
+    output: Any = Field(description=(
+        "The final answer: text, or for a typed agent (`output_type: json`, an agent with an "
+        "`output_schema`) the JSON value it returned, already parsed (an object, array, "
+        "number …). Null until the run succeeds."))
+    output_type: Literal["text", "json"] = Field(description=(
+        "`json` when `output` is a typed agent's JSON value, `text` otherwise."))
     error_code: str | None
     error_message: str | None
     parent_id: str | None
@@ -102,7 +107,9 @@ class Run(BaseModel):
 
     @classmethod
     def of(cls, record: RunRecord) -> Run:
-        return cls.model_validate(record.model_dump(include=set(cls.model_fields)))
+        data = record.model_dump(include=set(cls.model_fields))
+        data["output"] = record.value
+        return cls.model_validate(data)
 
 
 class RunList(BaseModel):
@@ -208,7 +215,35 @@ class EndEvent(BaseModel):
         description="The id of the last record event: reconnecting with it answers 204.")
 
 
-RunStreamEvent = Annotated[AuditRecordEvent | EndEvent, Field(discriminator="type")]
+class ToolCallPiece(BaseModel):
+    """A piece of a tool call being written: `id` and `name` come with its first piece."""
+
+    index: int = Field(description="Which call of the turn (0, 1 …).")
+    id: str | None
+    name: str | None
+    arguments: str = Field(description="The next fragment of the call's JSON arguments.")
+
+
+class MessageDeltaEvent(BaseModel):
+    """Stream event, ephemeral (no SSE `id`, never replayed): a piece of a model turn as a
+    streaming model writes it. Join the `text` of one (`step`, `attempt`) in `index` order
+    to show the answer as it comes; a new `attempt` for a step means the stream restarted
+    (discard what was shown for that step); a missing `index` means pieces were lost. The
+    completed turn follows as a durable `model.output` record, which is authoritative."""
+
+    type: Literal["message.delta"]
+    run_id: str = Field(description="The run whose model is writing (a child on a tree "
+                                    "stream).")
+    step: int = Field(description="The model step's seq.")
+    attempt: int = Field(description="1, then 2 … when a cut stream was retried.")
+    index: int = Field(description="The piece's position within (step, attempt), from 0.")
+    text: str | None = Field(default=None, description="A piece of the answer text.")
+    tool_call: ToolCallPiece | None = Field(default=None,
+                                            description="Or a piece of a tool call.")
+
+
+RunStreamEvent = Annotated[AuditRecordEvent | MessageDeltaEvent | EndEvent,
+                           Field(discriminator="type")]
 """The JSON `data` of every event of a run stream, told apart by `type`."""
 
 
@@ -238,6 +273,8 @@ class AgentInfo(BaseModel):
     max_steps: int
     budget: dict[str, Any]
     approval: dict[str, Any]
+    output_schema: dict[str, Any] | None = Field(
+        default=None, description="The JSON Schema of a typed agent's answer.")
 
 
 class AgentList(BaseModel):

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ..lifecycle import RunState
 from ..store.records import RunRecord, ThreadRecord
 from ..telemetry.audit import AuditRecord
-from .models import MAX_INPUT_CHARS, AuditEntry, Budget, Text
+from .models import MAX_INPUT_CHARS, AuditEntry, Budget, MessageDeltaEvent, Text
 
 MAX_METADATA_BYTES = 16 * 1024
 """A thread's metadata, as JSON, is at most this long (it is shown in every listing)."""
@@ -123,7 +123,9 @@ class ThreadMessage(BaseModel):
     run_id: str
     state: RunState
     content: str
-    answer: str | None
+    answer: Any = Field(description="The final answer: text, or the JSON value of a typed "
+                                    "agent (see `output_type`); null until the turn ends.")
+    output_type: Literal["text", "json"] = "text"
     error_code: str | None
     error_message: str | None
     created_at: float
@@ -132,7 +134,7 @@ class ThreadMessage(BaseModel):
     @classmethod
     def of(cls, run: RunRecord) -> ThreadMessage:
         return cls(turn=run.turn or 0, run_id=run.id, state=run.state, content=run.input,
-                   answer=run.output, error_code=run.error_code,
+                   answer=run.value, output_type=run.output_type, error_code=run.error_code,
                    error_message=run.error_message, created_at=run.created_at,
                    updated_at=run.updated_at)
 
@@ -184,24 +186,15 @@ class TurnEndEvent(BaseModel):
     run_id: str
     turn: int
     state: RunState
-    answer: str | None
+    answer: Any = Field(description="The turn's answer: text, or JSON for a typed agent.")
     last_event_id: str
 
 
-class ThreadDeltaEvent(BaseModel):
-    """Stream event: a piece of a streaming model's answer (ephemeral, no SSE `id`, never
-    replayed); `step`/`attempt`/`index` place it (a new `attempt` restarts that step)."""
+class ThreadDeltaEvent(MessageDeltaEvent):
+    """Stream event: a piece of a streaming model's answer in a turn (ephemeral, no SSE
+    `id`, never replayed); `step`/`attempt`/`index` place it (a new `attempt` restarts it)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    type: Literal["message.delta"]
-    run_id: str
-    turn: int
-    step: int
-    attempt: int
-    index: int
-    text: str | None = None
-    tool_call: dict[str, Any] | None = None
+    turn: int = Field(description="The turn whose run is writing.")
 
 
 class ThreadDeletedEvent(BaseModel):

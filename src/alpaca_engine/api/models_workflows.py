@@ -25,8 +25,8 @@ class Issue(BaseModel):
 
     @classmethod
     def of(cls, error: WorkflowError) -> Issue:
-        # The message may quote the pushed text: a lone surrogate there would make the
-        # response unencodable (a 500), so it goes through the one redaction pass.
+        # The path and message may quote the document: a lone surrogate it held cannot be
+        # encoded in the response (U+FFFD instead), and a secret it held is masked.
         return cls(path=redact_text(error.field), line=error.line,
                    message=redact_text(error.message))
 

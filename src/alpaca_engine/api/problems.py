@@ -69,10 +69,10 @@ def problem_body(status: int, code: str, detail: str | None, instance: str | Non
                             "code": code}
     body.update(extra)
     try:
-        json.dumps(body, ensure_ascii=False, default=str).encode()
-    except UnicodeEncodeError:
-        # A detail may quote the request (a pushed workflow's text): a lone surrogate would
-        # make the response itself unencodable (a 500 instead of this problem).
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError):
+        # A detail quoting what the client sent (a workflow line) with a lone surrogate
+        # could not be encoded: a 500 instead of the 4xx. U+FFFD takes its place.
         cleaned: dict[str, Any] = redact_value(body, mask_keys=False)
         return cleaned
     return body

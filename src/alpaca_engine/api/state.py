@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,12 @@ def get_state(request: Request) -> ApiState:
     return state
 
 
+DELTA = "message.delta"
+MAX_HELD_DELTAS = 4096
+"""Deltas a Waker holds for a stream that has not sent them yet; older ones are dropped
+(the client sees a gap in ``index``) rather than a slow client growing the server."""
+
+
 class Waker:
     """Wakes a poller early when the event bus reports activity on a run (or, with
     ``tree=True``, on the run or any run it delegated to: their ids extend its id).
@@ -112,16 +119,24 @@ class Waker:
     always re-read the store and wait at most ``poll`` seconds. Leaving never waits on the
     bus: the listener is cancelled and finishes on its own, so a response that used a Waker
     ends as soon as its last byte is sent.
+
+    ``message.delta`` events are not hints (the store has nothing new for them): they never
+    wake a store read. With ``deltas=True`` the Waker keeps them, in arrival order, for
+    :meth:`take_deltas` (an SSE stream forwards them).
     """
 
     _leaving: ClassVar[set[asyncio.Task[None]]] = set()  # cancelled listeners still closing
 
-    def __init__(self, engine: Engine, run_id: str, *, tree: bool = False) -> None:
+    def __init__(self, engine: Engine, run_id: str, *, tree: bool = False,
+                 deltas: bool = False) -> None:
         self.engine = engine
         self.run_id = run_id
         self.tree = tree
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._keep_deltas = deltas
+        self._deltas: deque[dict[str, Any]] = deque(maxlen=MAX_HELD_DELTAS)
+        self._delta = asyncio.Event()
 
     async def __aenter__(self) -> Waker:
         if self.engine.events is not None:
@@ -145,13 +160,39 @@ class Waker:
             stream: AsyncIterator[dict[str, Any]] = self.engine.events.subscribe(
                 "*" if self.tree else self.run_id)
             async for event in stream:
-                if self._concerns(event):
+                if not self._concerns(event):
+                    continue
+                if event.get("type") != DELTA:
                     self._event.set()
+                elif self._keep_deltas:
+                    self._deltas.append(event)
+                    self._delta.set()
 
-    async def wait(self, poll: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), poll)
-        self._event.clear()
+    def take_deltas(self) -> list[dict[str, Any]]:
+        """The deltas received since the last call, oldest first."""
+        taken = list(self._deltas)
+        self._deltas.clear()
+        self._delta.clear()
+        return taken
+
+    async def wait(self, poll: float) -> bool:
+        """Until the bus hints at news in the store or ``poll`` seconds pass (True: read the
+        store), or deltas arrive (False: only :meth:`take_deltas` has news)."""
+        if self._delta.is_set() and not self._event.is_set():
+            return False
+        hint = asyncio.ensure_future(self._event.wait())
+        waits: set[asyncio.Future[Any]] = {hint}
+        if self._keep_deltas:
+            waits.add(asyncio.ensure_future(self._delta.wait()))
+        try:
+            await asyncio.wait(waits, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if self._event.is_set() or not self._delta.is_set():
+            self._event.clear()
+            return True
+        return False
 
 
 class LocalDispatcher:

@@ -155,7 +155,10 @@ class RedisEventBus:
 
     Each event goes to ``{prefix}events:{run_id}`` and to ``{prefix}events`` (what ``"*"``
     subscribes to). Pub/sub is fire-and-forget: events published while a subscriber is
-    disconnected are lost, which is fine because they only wake readers of the store.
+    disconnected are lost, which is fine: most only wake readers of the store, and the
+    ephemeral ``message.delta`` ones are never replayed anyway (the completed turn is a
+    durable record). The Engine publishes through an ``Outbox`` (ordered, batched with
+    :meth:`publish_many`, bounded), so a slow Redis never holds up a run.
     """
 
     def __init__(self, client: aioredis.Redis, prefix: str = "alpaca:") -> None:
@@ -171,6 +174,15 @@ class RedisEventBus:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.publish(self.channel(run_id), payload)
             pipe.publish(self.channel("*"), payload)
+            await pipe.execute()
+
+    async def publish_many(self, events: list[dict[str, Any]]) -> None:
+        """Several events (each with its ``run_id``) in one round trip, in order."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                payload = json.dumps(event, separators=(",", ":"), default=str)
+                pipe.publish(self.channel(str(event["run_id"])), payload)
+                pipe.publish(self.channel("*"), payload)
             await pipe.execute()
 
     async def subscribe(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:

@@ -4,6 +4,7 @@ results (search hits, fetched pages, the Slack delivery) rather than canned text
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -30,13 +31,23 @@ def _failure(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def _child_output(results: Results, agent: str) -> str | None:
+def _child_output(results: Results, agent: str) -> Any:
+    """What a sub-agent answered: its text, or the JSON value of a typed agent (decision)."""
     for name, value in results:
         if name == f"delegate_to_{agent}":
             if isinstance(value, dict) and "output" in value:
-                return str(value["output"])
+                return value["output"]
             return f"(failed: {_failure(value)})"
     return None
+
+
+def decision_sentence(decision: Any) -> str:
+    """The decision agent's ``{decision, confidence, reasons}`` as one line for people."""
+    if not isinstance(decision, dict):
+        return str(decision)
+    reasons = "; ".join(str(r) for r in decision.get("reasons", []))
+    return (f"Decision: {decision.get('decision')} for the EU launch this quarter "
+            f"(confidence {float(decision.get('confidence', 0)):.0%}: {reasons}).")
 
 
 def orchestrator(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
@@ -56,10 +67,10 @@ def orchestrator(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
         return {"tool": "delegate_to_decision",
                 "args": {"task": f"Question: {question}\nFacts:\n{facts}"}}
     posted = _child_output(got, "notification")
-    if posted is None:
+    if posted is None:  # the notification agent gets the typed decision itself, as JSON
         return {"tool": "delegate_to_notification",
-                "args": {"task": f"Tell #eu-launch: {decision}"}}
-    return f"{decision}\n{posted}"
+                "args": {"task": f"Tell #eu-launch: {json.dumps(decision)}"}}
+    return f"{decision_sentence(decision)}\n{posted}"
 
 
 def search(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
@@ -95,18 +106,25 @@ NEGATIVE = ("blocker", "not ready", "missing", "failed", "unstaffed")
 
 
 def decision(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    """A typed answer: the JSON ``{decision, confidence, reasons}`` its output schema asks."""
     text = _task(messages).lower()
+    found = [w for w in POSITIVE if w in text]
     plus = sum(text.count(w) for w in POSITIVE)
-    minus = sum(text.count(w) for w in NEGATIVE) - text.count("not a blocker")
-    verdict = "GO" if plus > 2 * max(minus, 0) else "NO-GO"
-    return (f"Decision: {verdict} for the EU launch this quarter "
-            f"({plus} readiness signals, {max(minus, 0)} blockers in the research).")
+    minus = max(sum(text.count(w) for w in NEGATIVE) - text.count("not a blocker"), 0)
+    verdict = "GO" if plus > 2 * minus else "NO-GO"
+    reasons = [f"{plus} readiness signals in the research ({', '.join(found) or 'none'})",
+               f"{minus} blockers"]
+    confidence = round(max(plus, minus) / (plus + minus + 2), 2)  # 2: some doubt left
+    return json.dumps({"decision": verdict, "confidence": confidence, "reasons": reasons})
 
 
 def notification(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    """Posts the decision: the typed value the orchestrator passed on, as a sentence."""
     got = _results(messages)
     if not got:
         text = _task(messages).split(":", 1)[-1].strip()
+        with contextlib.suppress(ValueError):  # a plain-text task is posted as it is
+            text = decision_sentence(json.loads(text))
         return {"tool": "notify_slack", "args": {"text": text, "channel": "#eu-launch"}}
     delivery = got[-1][1]
     if isinstance(delivery, dict) and delivery.get("ok"):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -70,6 +71,37 @@ class ModelSettings(BaseModel):
     ledger is not overspent by a long answer."""
 
     max_output_tokens: int | None = None
+    output_schema: dict[str, Any] | None = None
+    """The JSON Schema a typed agent's final answer must match (``None``: free text). An
+    adapter whose provider can be held to a schema asks for it natively; the runner
+    validates the answer either way."""
+    output_name: str = "output"
+    """A name for that schema (providers want one): the agent's name."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call as it streams: ``index`` tells the calls of a turn apart;
+    ``id`` and ``name`` come with the first piece, ``arguments`` is the next raw fragment."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDelta:
+    """A piece of the turn being written: answer text, or a tool call's argument fragment.
+
+    A plain dataclass, not a pydantic model: a long answer streams thousands of them."""
+
+    text: str | None = None
+    tool_call: ToolCallDelta | None = None
+
+
+StreamItem = ModelDelta | ModelResponse
+"""What a streaming model yields: deltas, then exactly one ``ModelResponse`` (the turn)."""
 
 
 class ModelError(Exception):
@@ -106,6 +138,61 @@ class Model(Protocol):
     ) -> ModelResponse: ...
 
 
+@runtime_checkable
+class StreamingModel(Model, Protocol):
+    """A model that can also stream its turn (optional: the runner calls ``complete``
+    otherwise). A model with ``streaming = False`` is not streamed even though it can be
+    (a workflow switched it off).
+
+    ``stream`` yields :class:`ModelDelta` pieces and ends with exactly one
+    :class:`ModelResponse`, the completed turn: the only thing the journal keeps. A stream
+    that a transient failure cuts may be retried by the model itself (its retry policy,
+    reported through :data:`retry_hook` like ``complete``); deltas after such a retry
+    restart the turn from its beginning."""
+
+    def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[StreamItem]: ...
+
+
+def streams(model: Model) -> bool:
+    """Whether the runner should stream this model's turns."""
+    return callable(getattr(model, "stream", None)) and bool(getattr(model, "streaming", True))
+
+
+async def stream_turn(model: Model, messages: Sequence[Message], tools: Sequence[ToolSpec],
+                      settings: ModelSettings,
+                      on_delta: Callable[[ModelDelta], None]) -> ModelResponse:
+    """Consume ``model.stream``: every delta to ``on_delta``, then the completed turn.
+
+    A stream that ends without a ``ModelResponse``, yields anything else, or goes on after
+    it, is a malformed answer (never a hang or a half turn in the journal)."""
+    response: ModelResponse | None = None
+    source: AsyncIterator[Any] = cast(StreamingModel, model).stream(
+        messages, tools, settings=settings)
+    try:
+        async for item in source:
+            if response is not None:
+                raise MalformedModelOutput(
+                    "stream() yielded more after its ModelResponse; the response ends it")
+            if isinstance(item, ModelDelta):
+                on_delta(item)
+            elif isinstance(item, ModelResponse):
+                response = item
+            else:
+                raise MalformedModelOutput(
+                    f"stream() yielded {type(item).__name__}; expected ModelDelta pieces "
+                    "and one final ModelResponse")
+    finally:
+        closing = getattr(source, "aclose", None)
+        if closing is not None:
+            await closing()
+    if response is None:
+        raise MalformedModelOutput("stream() ended without a ModelResponse (the completed turn)")
+    return response
+
+
 @functools.lru_cache(maxsize=256)
 def _takes_settings(cls: type[Model]) -> bool:
     try:
@@ -121,6 +208,16 @@ async def call_model(model: Model, messages: Sequence[Message], tools: Sequence[
     if _takes_settings(type(model)):
         return await model.complete(messages, tools, settings=settings)
     return await model.complete(messages, tools)
+
+
+async def ask_model(model: Model, messages: Sequence[Message], tools: Sequence[ToolSpec],
+                    settings: ModelSettings,
+                    on_delta: Callable[[ModelDelta], None]) -> ModelResponse:
+    """One model turn: streamed (each delta to ``on_delta``) when the model streams,
+    ``complete`` otherwise; the completed turn either way."""
+    if streams(model):
+        return await stream_turn(model, messages, tools, settings, on_delta)
+    return await call_model(model, messages, tools, settings)
 
 
 def model_turn_index(messages: Sequence[Message]) -> int:

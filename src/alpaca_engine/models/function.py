@@ -7,17 +7,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .base import Message, ModelResponse, ModelSettings, ToolSpec, model_turn_index
-from .scripted import ScriptItem, to_response
+from .scripted import DEFAULT_CHUNK, ChunkedStreaming, ScriptItem, to_response
 
 ModelFunction = Callable[
     [Sequence[Message], Sequence[ToolSpec]], ScriptItem | Awaitable[ScriptItem]
 ]
 
 
-class FunctionModel:
-    def __init__(self, fn: ModelFunction, name: str = "function") -> None:
+class FunctionModel(ChunkedStreaming):
+    """With ``stream=True`` the runner streams each answer in ``chunk_size`` pieces
+    (``delay`` seconds apart): what the function returned, unchanged."""
+
+    def __init__(self, fn: ModelFunction, name: str = "function", *, stream: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK, delay: float = 0.0) -> None:
         self._fn = fn
         self._name = name
+        self._stream_options(stream, chunk_size, delay)
 
     @property
     def name(self) -> str:

@@ -5,16 +5,23 @@ The SDK's own retries are switched off (``max_retries=0``): retrying is done by 
 (journal, audit) and backoff runs on the injectable ``Clock``. Every SDK failure leaves this
 module as a ``ModelError`` whose ``transient`` flag drives that retry decision, and whose message
 is scrubbed of the API key because provider error bodies sometimes echo it back.
+
+It streams by default (``stream=True``: the runner calls :meth:`OpenAIModel.stream`): the
+request carries ``stream_options.include_usage`` so usage comes from the stream's last
+chunk, and a stream cut off part-way is a transient error, retried from the start like a
+failed request (``stream_with_retry``). A typed agent's schema goes in ``response_format``
+(see response_format.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import httpx
+import httpx2
 import openai
 from openai.types.chat import (
     ChatCompletion,
@@ -24,18 +31,21 @@ from openai.types.chat import (
 
 from ..clock import Clock
 from ..telemetry.logging import register_secret
-from ..tools.retry import OnRetry, RetryPolicy, call_with_retry
+from ..tools.retry import OnRetry, RetryPolicy, call_with_retry, stream_with_retry
 from .base import (
     Message,
     ModelError,
     ModelResponse,
     ModelSettings,
+    StreamItem,
     ToolCall,
     ToolSpec,
     Usage,
     model_turn_index,
     retry_hook,
 )
+from .openai_stream import ChunkAccumulator
+from .response_format import response_format, schema_instruction
 
 DEFAULT_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.5)
 
@@ -43,7 +53,7 @@ DEFAULT_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.5)
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
 # Body keys owned by this adapter; letting ``settings`` override them would silently change
 # what the model is asked.
-_RESERVED_SETTINGS = frozenset({"model", "messages", "tools", "stream"})
+_RESERVED_SETTINGS = frozenset({"model", "messages", "tools", "stream", "stream_options"})
 # Anything that looks like a bearer secret, in case a server echoes a key other than ours.
 _SECRET_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,})")
 _MAX_DETAIL = 500
@@ -71,6 +81,7 @@ class OpenAIModel:
         client: openai.AsyncOpenAI | None = None,
         on_retry: OnRetry | None = None,
         output_cap_param: str = "max_completion_tokens",
+        stream: bool = True,
     ) -> None:
         reserved = _RESERVED_SETTINGS.intersection(settings or {})
         if reserved:
@@ -78,6 +89,8 @@ class OpenAIModel:
         if output_cap_param not in CAP_PARAMS:
             raise ValueError(f"output_cap_param must be one of {', '.join(CAP_PARAMS)}")
         self._model = model
+        self.streaming = stream
+        """Whether the runner streams this model's turns (``stream``, the default)."""
         self._settings = dict(settings or {})
         # A cap written in settings keeps its field name and can only lower the engine's cap.
         self._output_cap_param = output_cap_param
@@ -130,12 +143,10 @@ class OpenAIModel:
         self, messages: Sequence[Message], tools: Sequence[ToolSpec],
         settings: ModelSettings | None = None,
     ) -> ModelResponse:
-        request_messages = [_message_to_param(m) for m in messages]
-        request_tools = [_tool_to_param(t) for t in tools]
-        cap = self._cap(settings)
+        request = self._request(messages, tools, settings)
 
         async def attempt(_: int) -> ChatCompletion:
-            return await self._create(request_messages, request_tools, cap)
+            return await self._create(request)
 
         try:
             completion = await call_with_retry(
@@ -152,6 +163,87 @@ class OpenAIModel:
             ) from exc
         return self._to_response(completion, model_turn_index(messages))
 
+    async def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[StreamItem]:
+        """The turn as it is written, then the completed turn (see the module doc)."""
+        request = self._request(messages, tools, settings)
+        turn = model_turn_index(messages)
+        estimate = sum(len(m.content or "") for m in messages) // 4 + 4 * len(messages)
+        try:
+            async for item in stream_with_retry(
+                    lambda _: self._stream_attempt(request, turn, estimate), self._retry,
+                    is_transient=_is_transient, clock=self._clock,
+                    on_retry=self._retry_hook()):
+                yield item
+        except TimeoutError as exc:  # RetryPolicy.attempt_timeout fired on the last attempt
+            raise ModelError(
+                f"{self.name}: attempt timed out after {self._retry.attempt_timeout}s",
+                transient=True,
+            ) from exc
+
+    async def _stream_attempt(self, request: dict[str, Any], turn: int,
+                              estimate: int) -> AsyncIterator[StreamItem]:
+        """One streamed HTTP attempt; every failure, mid-stream too, is a ``ModelError``."""
+        try:
+            chunks = await self._client.chat.completions.create(
+                **request, stream=True, stream_options={"include_usage": True})
+        except openai.OpenAIError as exc:
+            raise self._error(exc) from None
+        acc = ChunkAccumulator(self.name, turn)
+        try:
+            if "json" in chunks.response.headers.get("content-type", ""):
+                # A server that ignores ``stream`` answers with one plain completion.
+                yield self._to_response(await self._plain(chunks.response), turn)
+                return
+            async for chunk in chunks:
+                for delta in acc.add(chunk):
+                    yield delta
+        except (openai.OpenAIError, httpx.HTTPError, httpx2.HTTPError) as exc:
+            raise self._error(exc) from None
+        finally:
+            await chunks.close()
+        response = acc.response(estimate)
+        if response.model is None:
+            response = response.model_copy(update={"model": self._model})
+        yield response
+
+    async def _plain(self, response: Any) -> ChatCompletion:
+        try:
+            return ChatCompletion.model_validate_json(await response.aread())
+        except ValueError as exc:
+            raise ModelError(f"{self.name}: the server answered a stream request with a "
+                             f"body that is not a completion ({str(exc).splitlines()[0]})",
+                             transient=False) from None
+
+    def _request(self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+                 settings: ModelSettings | None) -> dict[str, Any]:
+        """The body of one chat-completions call (the same for streamed and plain ones)."""
+        request_messages = [_message_to_param(m) for m in messages]
+        cap = self._cap(settings)
+        extra = dict(self._extra_body)
+        native: dict[str, Any] | None = None
+        schema = settings.output_schema if settings is not None else None
+        if schema is not None and settings is not None:
+            native = response_format(schema, settings.output_name)
+            extra.pop("response_format", None)  # the agent's schema decides
+            if native is None:
+                request_messages.insert(0, cast(ChatCompletionMessageParam, {
+                    "role": "system", "content": schema_instruction(schema)}))
+        return {
+            "model": self._model,
+            "messages": request_messages,
+            "tools": [_tool_to_param(t) for t in tools] or openai.omit,
+            "max_completion_tokens": (cap if cap is not None and
+                                      self._output_cap_param == "max_completion_tokens"
+                                      else openai.omit),
+            "max_tokens": (cap if cap is not None and self._output_cap_param == "max_tokens"
+                           else openai.omit),
+            "response_format": native if native is not None else openai.omit,
+            "extra_body": extra or None,
+        }
+
     def _cap(self, settings: ModelSettings | None) -> int | None:
         """The output-token cap to send: the engine's (the budget reserved for it), or the
         workflow's ``settings`` value when that is lower."""
@@ -159,46 +251,37 @@ class OpenAIModel:
                             self._settings_cap) if c is not None]
         return min(caps) if caps else None
 
-    async def _create(
-        self,
-        request_messages: list[ChatCompletionMessageParam],
-        request_tools: list[ChatCompletionToolUnionParam],
-        cap: int | None = None,
-    ) -> ChatCompletion:
+    async def _create(self, request: dict[str, Any]) -> ChatCompletion:
         """One HTTP attempt; every SDK failure leaves as a key-free ``ModelError``."""
         try:
-            return await self._client.chat.completions.create(
-                model=self._model,
-                messages=request_messages,
-                tools=request_tools if request_tools else openai.omit,
-                max_completion_tokens=(cap if cap is not None and
-                                       self._output_cap_param == "max_completion_tokens"
-                                       else openai.omit),
-                max_tokens=(cap if cap is not None and self._output_cap_param == "max_tokens"
-                            else openai.omit),
-                extra_body=self._extra_body or None,
-            )
-        except openai.APITimeoutError as exc:
-            raise ModelError(
-                f"{self.name}: request timed out after {self._timeout}s", transient=True
-            ) from exc
-        except openai.APIConnectionError as exc:
-            raise ModelError(
-                f"{self.name}: connection failed: {self._redact(exc.message)}", transient=True
-            ) from exc
-        except openai.APIStatusError as exc:
-            status = exc.status_code
-            transient = status in _TRANSIENT_STATUSES or status >= 500
-            # ``from None``: the SDK exception carries the raw body, which may echo the key.
-            raise ModelError(
-                f"{self.name}: HTTP {status}: {self._redact(exc.message)}",
-                transient=transient,
-                status=status,
-            ) from None
+            completion: ChatCompletion = await self._client.chat.completions.create(**request)
+            return completion
         except openai.OpenAIError as exc:
-            raise ModelError(
-                f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}", transient=False
-            ) from None
+            # ``from None``: the SDK exception may carry the raw body, which may echo the key.
+            raise self._error(exc) from None
+
+    def _error(self, exc: openai.OpenAIError | httpx.HTTPError | httpx2.HTTPError) -> ModelError:
+        """An SDK failure as a key-free ``ModelError``, transient when worth retrying."""
+        if isinstance(exc, httpx.HTTPError | httpx2.HTTPError):  # a body the SDK did not read
+            return ModelError(f"{self.name}: connection failed: {self._redact(str(exc))}",
+                              transient=True)
+        if isinstance(exc, openai.APITimeoutError):
+            return ModelError(f"{self.name}: request timed out after {self._timeout}s",
+                              transient=True)
+        if isinstance(exc, openai.APIConnectionError):
+            return ModelError(f"{self.name}: connection failed: {self._redact(exc.message)}",
+                              transient=True)
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            return ModelError(f"{self.name}: HTTP {status}: {self._redact(exc.message)}",
+                              transient=status in _TRANSIENT_STATUSES or status >= 500,
+                              status=status)
+        if isinstance(exc, openai.APIError):  # an error event inside a stream: the
+            # provider failed mid-answer (its server errors arrive this way), worth a retry
+            return ModelError(f"{self.name}: error mid-stream: {self._redact(exc.message)}",
+                              transient=True)
+        return ModelError(f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}",
+                          transient=False)
 
     def _to_response(self, completion: ChatCompletion, turn: int) -> ModelResponse:
         choices = getattr(completion, "choices", None)

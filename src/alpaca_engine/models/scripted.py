@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import reprlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,10 +13,13 @@ from pydantic import ValidationError
 from .base import (
     MalformedModelOutput,
     Message,
+    ModelDelta,
     ModelError,
     ModelResponse,
     ModelSettings,
+    StreamItem,
     ToolCall,
+    ToolCallDelta,
     ToolSpec,
     Usage,
     model_turn_index,
@@ -87,17 +91,73 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {reprlib.repr(value)}"
 
 
-class ScriptedModel:
+DEFAULT_CHUNK = 16
+"""Characters per delta of an offline model that streams."""
+
+
+def chunks(response: ModelResponse, size: int = DEFAULT_CHUNK) -> list[ModelDelta]:
+    """The deltas a provider would have streamed for ``response``: its text, then each tool
+    call (id and name with the first piece of its arguments), ``size`` characters a piece."""
+    text = response.content or ""
+    out = [ModelDelta(text=text[i:i + size]) for i in range(0, len(text), size)]
+    for index, call in enumerate(response.tool_calls):
+        pieces = [call.arguments[i:i + size] for i in range(0, len(call.arguments), size)]
+        for n, piece in enumerate(pieces or [""]):
+            out.append(ModelDelta(tool_call=ToolCallDelta(
+                index=index, id=call.id if n == 0 else None,
+                name=call.name if n == 0 else None, arguments=piece)))
+    return out
+
+
+class ChunkedStreaming:
+    """Streaming for offline models: the answer ``complete`` gives, sent in chunks (after
+    ``delay`` seconds each), so demos and tests stream without a provider and the turn
+    stays exactly what the model answers without streaming."""
+
+    streaming: bool = False
+    chunk_size: int = DEFAULT_CHUNK
+    delay: float = 0.0
+
+    def _stream_options(self, stream: bool, chunk_size: int, delay: float) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        if delay < 0:
+            raise ValueError("delay must be >= 0 seconds")
+        self.streaming, self.chunk_size, self.delay = stream, chunk_size, delay
+
+    async def complete(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
+    ) -> ModelResponse:
+        raise NotImplementedError
+
+    async def stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec],
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[StreamItem]:
+        response = await self.complete(messages, tools, settings)
+        for delta in chunks(response, self.chunk_size):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            yield delta
+        yield response
+
+
+class ScriptedModel(ChunkedStreaming):
     """Returns ``script[n]`` on the n-th assistant turn of the conversation.
 
     The position comes from the conversation, not from a counter, so a run resumed in a new
-    process gets the same answer it would have got before the crash.
+    process gets the same answer it would have got before the crash. With ``stream=True``
+    the runner streams each answer in ``chunk_size`` pieces (``delay`` seconds apart).
     """
 
-    def __init__(self, script: Sequence[ScriptItem], name: str = "scripted") -> None:
+    def __init__(self, script: Sequence[ScriptItem], name: str = "scripted", *,
+                 stream: bool = False, chunk_size: int = DEFAULT_CHUNK,
+                 delay: float = 0.0) -> None:
         self._script = list(script)
         self._name = name
         self.calls: list[list[Message]] = []
+        self._stream_options(stream, chunk_size, delay)
 
     @property
     def name(self) -> str:

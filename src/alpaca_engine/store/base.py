@@ -83,9 +83,11 @@ class Store(Protocol):
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         """Move a run along the lifecycle table. ``epoch=None`` is an actor without a lease
-        (cancel, reaper); it may not touch a running run's journal."""
+        (cancel, reaper); it may not touch a running run's journal. ``output_type``
+        (``text``/``json``) is written with ``output`` when given."""
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """Cancel a queued or waiting run now; flag a running one for its worker to stop."""

@@ -184,3 +184,10 @@ SQLITE.append(
     );
     """
 )
+
+SQLITE.append(
+    # 6: typed outputs (DESIGN §10): what a run's output holds, text or canonical JSON
+    """
+    ALTER TABLE runs ADD COLUMN output_type TEXT NOT NULL DEFAULT 'text';
+    """
+)

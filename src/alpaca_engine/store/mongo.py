@@ -234,6 +234,8 @@ MIGRATIONS: list[dict[str, list[IndexModel]] | Backfill] = [
             ),
         ],
     },
+    # 6: typed outputs: nothing to index (a run without ``output_type`` reads as "text")
+    {},
 ]
 """Versioned index sets and backfills. Append, never edit, a version."""
 
@@ -817,6 +819,7 @@ class MongoStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         async def body(s: Session) -> RunRecord:
             run = await self._lock_run(s, run_id, epoch)
@@ -831,6 +834,7 @@ class MongoStore:
                 error_message=error_message,
                 usage=usage,
                 audit=audit,
+                output_type=output_type,
             )
 
         return await self._tx(body)
@@ -848,6 +852,7 @@ class MongoStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         """The body of :meth:`transition` for a run this transaction has locked."""
         if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
@@ -865,6 +870,8 @@ class MongoStore:
         }
         if output is not None:
             changes["output"] = output
+        if output_type is not None:
+            changes["output_type"] = output_type
         if usage is not None:
             changes["usage"] = encode(usage)
         if not keep_lease:

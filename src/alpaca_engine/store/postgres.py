@@ -504,6 +504,7 @@ class PostgresStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         async with self._tx() as cur:
             run = await self._fence(cur, run_id, epoch)
@@ -518,6 +519,7 @@ class PostgresStore:
                 error_message=error_message,
                 usage=usage,
                 audit=audit,
+                output_type=output_type,
             )
 
     async def _transition(
@@ -533,6 +535,7 @@ class PostgresStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         """The body of :meth:`transition` for a run row already fenced in this transaction."""
         if epoch is None and run.state == RunState.RUNNING and to != RunState.QUEUED:
@@ -543,13 +546,15 @@ class PostgresStore:
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
         await cur.execute(
-            "UPDATE runs SET state=%s, output=COALESCE(%s, output), error_code=%s, "
+            "UPDATE runs SET state=%s, output=COALESCE(%s, output), "
+            "output_type=COALESCE(%s, output_type), error_code=%s, "
             "error_message=%s, usage=COALESCE(%s, usage), updated_at=%s, epoch=%s, "
             "lease_owner=CASE WHEN %s THEN lease_owner END, "
             "lease_expires_at=CASE WHEN %s THEN lease_expires_at END WHERE id=%s RETURNING *",
             (
                 str(to),
                 output,
+                output_type,
                 error_code,
                 error_message,
                 _jsonb(usage),

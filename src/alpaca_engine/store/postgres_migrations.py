@@ -201,3 +201,10 @@ POSTGRES.append(
     );
     """
 )
+
+POSTGRES.append(
+    # 6: typed outputs (as SQLite migration 6)
+    """
+    ALTER TABLE runs ADD COLUMN output_type TEXT NOT NULL DEFAULT 'text';
+    """
+)

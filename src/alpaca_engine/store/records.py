@@ -3,8 +3,9 @@ threads."""
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -75,6 +76,19 @@ class RunRecord(BaseModel):
     def with_head(self, head: tuple[int, str]) -> RunRecord:
         """A copy whose audit head is ``head`` (after an append in the same transaction)."""
         return self.model_copy(update={"audit_seq": head[0], "audit_hash": head[1]})
+    output_type: Literal["text", "json"] = "text"
+    """``json`` when ``output`` is the canonical JSON text of a typed agent's answer."""
+
+    @property
+    def value(self) -> Any:
+        """The output as its reader should see it: the JSON value of a typed run, the text
+        of any other (a stored value that no longer parses stays text rather than failing)."""
+        if self.output is None or self.output_type != "json":
+            return self.output
+        try:
+            return json.loads(self.output)
+        except ValueError:
+            return self.output
 
 
 def unfinished_step_error(state: RunState, error_code: str | None) -> dict[str, Any]:

@@ -392,16 +392,18 @@ class SQLiteStore:
         error_message: str | None = None,
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
+        output_type: str | None = None,
     ) -> RunRecord:
         with self._tx() as db:
             run = self._fence(db, run_id, epoch)
             return self._transition(db, run, to, now, epoch=epoch, output=output,
-                                    error_code=error_code, error_message=error_message,
-                                    usage=usage, audit=audit)
+                                    output_type=output_type, error_code=error_code,
+                                    error_message=error_message, usage=usage, audit=audit)
 
     def _transition(
         self, db: sqlite3.Connection, run: RunRecord, to: RunState, now: float, *,
-        epoch: int | None, output: str | None = None, error_code: str | None = None,
+        epoch: int | None, output: str | None = None, output_type: str | None = None,
+        error_code: str | None = None,
         error_message: str | None = None, usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
     ) -> RunRecord:
@@ -414,11 +416,12 @@ class SQLiteStore:
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
         db.execute(
-            "UPDATE runs SET state=?, output=COALESCE(?, output), error_code=?, "
+            "UPDATE runs SET state=?, output=COALESCE(?, output), "
+            "output_type=COALESCE(?, output_type), error_code=?, "
             "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
             "lease_owner=CASE WHEN ? THEN lease_owner END, "
             "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
-            (str(to), output, error_code, error_message,
+            (str(to), output, output_type, error_code, error_message,
              json.dumps(usage) if usage is not None else None, now, epoch_after,
              keep_lease, keep_lease, run.id),
         )

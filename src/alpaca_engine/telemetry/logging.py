@@ -39,6 +39,7 @@ __all__ = [
     "redact_value",
     "register_environment_secrets",
     "register_secret",
+    "registered_secrets",
 ]
 
 MIN_SECRET_LENGTH = 4
@@ -101,6 +102,11 @@ def register_environment_secrets(environ: Mapping[str, str]) -> None:
         looks_secret = is_secret_key(name) and len(value.strip()) >= MIN_ENV_SECRET_LENGTH
         if name in named or looks_secret:
             register_secret(value)
+
+
+def registered_secrets() -> tuple[str, ...]:
+    """The registered secrets, longest first (for redactors that work on pieces of text)."""
+    return _secrets
 
 
 def clear_secrets() -> None:

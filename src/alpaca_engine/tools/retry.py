@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -84,3 +84,51 @@ async def call_with_retry(
                 await on_retry(attempt, exc, delay)
             await clock.sleep(delay)
             attempt += 1
+
+
+async def stream_with_retry(
+    open_stream: Callable[[int], AsyncIterator[T]],
+    policy: RetryPolicy,
+    *,
+    is_transient: Callable[[BaseException], bool] = default_is_transient,
+    clock: Clock | None = None,
+    on_retry: OnRetry | None = None,
+    rand: Callable[[], float] = random.random,
+) -> AsyncIterator[T]:
+    """:func:`call_with_retry` for a stream: each attempt's items pass through as they come;
+    a transient failure part-way (a connection cut) starts the next attempt from the
+    beginning, after ``on_retry`` (which is how a consumer knows to discard what it got).
+    ``attempt_timeout`` bounds each whole attempt."""
+    clock = clock or SystemClock()
+    loop = asyncio.get_running_loop()
+    attempt = 1
+    while True:
+        stream = open_stream(attempt)
+        deadline = (loop.time() + policy.attempt_timeout
+                    if policy.attempt_timeout is not None else None)
+        failure: Exception | None = None
+        try:
+            while True:
+                try:
+                    if deadline is None:
+                        item = await anext(stream)
+                    else:
+                        item = await asyncio.wait_for(anext(stream),
+                                                      max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    if attempt >= policy.max_attempts or not is_transient(exc):
+                        raise
+                    failure = exc
+                    break
+                yield item  # outside the try: the consumer's own errors are never retried
+        finally:
+            closing = getattr(stream, "aclose", None)
+            if closing is not None:
+                await closing()
+        delay = policy.delay(attempt, rand)
+        if on_retry is not None:
+            await on_retry(attempt, failure, delay)
+        await clock.sleep(delay)
+        attempt += 1

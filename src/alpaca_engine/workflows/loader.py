@@ -573,6 +573,8 @@ def _agent(spec: AgentSpec, model: Model) -> Agent:
         name=spec.name,
         model=model,
         instructions=spec.instructions,
+        output_schema=spec.output_schema,
+        output_retries=spec.output_retries,
         tools=list(spec.tools),
         capabilities=frozenset(spec.capabilities) if spec.capabilities is not None else None,
         delegates_to=list(spec.delegates_to),

@@ -43,7 +43,8 @@ def _scripted(spec: ScriptedModelSpec) -> ScriptedModel:
     # ScriptedModel takes the plain shorthand; dump drops unset ids so it numbers calls itself.
     script = [item if isinstance(item, str) else item.model_dump(exclude_none=True)
               for item in spec.script]
-    return ScriptedModel(script, name=spec.name or "scripted")
+    return ScriptedModel(script, name=spec.name or "scripted", stream=spec.stream,
+                         chunk_size=spec.chunk_size, delay=spec.delay)
 
 
 def _function(spec: FunctionModelSpec, resolve: Resolver) -> FunctionModel:
@@ -53,7 +54,8 @@ def _function(spec: FunctionModelSpec, resolve: Resolver) -> FunctionModel:
         raise exc.within("function") from None
     if inspect.isclass(fn) or not callable(fn):
         raise SpecError(("function",), f"{spec.function!r} is not a function")
-    return FunctionModel(fn, name=spec.name or "function")
+    return FunctionModel(fn, name=spec.name or "function", stream=spec.stream,
+                         chunk_size=spec.chunk_size, delay=spec.delay)
 
 
 class UnconfiguredModel:
@@ -99,6 +101,7 @@ def _openai(spec: OpenAIModelSpec) -> Model:
             settings=spec.settings,
             retry=spec.retry.to_policy() if spec.retry is not None else None,
             output_cap_param=spec.output_cap_param,
+            stream=spec.stream,
         )
     except (ModelError, ValueError) as exc:
         raise SpecError((), str(exc)) from None

@@ -104,6 +104,14 @@ DESCRIPTIONS: dict[str, str] = {
                               "`delegate_to_<agent>` taking `{task}`.",
     "AgentSpec.limits": "Per-run limits of this agent.",
     "AgentSpec.approval": "Which of its actions wait for a supervisor.",
+    "AgentSpec.output_schema": "A JSON Schema the final answer must match: the model must "
+                               "answer with JSON (a Markdown code fence around it is "
+                               "allowed), the run's `output` is that JSON value, and a "
+                               "delegating parent gets it parsed. OpenAI is asked for it "
+                               "natively (`response_format`).",
+    "AgentSpec.output_retries": "Corrections an answer that does not match gets (the "
+                                "validator's message goes back to the model) before the run "
+                                "fails `invalid_output`.",
     "LimitsSpec.max_steps": "Model turns of one run of this agent; then it fails "
                             "`max_steps_exceeded`.",
     "LimitsSpec.max_output_tokens": "Output token limit passed to the model per turn.",
@@ -128,6 +136,10 @@ DESCRIPTIONS: dict[str, str] = {
     "ScriptedModelSpec.script": "One item per model turn: a string is the final answer; "
                                 "`{tool, args}` is a call; `{calls: [...]}` several.",
     "ScriptedModelSpec.name": "The model name in steps and traces. Unset: `scripted`.",
+    "OfflineStreamSpec.stream": "Stream each answer in pieces (`message.delta` events, as a "
+                                "provider would), the turn itself unchanged.",
+    "OfflineStreamSpec.chunk_size": "Characters per streamed piece.",
+    "OfflineStreamSpec.delay": "Seconds before each streamed piece (to watch it arrive).",
     "FunctionModelSpec.provider": "A Python function decides each turn (offline).",
     "FunctionModelSpec.function": "`module:function` taking `(messages, tools)` and returning "
                                   "a script item (string, `{tool, args}` or `{calls}`); may be "
@@ -140,7 +152,9 @@ DESCRIPTIONS: dict[str, str] = {
     "OpenAIModelSpec.api_key_env": "The NAME of the environment variable holding the key.",
     "OpenAIModelSpec.timeout": "Seconds per request.",
     "OpenAIModelSpec.settings": "Extra request fields (`temperature`, ...); not `model`, "
-                                "`messages`, `tools`, `stream`.",
+                                "`messages`, `tools`, `stream`, `stream_options`.",
+    "OpenAIModelSpec.stream": "Stream answers (`message.delta` events on SSE; usage from the "
+                              "stream). `false` for servers that cannot stream.",
     "OpenAIModelSpec.retry": "Retries of transient errors (429, 5xx, timeouts).",
     "OpenAIModelSpec.output_cap_param": "The request field that carries "
                                         "`limits.max_output_tokens`; `max_tokens` for servers "

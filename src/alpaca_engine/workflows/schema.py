@@ -40,7 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what OpenAI-style providers acce
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Request keys the OpenAI adapter owns (see models/openai.py); refused here so the error has a line.
-_RESERVED_SETTINGS = frozenset({"model", "messages", "tools", "stream"})
+_RESERVED_SETTINGS = frozenset({"model", "messages", "tools", "stream", "stream_options"})
 
 
 class WorkflowError(Exception):
@@ -371,13 +371,21 @@ ScriptItemSpec = Annotated[
 ]
 
 
-class ScriptedModelSpec(Spec):
+class OfflineStreamSpec(Spec):
+    """How an offline model streams its answers (so demos and tests show deltas)."""
+
+    stream: bool = False
+    chunk_size: int = Field(default=16, ge=1, le=1_000_000)
+    delay: float = Field(default=0.0, ge=0, le=60)
+
+
+class ScriptedModelSpec(OfflineStreamSpec):
     provider: Literal["scripted"]
     script: list[ScriptItemSpec] = Field(min_length=1)
     name: str | None = None
 
 
-class FunctionModelSpec(Spec):
+class FunctionModelSpec(OfflineStreamSpec):
     provider: Literal["function"]
     function: ImportPath
     name: str | None = None
@@ -394,6 +402,7 @@ class OpenAIModelSpec(Spec):
     output_cap_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     """The request field that carries ``limits.max_output_tokens`` (servers that only know
     the older ``max_tokens`` need that one)."""
+    stream: bool = True
 
     @model_validator(mode="after")
     def _settings_not_reserved(self) -> OpenAIModelSpec:
@@ -463,6 +472,8 @@ class AgentSpec(Spec):
     limits: LimitsSpec = Field(default_factory=lambda: LimitsSpec())
     approval: ApprovalSpec = Field(default_factory=lambda: ApprovalSpec())
     history: HistorySpec = Field(default_factory=lambda: HistorySpec())
+    output_schema: JsonSchema | None = None
+    output_retries: int = Field(default=1, ge=0, le=100)
 
 
 class WorkflowSpec(Spec):

@@ -241,7 +241,9 @@ export function mount(root, id) {
         h("dt", {}, "Usage"), h("dd", {}, usageList(run.usage)),
         h("dt", {}, "Input"), h("dd", {}, h("pre", { class: "text" }, run.input)),
         h("dt", {}, "Output"), h("dd", { id: "run-output" },
-          run.output !== null ? h("pre", { class: "text" }, run.output) : h("span", { class: "muted" }, "—")),
+          run.output === null ? h("span", { class: "muted" }, "—")
+            : run.output_type === "json" ? h("pre", { class: "json", tabindex: 0 }, pretty(run.output))
+              : h("pre", { class: "text" }, run.output)),
         run.error_code ? [h("dt", {}, "Error"), h("dd", { class: "error-text" },
           h("code", {}, run.error_code), " ", run.error_message || "")] : null));
 
