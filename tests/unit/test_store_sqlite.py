@@ -69,7 +69,7 @@ async def test_migration_5_adds_threads_to_a_database_of_version_4(tmp_path: Pat
     store = SQLiteStore(url)
     await store.open()
     try:
-        assert store.migrations_applied == (5,) and store.schema_version() == len(SQLITE)
+        assert store.migrations_applied[0] == 5 and store.schema_version() == len(SQLITE)
         before = await store.get_run("r0")
         assert (before.thread_id, before.turn, before.state) == (None, None, RunState.SUCCEEDED)
         await store.create_thread(new_thread())
