@@ -104,18 +104,23 @@ def make_workflow(steps: int, trivial: Tool) -> Workflow:
 StoreFactory = Callable[[Path], Store]
 
 
-async def one_run(make: StoreFactory, steps: int, trivial: Tool,
-                  workdir: Path) -> tuple[float, int]:
-    """Time one run on a fresh store; return (seconds, journaled steps)."""
+Around = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
+                  around: Around = contextlib.nullcontext) -> tuple[float, int]:
+    """Time one run on a fresh store; return (seconds, journaled steps). ``around`` wraps the
+    timed region only (the SQL counters of the counting pass)."""
     store = make(workdir)
     await store.open()
     try:
         workflow = make_workflow(steps, trivial)
         engine = Engine(store, lambda ref: workflow)
         gc.collect()
-        t0 = time.perf_counter()
-        record = await engine.run(workflow, "looper", "loop")
-        elapsed = time.perf_counter() - t0
+        with around():
+            t0 = time.perf_counter()
+            record = await engine.run(workflow, "looper", "loop")
+            elapsed = time.perf_counter() - t0
         if record.state != RunState.SUCCEEDED:
             raise RuntimeError(f"run ended {record.state}: {record.error_code} "
                                f"{record.error_message}")
@@ -154,6 +159,44 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
         us_per_iteration_p90=percentile(per_iter, 90),
         us_per_iteration_min=min(per_iter),
     )
+
+
+@dataclass
+class WireRow:
+    """What one PostgreSQL run sent, per journaled step (an untimed pass through a proxy)."""
+
+    backend: str
+    journaled_steps: int
+    statements: int
+    round_trips: int
+    statements_per_step: float
+    round_trips_per_step: float
+
+
+async def count_wire(url: str, steps: int) -> WireRow:
+    """One run with every statement counted and every round trip seen by a TCP proxy."""
+    from pg_wire import RoundTripProxy, WireCount, counting_statements
+
+    count = WireCount()
+    async with RoundTripProxy(url, count) as proxy:
+        schemas = PostgresSchemas(proxy.url)
+
+        @contextlib.contextmanager
+        def counting() -> Any:
+            proxy.counting = True
+            try:
+                with counting_statements(count):
+                    yield
+            finally:
+                proxy.counting = False
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
+                _, journaled = await one_run(schemas, steps, noop, Path(tmp), counting)
+        finally:
+            await schemas.drop()
+    return WireRow("postgresql", journaled, count.statements, count.round_trips,
+                   count.statements / journaled, count.round_trips / journaled)
 
 
 class PostgresSchemas:
@@ -211,7 +254,14 @@ async def probe_postgres(url: str) -> str | None:
     return None
 
 
-def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None:
+def ratio(rows: list[Row], over: str, under: str) -> float | None:
+    """Median us/step of backend ``over`` / that of ``under`` (async tool rows)."""
+    by = {r.backend: r.us_per_step_median for r in rows if r.tool == "async"}
+    return by[over] / by[under] if over in by and under in by and by[under] else None
+
+
+def print_table(rows: list[Row], missing: list[Unavailable], steps: int,
+                wire: WireRow | None = None) -> None:
     print(f"step overhead: {steps} model turns + {steps - 1} tool calls per run "
           f"({2 * steps - 1} journaled steps); times are per run")
     header = (f"{'backend':<11} {'tool':<5} {'n':>3} {'run ms':>8} "
@@ -229,6 +279,14 @@ def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None
         print(f"{m.backend}: not available ({m.reason})")
     print("us/step = run time / journaled steps; us/iter = run time / model turns "
           "(one iteration = model turn + tool call)")
+    pg_sqlite = ratio(rows, "postgresql", "sqlite")
+    if pg_sqlite is not None:
+        print(f"postgresql / sqlite file, median us/step: {pg_sqlite:.2f}x")
+    if wire is not None:
+        print(f"postgresql wire, one untimed run: {wire.statements} statements, "
+              f"{wire.round_trips} round trips for {wire.journaled_steps} steps = "
+              f"{wire.statements_per_step:.2f} statements and "
+              f"{wire.round_trips_per_step:.2f} round trips per journaled step")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -254,6 +312,7 @@ async def main_async(args: argparse.Namespace) -> int:
             missing.append(Unavailable("postgresql", reason))
 
     rows: list[Row] = []
+    wire: WireRow | None = None
     for backend, trivial, kind in plan:
         make = store_factory(backend, args.postgres_url)
         try:
@@ -263,6 +322,9 @@ async def main_async(args: argparse.Namespace) -> int:
             if backend != "postgresql":
                 raise
             missing.append(Unavailable(backend, f"{type(exc).__name__}: {exc}"))
+        else:
+            if backend == "postgresql" and args.postgres_url:
+                wire = await count_wire(args.postgres_url, args.steps)
         finally:
             if isinstance(make, PostgresSchemas):
                 await make.drop()
@@ -274,10 +336,12 @@ async def main_async(args: argparse.Namespace) -> int:
             "steps": args.steps, "repeat": args.repeat, "warmup": args.warmup,
             "rows": [asdict(r) for r in rows],
             "unavailable": [asdict(m) for m in missing],
+            "postgresql_over_sqlite": ratio(rows, "postgresql", "sqlite"),
+            "postgresql_wire": asdict(wire) if wire is not None else None,
         }
         print(json.dumps(out, indent=2))
     else:
-        print_table(rows, missing, args.steps)
+        print_table(rows, missing, args.steps, wire)
     return 0
 
 
