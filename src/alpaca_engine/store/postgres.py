@@ -15,13 +15,19 @@ the run row, so exactly one decision wins.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
+import json
 import logging
 import math
+import select
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, AsyncCursor, errors, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Json, Jsonb
@@ -33,6 +39,7 @@ from ..faults import DEFAULT_CONNECT_TIMEOUT, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord, iso_utc
 from . import observers
+from .base import RunFlags
 from .ownership import ClaimPlan, Recovery, closed_run_decision, plan_claim
 from .ownership import recover as recover_run
 from .postgres_migrations import POSTGRES as MIGRATIONS
@@ -58,6 +65,34 @@ _PUT_ATTEMPTS = 50
 Cursor = AsyncCursor[DictRow]
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 
+_TERMINAL = [str(s) for s in RunState if s.terminal]
+
+_JOURNAL_STEP = (
+    "SELECT o_status, o_epoch, o_cancel FROM alpaca_journal_step("
+    "%s::text, %s::bigint, %s::bigint, %s::text, %s::text, "
+    "%s::text, %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::bigint, %s::text, %s::text, %s::text, %s::jsonb, %s::jsonb, %s::jsonb, %s::text, "
+    "%s::bigint, %s::float8, %s::float8, %s::jsonb, %s::boolean, %s::jsonb, %s::text[])"
+)
+"""One journal write (migration 7): fence, head and ledger checks, debit, step, audit."""
+
+_KNOWN_RUNS = 10_000
+"""How many leased runs' last writes a store remembers (an evicted run takes the locked path
+once)."""
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What this store last wrote for a run under lease ``epoch``: the chain head it left and
+    the ledger values it saw (``None``: not read yet). Only a hint for the one-statement
+    write, which checks every part of it under the row locks: only the lease owner writes
+    steps, so a match is the common case; another actor's append (an approval decided, a
+    cancel requested) or a sibling's debit on a shared ledger makes it miss, never wrong."""
+
+    epoch: int
+    head: tuple[int, str]
+    ledgers: tuple[ledger_logic.LedgerState, ...] | None = None
+
 
 def _lock_key(schema: str) -> int:
     """A stable 64-bit advisory-lock key per schema: migrations of different schemas don't wait
@@ -73,6 +108,26 @@ def _quiet_pool_log() -> None:
     pool_log = logging.getLogger("psycopg.pool")
     if pool_log.level == logging.NOTSET:
         pool_log.setLevel(logging.ERROR)
+
+
+def _hung_up(conn: AsyncConnection[DictRow]) -> bool:
+    """Whether an idle pooled connection is unusable, without a round trip to the server.
+
+    An idle connection has nothing to read: a readable socket means the server hung up (a
+    terminated backend sends its FATAL error and closes) or, rarely, sent a notice; either way
+    the connection is replaced, which costs a connect instead of a failed write."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - no poll(): Windows
+    return bool(readable)
 
 
 def _jsonb(value: Any) -> Jsonb | None:
@@ -104,6 +159,26 @@ class PostgresStore:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._pool: Pool | None = None
+        self._known: OrderedDict[str, _Known] = OrderedDict()
+
+    def _note(
+        self, run_id: str, epoch: int, head: tuple[int, str],
+        ledgers: tuple[ledger_logic.LedgerState, ...] | None = None,
+    ) -> None:
+        """Remember what this store just wrote for a leased run (see :class:`_Known`)."""
+        self._known[run_id] = _Known(epoch, head, ledgers)
+        self._known.move_to_end(run_id)
+        if len(self._known) > _KNOWN_RUNS:
+            self._known.popitem(last=False)
+
+    def _note_head(self, run_id: str, epoch: int | None, head: tuple[int, str]) -> None:
+        """After a fenced append by the lease owner: the new head, the same ledger values."""
+        known = self._known.get(run_id)
+        if epoch is not None and known is not None and known.epoch == epoch:
+            self._note(run_id, epoch, head, known.ledgers)
+
+    def _forget(self, run_id: str) -> None:
+        self._known.pop(run_id, None)
 
     # -- connection and schema -------------------------------------------------------------
     async def _configure(self, conn: AsyncConnection[DictRow]) -> None:
@@ -139,7 +214,6 @@ class PostgresStore:
             min_size=1,
             max_size=max(1, self.pool_size),
             configure=self._configure,
-            check=AsyncConnectionPool.check_connection,
             timeout=self.connect_timeout,
             open=False,
         )
@@ -211,17 +285,38 @@ class PostgresStore:
         return self._pool
 
     @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[DictRow]]:
+        """A pooled connection the server has not hung up on (see :func:`_hung_up`).
+
+        No query checks it on checkout (that was a round trip per use); one found dead is
+        closed, so the pool replaces it, and the next is tried at once. A connection that
+        breaks while in use fails that call and is replaced when it is returned."""
+        pool = self._conns
+        for _attempt in range(pool.max_size):
+            conn = await pool.getconn()
+            if not _hung_up(conn):
+                break
+            await conn.close()
+            await pool.putconn(conn)
+        else:
+            conn = await pool.getconn()
+        try:
+            async with conn:
+                yield conn
+        finally:
+            await pool.putconn(conn)
+
+    @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Cursor]:
         """One transaction on one pooled connection; rolled back on any exception."""
         with observers.transaction():
-            async with self._conns.connection() as conn, conn.transaction(), \
-                    conn.cursor() as cur:
+            async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[Cursor]:
         """A cursor for plain reads (autocommit: each statement sees the latest commits)."""
-        async with self._conns.connection() as conn, conn.cursor() as cur:
+        async with self._connection() as conn, conn.cursor() as cur:
             yield cur
 
     # -- helpers -------------------------------------------------------------------------------
@@ -254,10 +349,20 @@ class PostgresStore:
         ends with its terminal record (DESIGN §7)."""
         run = await self._fetch_run(cur, run_id, lock=True)
         if epoch is not None and run.epoch != epoch:
+            self._forget(run_id)
             raise LeaseLost(run_id, epoch)
         if journal and run.state.terminal:
+            self._forget(run_id)
             raise LeaseLost(run_id, -1 if epoch is None else epoch)
         return run
+
+    def _records(
+        self, run_id: str, events: Sequence[AuditEvent], now: float, head: tuple[int, str]
+    ) -> list[AuditRecord]:
+        """The records that append ``events`` to the chain after ``head`` (hashed here)."""
+        chain = AuditChain(run_id, self.audit_key, *head)
+        stamp = iso_utc(now)
+        return [chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events]
 
     async def _audit(
         self,
@@ -273,21 +378,20 @@ class PostgresStore:
         if not events:
             return head
         observers.written(run_id, events)
-        chain = AuditChain(run_id, self.audit_key, *head)
-        stamp = iso_utc(now)
+        records = self._records(run_id, events, now, head)
         params: list[Any] = []
-        for ev in events:
-            rec = chain.append(ev.kind, ev.data, ev.actor, stamp)
+        for rec in records:
             params += [rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, Json(rec.data),
                        rec.prev_hash, rec.hash]
         values = ", ".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(events))
+        last = records[-1]
         await cur.execute(
             "WITH appended AS (INSERT INTO audit(run_id, seq, time, actor, kind, data, "
             f"prev_hash, hash) VALUES {values}) "
             "UPDATE runs SET audit_seq=%s, audit_hash=%s WHERE id=%s",
-            (*params, chain.last_seq, chain.last_hash, run_id),
+            (*params, last.seq, last.hash, run_id),
         )
-        return chain.last_seq, chain.last_hash
+        return last.seq, last.hash
 
     async def _recover(self, cur: Cursor, run: RunRecord, rec: Recovery, now: float) -> None:
         """Write a crash recovery: requeued (lease cleared, epoch bumped) or quarantined."""
@@ -444,7 +548,12 @@ class PostgresStore:
         )
         row = await cur.fetchone()
         head = await self._audit(cur, run.id, plan.events, now, run.audit_head)
-        return self._run(row).with_head(head) if row else None
+        if row is None:  # pragma: no cover - the row is locked by this transaction
+            return None
+        # What the new owner's first journal write will assume (see _Known).
+        ledgers = await self._read_ledgers(cur, run.ledgers)
+        self._note(run.id, run.epoch + 1, head, tuple(ledgers))
+        return self._run(row).with_head(head)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
         async with self._tx() as cur:
@@ -486,7 +595,7 @@ class PostgresStore:
     ) -> RunRecord:
         async with self._tx() as cur:
             run = await self._fence(cur, run_id, epoch)
-            return await self._transition(
+            done = await self._transition(
                 cur,
                 run,
                 to,
@@ -498,6 +607,11 @@ class PostgresStore:
                 usage=usage,
                 audit=audit,
             )
+        if done.state == RunState.RUNNING:
+            self._note_head(run_id, epoch, done.audit_head)
+        else:
+            self._forget(run_id)  # the lease ends: the next owner starts afresh
+        return done
 
     async def _transition(
         self,
@@ -621,9 +735,100 @@ class PostgresStore:
         *,
         reserve: dict[str, float] | None = None,
         settle: dict[str, float] | None = None,
-    ) -> None:
+    ) -> RunFlags:
         """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
         with the journal write), ``settle`` corrects them with actual usage.
+
+        One statement when this store wrote the run's previous journal entry (see
+        :class:`_Known`): the chain head and ledger values it left are what the server-side
+        ``alpaca_journal_step`` checks under the row locks before writing. Otherwise, or when
+        anything moved meanwhile (an approval decided or a cancel requested elsewhere, a
+        sibling's reservation on a shared ledger, a step reserved before a crash), the locked
+        transaction below reads the current values and writes.
+        """
+        known = self._known.get(step.run_id)
+        if known is not None and known.epoch == epoch:
+            flags = await self._save_step_fast(step, epoch, audit, reserve, settle, known)
+            if flags is not None:
+                return flags
+        return await self._save_step_locked(step, epoch, audit, reserve, settle)
+
+    async def _save_step_fast(
+        self,
+        step: StepRecord,
+        epoch: int,
+        audit: Sequence[AuditEvent],
+        reserve: dict[str, float] | None,
+        settle: dict[str, float] | None,
+        known: _Known,
+    ) -> RunFlags | None:
+        """The one-statement journal write on ``known``; None: nothing was written (the
+        assumptions were stale, or the budget may not fit), take the locked path."""
+        ledgers: list[ledger_logic.LedgerState] | None = None
+        over: ledger_logic.BudgetExceeded | None = None
+        exhaust: dict[str, str] = {}
+        if reserve or settle:
+            if known.ledgers is None:
+                return None
+            ledgers = [copy.deepcopy(led) for led in known.ledgers]
+            if reserve:
+                try:
+                    ledger_logic.check_reserve(ledgers, reserve)
+                except ledger_logic.BudgetExceeded:
+                    return None  # decided on the current values, under the lock
+                for led in ledgers:
+                    ledger_logic.apply(led, reserve)
+            if settle:
+                for led in ledgers:
+                    ledger_logic.apply(led, settle)
+                over = ledger_logic.overspent(ledgers, settle)
+                if over is not None:  # the usage stays recorded; the tree stops
+                    exhaust[over.ledger_id] = over.resource
+        cas = None if ledgers is None else Jsonb({
+            was.id: {"used": was.used, "exhausted": was.exhausted, "new": now.used,
+                     "exhaust": exhaust.get(now.id)}
+            for was, now in zip(known.ledgers or (), ledgers, strict=True)})
+        records = self._records(step.run_id, audit, step.finished_at or step.started_at,
+                                known.head)
+        reserved = dict(reserve) if reserve else step.reserved
+        with observers.transaction():
+            async with self._read() as cur:
+                await cur.execute(_JOURNAL_STEP, (
+                    step.run_id, epoch, known.head[0], known.head[1],
+                    records[-1].hash if records else None,
+                    records[0].time if records else None,
+                    [r.actor for r in records], [r.kind for r in records],
+                    [json.dumps(r.data) for r in records], [r.prev_hash for r in records],
+                    [r.hash for r in records],
+                    step.seq, str(step.kind), step.name, str(step.status), Jsonb(step.input),
+                    _jsonb(step.output), _jsonb(step.error), step.idempotency_key,
+                    step.attempts, step.started_at, step.finished_at, _jsonb(reserved),
+                    bool(reserve), cas, _TERMINAL))
+                row = await cur.fetchone()
+            status = row["o_status"] if row else "missing"
+            if status == "ok":
+                observers.written(step.run_id, audit)
+        if status == "missing":
+            raise NotFound(f"run {step.run_id} not found")
+        if status in ("lease_lost", "closed"):
+            self._forget(step.run_id)
+            raise LeaseLost(step.run_id, epoch)
+        if status != "ok" or row is None:
+            return None
+        step.reserved = reserved
+        for led in ledgers or ():
+            led.exhausted = led.exhausted or exhaust.get(led.id)
+        head = (records[-1].seq, records[-1].hash) if records else known.head
+        self._note(step.run_id, epoch, head, tuple(ledgers) if ledgers else known.ledgers)
+        if over is not None:
+            raise over
+        return RunFlags(int(row["o_epoch"]), bool(row["o_cancel"]))
+
+    async def _save_step_locked(
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent],
+        reserve: dict[str, float] | None, settle: dict[str, float] | None,
+    ) -> RunFlags:
+        """The journal write in a transaction that reads what it needs under the locks.
 
         The run row is locked by the fence, then the ledger rows (by id), so the check and the
         debit see no concurrent reservation. A refused reservation writes nothing for the step;
@@ -633,6 +838,7 @@ class PostgresStore:
         over: ledger_logic.BudgetExceeded | None = None
         async with self._tx() as cur:
             run = await self._fence(cur, step.run_id, epoch, journal=True)
+            ledgers: list[ledger_logic.LedgerState] | None = None
             if reserve:
                 await cur.execute(
                     "SELECT reserved FROM steps WHERE run_id=%s AND seq=%s",
@@ -660,19 +866,27 @@ class PostgresStore:
                             "UPDATE ledgers SET exhausted=COALESCE(exhausted, %s) WHERE id=%s",
                             (over.resource, over.ledger_id),
                         )
+                        for led in ledgers:
+                            if led.id == over.ledger_id and led.exhausted is None:
+                                led.exhausted = over.resource
+                elif ledgers is None and run.ledgers:
+                    ledgers = await self._read_ledgers(cur, run.ledgers)
                 await self._write_step(cur, step)
-                await self._audit(
+                head = await self._audit(
                     cur, step.run_id, audit, step.finished_at or step.started_at, run.audit_head
                 )
         if refused is not None:
+            self._forget(step.run_id)
             async with self._tx() as cur:
                 await cur.execute(
                     "UPDATE ledgers SET exhausted=COALESCE(exhausted, %s) WHERE id=%s",
                     (refused.resource, refused.ledger_id),
                 )
             raise refused
+        self._note(step.run_id, epoch, head, None if ledgers is None else tuple(ledgers))
         if over is not None:
             raise over
+        return RunFlags(run.epoch, run.cancel_requested)
 
     @staticmethod
     async def _write_step(cur: Cursor, step: StepRecord) -> None:
@@ -711,7 +925,7 @@ class PostgresStore:
         )
 
     async def _lock_ledgers(
-        self, cur: Cursor, ids: Sequence[str]
+        self, cur: Cursor, ids: Sequence[str], *, lock: bool = True
     ) -> list[ledger_logic.LedgerState]:
         """Lock the ledger rows ``FOR UPDATE`` in id order (one global order: concurrent
         reservations on overlapping ledger sets cannot deadlock) and return their states in
@@ -719,10 +933,18 @@ class PostgresStore:
         if not ids:
             return []
         await cur.execute(
-            "SELECT * FROM ledgers WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (list(ids),)
+            "SELECT * FROM ledgers WHERE id = ANY(%s) ORDER BY id"
+            + (" FOR UPDATE" if lock else ""), (list(ids),)
         )
         rows = {str(r["id"]): r for r in await cur.fetchall()}
         return [self._ledger_state(rows[lid]) for lid in ids if lid in rows]
+
+    async def _read_ledgers(
+        self, cur: Cursor, ids: Sequence[str]
+    ) -> list[ledger_logic.LedgerState]:
+        """The ledgers' current values without a lock: only what the next one-statement write
+        assumes (and the server checks)."""
+        return await self._lock_ledgers(cur, ids, lock=False)
 
     @staticmethod
     async def _debit(
@@ -756,7 +978,8 @@ class PostgresStore:
     ) -> None:
         async with self._tx() as cur:
             run = await self._fence(cur, run_id, epoch, journal=True)
-            await self._audit(cur, run_id, events, now, run.audit_head)
+            head = await self._audit(cur, run_id, events, now, run.audit_head)
+        self._note_head(run_id, epoch, head)
 
     async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]:
         async with self._read() as cur:
@@ -793,7 +1016,9 @@ class PostgresStore:
             if row is not None:
                 return self._approval(row)
             await cur.execute(query, tuple(data.values()))
-            await self._audit(cur, approval.run_id, audit, approval.created_at, run.audit_head)
+            head = await self._audit(
+                cur, approval.run_id, audit, approval.created_at, run.audit_head)
+        self._note_head(approval.run_id, epoch, head)
         return approval
 
     async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:

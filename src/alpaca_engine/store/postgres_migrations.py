@@ -163,3 +163,94 @@ POSTGRES.append(
     );
     """
 )
+
+POSTGRES.append(
+    # 5: PLACEHOLDER (no-op) for the threads migration of another branch; the lead renumbers
+    #    at merge. Kept so that this branch's journal function is migration 7 everywhere.
+    "SELECT 1"
+)
+
+POSTGRES.append(
+    # 6: PLACEHOLDER (no-op) for the typed-outputs migration of another branch (see 5).
+    "SELECT 1"
+)
+
+POSTGRES.append(
+    # 7: one journal write in one statement (DESIGN §4, §5, §7): a server-side function that
+    #    fences the run by epoch under its row lock, checks the audit head and the ledger
+    #    values the caller computed against (compare-and-set: the audit hashes and the budget
+    #    arithmetic stay in Python, ``budget.py`` and ``telemetry/audit.py``), then debits the
+    #    ledgers, upserts the step and appends the audit records with the new head on the run
+    #    row. Anything stale writes nothing and says so; the store then takes its locked path.
+    """
+    CREATE OR REPLACE FUNCTION alpaca_journal_step(
+        p_run_id TEXT, p_epoch BIGINT,
+        p_head_seq BIGINT, p_head_hash TEXT, p_new_hash TEXT,
+        p_time TEXT, p_actors TEXT[], p_kinds TEXT[], p_data TEXT[], p_prev TEXT[],
+        p_hashes TEXT[],
+        p_seq BIGINT, p_kind TEXT, p_name TEXT, p_status TEXT, p_input JSONB,
+        p_output JSONB, p_error JSONB, p_idempotency_key TEXT, p_attempts BIGINT,
+        p_started_at DOUBLE PRECISION, p_finished_at DOUBLE PRECISION, p_reserved JSONB,
+        p_reserves BOOLEAN, p_ledgers JSONB, p_terminal TEXT[],
+        OUT o_status TEXT, OUT o_epoch BIGINT, OUT o_cancel BOOLEAN)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        run RECORD;
+        led RECORD;
+        want JSONB;
+        n INTEGER := COALESCE(array_length(p_kinds, 1), 0);
+    BEGIN
+        SELECT r.epoch, r.state, r.cancel_requested, r.audit_seq, r.audit_hash INTO run
+            FROM runs r WHERE r.id = p_run_id FOR UPDATE;
+        IF NOT FOUND THEN
+            o_status := 'missing'; RETURN;
+        END IF;
+        o_epoch := run.epoch; o_cancel := run.cancel_requested;
+        IF run.epoch <> p_epoch THEN
+            o_status := 'lease_lost'; RETURN;
+        END IF;
+        IF run.state = ANY(p_terminal) THEN
+            o_status := 'closed'; RETURN;
+        END IF;
+        IF n > 0 AND (run.audit_seq <> p_head_seq OR run.audit_hash <> p_head_hash) THEN
+            o_status := 'stale_head'; RETURN;  -- another actor appended to the chain
+        END IF;
+        IF p_reserves AND EXISTS (SELECT 1 FROM steps s WHERE s.run_id = p_run_id
+                                  AND s.seq = p_seq AND s.reserved IS NOT NULL) THEN
+            o_status := 'reserved'; RETURN;  -- reserved before a crash: never twice
+        END IF;
+        IF p_ledgers IS NOT NULL THEN
+            FOR led IN SELECT l.id, l.used, l.exhausted FROM ledgers l
+                    WHERE l.id IN (SELECT jsonb_object_keys(p_ledgers))
+                    ORDER BY l.id FOR UPDATE LOOP
+                want := p_ledgers -> led.id;
+                IF led.used <> want -> 'used'
+                        OR led.exhausted IS DISTINCT FROM (want ->> 'exhausted') THEN
+                    o_status := 'stale_ledger'; RETURN;  -- a sibling moved the ledger
+                END IF;
+            END LOOP;
+            UPDATE ledgers l SET used = p_ledgers -> l.id -> 'new',
+                    exhausted = COALESCE(l.exhausted, p_ledgers -> l.id ->> 'exhaust')
+                WHERE l.id IN (SELECT jsonb_object_keys(p_ledgers));
+        END IF;
+        INSERT INTO steps AS s (run_id, seq, kind, name, status, input, output, error,
+                idempotency_key, attempts, started_at, finished_at, reserved)
+            VALUES (p_run_id, p_seq, p_kind, p_name, p_status, p_input, p_output, p_error,
+                p_idempotency_key, p_attempts, p_started_at, p_finished_at, p_reserved)
+            ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status,
+                input = excluded.input, output = excluded.output, error = excluded.error,
+                attempts = excluded.attempts, finished_at = excluded.finished_at,
+                reserved = COALESCE(excluded.reserved, s.reserved);
+        IF n > 0 THEN
+            INSERT INTO audit (run_id, seq, time, actor, kind, data, prev_hash, hash)
+                SELECT p_run_id, p_head_seq + i, p_time, p_actors[i], p_kinds[i],
+                       p_data[i]::json, p_prev[i], p_hashes[i]
+                FROM generate_subscripts(p_kinds, 1) AS i;
+            UPDATE runs SET audit_seq = p_head_seq + n, audit_hash = p_new_hash
+                WHERE id = p_run_id;
+        END IF;
+        o_status := 'ok';
+    END
+    $fn$;
+    """
+)
