@@ -182,8 +182,9 @@ class StepRunner:
         self.on_queued = on_queued
         self.usage = Usage()
         self._interrupted: set[int] = set()
-        self._seen: RunFlags | None = None
-        """The run's flags as the last journal write since the interrupt check saw them."""
+        self._seen: RunFlags | None = RunFlags(run.epoch, run.cancel_requested)
+        """The run's flags as the last journal write since the interrupt check saw them (at
+        first, as the claim that leased the run read them)."""
         self._open: StepRecord | None = None
         """The step journaled ``started`` whose outcome is not yet written."""
 

@@ -15,6 +15,7 @@ the run row, so exactly one decision wins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import json
@@ -25,10 +26,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
-from psycopg import AsyncConnection, AsyncCursor, errors, sql
+from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, errors, sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Json, Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -76,9 +78,47 @@ _JOURNAL_STEP = (
 )
 """One journal write (migration 7): fence, head and ledger checks, debit, step, audit."""
 
+_STALE_LEDGER = "AL001"
+"""What ``alpaca_journal_step`` raises (rolling its writes back) when a ledger moved."""
+
 _KNOWN_RUNS = 10_000
 """How many leased runs' last writes a store remembers (an evicted run takes the locked path
 once)."""
+
+
+class _Writer(Protocol):
+    """Where a transaction's writes go: a cursor runs each at once, a :class:`_Batch` sends
+    them all with the COMMIT."""
+
+    async def execute(self, query: Any, params: Any = None) -> object: ...
+
+
+class _Batch:
+    """The writes of a :meth:`PostgresStore._two_trips` transaction, bound client-side and
+    sent with its COMMIT as one simple query: the second (and last) round trip."""
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+        self.params: list[Any] = []
+
+    async def execute(self, query: Any, params: Any = None) -> object:
+        self.queries.append(str(query))
+        self.params.extend(params or ())
+        return None
+
+
+_LOCK_RUN = "SELECT * FROM runs WHERE id=%s FOR UPDATE"
+
+_NEXT_QUEUED = (
+    "SELECT * FROM runs WHERE state=%s ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+
+_WITH_LEDGERS = (
+    "SELECT r.*, (SELECT COALESCE(jsonb_agg(to_jsonb(l)), '[]') FROM ledgers l "
+    "WHERE l.id IN (SELECT jsonb_array_elements_text(r.ledgers))) AS ledger_rows "
+    "FROM ({}) r"
+)
+"""A claim's locking read with the run's ledger rows (what its first journal write assumes)."""
 
 
 @dataclass(frozen=True)
@@ -319,6 +359,30 @@ class PostgresStore:
         async with self._connection() as conn, conn.cursor() as cur:
             yield cur
 
+    @asynccontextmanager
+    async def _two_trips(
+        self, query: str, params: Sequence[Any]
+    ) -> AsyncIterator[tuple[list[DictRow], _Batch]]:
+        """A transaction in two round trips: ``BEGIN`` with its locking read ``query``, then
+        the writes the caller queued on the batch with ``COMMIT`` (each one simple query,
+        parameters bound client-side). An exception rolls it back, as :meth:`_tx` does;
+        what it appended to audit chains reaches the observers only after the COMMIT."""
+        with observers.transaction():
+            async with self._connection() as conn:
+                cur = AsyncClientCursor(conn, row_factory=dict_row)
+                try:
+                    await cur.execute("BEGIN; " + query, params)
+                    cur.nextset()
+                    batch = _Batch()
+                    yield await cur.fetchall(), batch
+                    await cur.execute("; ".join([*batch.queries, "COMMIT"]), batch.params)
+                except BaseException:
+                    if conn.pgconn.transaction_status in (
+                            TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                        with contextlib.suppress(Exception):
+                            await conn.execute("ROLLBACK")
+                    raise
+
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     def _run(row: DictRow) -> RunRecord:
@@ -347,13 +411,16 @@ class PostgresStore:
         steal by another worker either commits before (we see its epoch) or waits for us.
         ``journal`` writes (steps, approvals, audit) also refuse a finished run, whose chain
         ends with its terminal record (DESIGN §7)."""
-        run = await self._fetch_run(cur, run_id, lock=True)
+        return self._fenced(await self._fetch_run(cur, run_id, lock=True), epoch, journal)
+
+    def _fenced(self, run: RunRecord, epoch: int | None, journal: bool = False) -> RunRecord:
+        """The fence's check of a run row read under its lock."""
         if epoch is not None and run.epoch != epoch:
-            self._forget(run_id)
-            raise LeaseLost(run_id, epoch)
+            self._forget(run.id)
+            raise LeaseLost(run.id, epoch)
         if journal and run.state.terminal:
-            self._forget(run_id)
-            raise LeaseLost(run_id, -1 if epoch is None else epoch)
+            self._forget(run.id)
+            raise LeaseLost(run.id, -1 if epoch is None else epoch)
         return run
 
     def _records(
@@ -366,7 +433,7 @@ class PostgresStore:
 
     async def _audit(
         self,
-        cur: Cursor,
+        cur: _Writer,
         run_id: str,
         events: Sequence[AuditEvent],
         now: float,
@@ -393,7 +460,7 @@ class PostgresStore:
         )
         return last.seq, last.hash
 
-    async def _recover(self, cur: Cursor, run: RunRecord, rec: Recovery, now: float) -> None:
+    async def _recover(self, cur: _Writer, run: RunRecord, rec: Recovery, now: float) -> None:
         """Write a crash recovery: requeued (lease cleared, epoch bumped) or quarantined."""
         await cur.execute(
             "UPDATE runs SET state=%s, lease_owner=NULL, lease_expires_at=NULL, "
@@ -421,7 +488,11 @@ class PostgresStore:
         audit: Sequence[AuditEvent] = (),
         ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
-        run = run.with_head((0, GENESIS))
+        """One statement: the run row (already carrying the head of its first records), its
+        ledger and its audit records are inserted only when the run is (a data-modifying
+        CTE on the insert's RETURNING), so an idempotency-key conflict inserts nothing."""
+        records = self._records(run.id, audit, run.created_at, (0, GENESIS))
+        run = run.with_head((records[-1].seq, records[-1].hash) if records else (0, GENESIS))
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
             data[f] = Jsonb(data[f])
@@ -430,38 +501,46 @@ class PostgresStore:
         data["capabilities"] = _jsonb(
             sorted(run.capabilities) if run.capabilities is not None else None
         )
-        query = sql.SQL(
-            "INSERT INTO runs ({cols}) VALUES ({vals}) ON CONFLICT (tenant, idempotency_key) "
-            "WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+        parts: list[sql.Composable] = [sql.SQL(
+            "WITH created AS (INSERT INTO runs ({cols}) VALUES ({vals}) "
+            "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL "
+            "DO NOTHING RETURNING id)"
         ).format(
             cols=sql.SQL(", ").join(map(sql.Identifier, data)),
             vals=sql.SQL(", ").join(sql.Placeholder() * len(data)),
-        )
-        async with self._tx() as cur:
-            await cur.execute(query, tuple(data.values()))
-            if await cur.fetchone() is None:  # the tenant already used this idempotency key
+        )]
+        params: list[Any] = list(data.values())
+        if ledger is not None:  # only with a run this call created
+            parts.append(sql.SQL(
+                ", ledger AS (INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
+                "SELECT %s, %s, %s, %s, %s FROM created)"))
+            params += [ledger.id, Jsonb(ledger.limits), Jsonb(ledger.used), ledger.exhausted,
+                       run.created_at]
+        if records:
+            values = ", ".join(["(%s, %s::bigint, %s, %s, %s, %s::json, %s, %s)"] * len(records))
+            parts.append(sql.SQL(
+                ", appended AS (INSERT INTO audit(run_id, seq, time, actor, kind, data, "
+                f"prev_hash, hash) SELECT v.* FROM (VALUES {values}) AS v, created)"))
+            for rec in records:
+                params += [rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
+                           json.dumps(rec.data), rec.prev_hash, rec.hash]
+        parts.append(sql.SQL(" SELECT id FROM created"))
+        with observers.transaction():
+            async with self._read() as cur:
+                await cur.execute(sql.Composed(parts), params)
+                created = await cur.fetchone() is not None
+                if created:
+                    observers.written(run.id, audit)
+                    return run, True
+                # the tenant already used this idempotency key
                 await cur.execute(
                     "SELECT * FROM runs WHERE tenant=%s AND idempotency_key=%s",
                     (run.tenant, run.idempotency_key),
                 )
                 row = await cur.fetchone()
-                if row is None:  # pragma: no cover - the conflicting row is committed
-                    raise NotFound(f"run with idempotency key {run.idempotency_key} vanished")
-                return self._run(row), False
-            if ledger is not None:  # only with a run this call created
-                await cur.execute(
-                    "INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
-                    "VALUES (%s,%s,%s,%s,%s)",
-                    (
-                        ledger.id,
-                        Jsonb(ledger.limits),
-                        Jsonb(ledger.used),
-                        ledger.exhausted,
-                        run.created_at,
-                    ),
-                )
-            head = await self._audit(cur, run.id, audit, run.created_at, (0, GENESIS))
-        return run.with_head(head), True
+        if row is None:  # pragma: no cover - the conflicting row is committed
+            raise NotFound(f"run with idempotency key {run.idempotency_key} vanished")
+        return self._run(row), False
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> RunRecord:
         async with self._read() as cur:
@@ -510,18 +589,22 @@ class PostgresStore:
         expected_epoch: int | None = None,
         max_attempts: int | None = None,
     ) -> RunRecord | None:
-        async with self._tx() as cur:
-            run = await self._fetch_run(cur, run_id, lock=True)
+        async with self._two_trips(_WITH_LEDGERS.format(_LOCK_RUN), (run_id,)) as (rows, tx):
+            if not rows:
+                raise NotFound(f"run {run_id} not found")
+            ledger_rows = rows[0].pop("ledger_rows")
+            run = self._run(rows[0])
             plan = plan_claim(
                 run, owner, now, steal=steal, expected_epoch=expected_epoch,
                 max_attempts=max_attempts,
             )
-            return await self._claim(cur, run, plan, owner, lease_seconds, now)
+            return await self._claim(tx, run, ledger_rows, plan, owner, lease_seconds, now)
 
     async def _claim(
         self,
-        cur: Cursor,
+        tx: _Writer,
         run: RunRecord,
+        ledger_rows: list[dict[str, Any]],
         plan: ClaimPlan | None,
         owner: str,
         lease_seconds: float,
@@ -531,43 +614,34 @@ class PostgresStore:
         if plan is None:
             return None
         if plan.quarantine is not None:
-            await self._recover(cur, run, plan.quarantine, now)
+            await self._recover(tx, run, plan.quarantine, now)
             return None
-        await cur.execute(
+        leased = run.model_copy(update={
+            "state": RunState.RUNNING, "lease_owner": owner,
+            "lease_expires_at": now + lease_seconds, "epoch": run.epoch + 1,
+            "updated_at": now, "crash_count": plan.crash_count})
+        await tx.execute(
             "UPDATE runs SET state=%s, lease_owner=%s, lease_expires_at=%s, epoch=%s, "
-            "updated_at=%s, crash_count=%s WHERE id=%s RETURNING *",
-            (
-                str(RunState.RUNNING),
-                owner,
-                now + lease_seconds,
-                run.epoch + 1,
-                now,
-                plan.crash_count,
-                run.id,
-            ),
+            "updated_at=%s, crash_count=%s WHERE id=%s",
+            (str(leased.state), owner, leased.lease_expires_at, leased.epoch, now,
+             plan.crash_count, run.id),
         )
-        row = await cur.fetchone()
-        head = await self._audit(cur, run.id, plan.events, now, run.audit_head)
-        if row is None:  # pragma: no cover - the row is locked by this transaction
-            return None
+        head = await self._audit(tx, run.id, plan.events, now, run.audit_head)
         # What the new owner's first journal write will assume (see _Known).
-        ledgers = await self._read_ledgers(cur, run.ledgers)
-        self._note(run.id, run.epoch + 1, head, tuple(ledgers))
-        return self._run(row).with_head(head)
+        states = {str(r["id"]): self._ledger_state(r) for r in ledger_rows}
+        self._note(run.id, leased.epoch, head,
+                   tuple(states[lid] for lid in run.ledgers if lid in states))
+        return leased.with_head(head)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
-        async with self._tx() as cur:
-            await cur.execute(
-                "SELECT * FROM runs WHERE state=%s ORDER BY created_at, id LIMIT 1 "
-                "FOR UPDATE SKIP LOCKED",
-                (str(RunState.QUEUED),),
-            )
-            row = await cur.fetchone()
-            if row is None:
+        query = _WITH_LEDGERS.format(_NEXT_QUEUED)
+        async with self._two_trips(query, (str(RunState.QUEUED),)) as (rows, tx):
+            if not rows:
                 return None
-            run = self._run(row)
+            ledger_rows = rows[0].pop("ledger_rows")
+            run = self._run(rows[0])
             plan = plan_claim(run, owner, now)
-            return await self._claim(cur, run, plan, owner, lease_seconds, now)
+            return await self._claim(tx, run, ledger_rows, plan, owner, lease_seconds, now)
 
     async def renew_lease(
         self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
@@ -593,10 +667,12 @@ class PostgresStore:
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
     ) -> RunRecord:
-        async with self._tx() as cur:
-            run = await self._fence(cur, run_id, epoch)
+        async with self._two_trips(_LOCK_RUN, (run_id,)) as (rows, tx):
+            if not rows:
+                raise NotFound(f"run {run_id} not found")
+            run = self._fenced(self._run(rows[0]), epoch)
             done = await self._transition(
-                cur,
+                tx,
                 run,
                 to,
                 now,
@@ -615,7 +691,7 @@ class PostgresStore:
 
     async def _transition(
         self,
-        cur: Cursor,
+        cur: _Writer,
         run: RunRecord,
         to: RunState,
         now: float,
@@ -635,11 +711,18 @@ class PostgresStore:
         event.data.update({"error_code": error_code} if error_code else {})
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        # The row as this UPDATE leaves it (no RETURNING: the writes go in one batch).
+        moved = run.model_copy(update={
+            "state": to, "output": run.output if output is None else output,
+            "error_code": error_code, "error_message": error_message,
+            "usage": run.usage if usage is None else usage, "updated_at": now,
+            "epoch": epoch_after, "lease_owner": run.lease_owner if keep_lease else None,
+            "lease_expires_at": run.lease_expires_at if keep_lease else None})
         await cur.execute(
             "UPDATE runs SET state=%s, output=COALESCE(%s, output), error_code=%s, "
             "error_message=%s, usage=COALESCE(%s, usage), updated_at=%s, epoch=%s, "
             "lease_owner=CASE WHEN %s THEN lease_owner END, "
-            "lease_expires_at=CASE WHEN %s THEN lease_expires_at END WHERE id=%s RETURNING *",
+            "lease_expires_at=CASE WHEN %s THEN lease_expires_at END WHERE id=%s",
             (
                 str(to),
                 output,
@@ -653,7 +736,6 @@ class PostgresStore:
                 run.id,
             ),
         )
-        row = await cur.fetchone()
         if to.terminal:
             # A terminal run has no step in flight (see SQLiteStore._close_started_steps).
             await cur.execute(
@@ -663,9 +745,7 @@ class PostgresStore:
                  run.id, str(StepStatus.STARTED)),
             )
         head = await self._audit(cur, run.id, [*audit, event], now, run.audit_head)
-        if row is None:  # pragma: no cover - the row is locked by this transaction
-            raise NotFound(f"run {run.id} not found")
-        return self._run(row).with_head(head)
+        return moved.with_head(head)
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """As SQLite, but decided under the row lock so a concurrent claim cannot interleave."""
@@ -791,19 +871,23 @@ class PostgresStore:
         records = self._records(step.run_id, audit, step.finished_at or step.started_at,
                                 known.head)
         reserved = dict(reserve) if reserve else step.reserved
+        params = (
+            step.run_id, epoch, known.head[0], known.head[1],
+            records[-1].hash if records else None, records[0].time if records else None,
+            [r.actor for r in records], [r.kind for r in records],
+            [json.dumps(r.data) for r in records], [r.prev_hash for r in records],
+            [r.hash for r in records],
+            step.seq, str(step.kind), step.name, str(step.status), Jsonb(step.input),
+            _jsonb(step.output), _jsonb(step.error), step.idempotency_key, step.attempts,
+            step.started_at, step.finished_at, _jsonb(reserved), bool(reserve), cas, _TERMINAL)
         with observers.transaction():
             async with self._read() as cur:
-                await cur.execute(_JOURNAL_STEP, (
-                    step.run_id, epoch, known.head[0], known.head[1],
-                    records[-1].hash if records else None,
-                    records[0].time if records else None,
-                    [r.actor for r in records], [r.kind for r in records],
-                    [json.dumps(r.data) for r in records], [r.prev_hash for r in records],
-                    [r.hash for r in records],
-                    step.seq, str(step.kind), step.name, str(step.status), Jsonb(step.input),
-                    _jsonb(step.output), _jsonb(step.error), step.idempotency_key,
-                    step.attempts, step.started_at, step.finished_at, _jsonb(reserved),
-                    bool(reserve), cas, _TERMINAL))
+                try:
+                    await cur.execute(_JOURNAL_STEP, params)
+                except psycopg.Error as exc:
+                    if exc.sqlstate != _STALE_LEDGER:
+                        raise
+                    return None  # a sibling's debit since this store's: nothing written
                 row = await cur.fetchone()
             status = row["o_status"] if row else "missing"
             if status == "ok":
