@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -850,7 +849,8 @@ class PostgresStore:
         if reserve or settle:
             if known.ledgers is None:
                 return None
-            ledgers = [copy.deepcopy(led) for led in known.ledgers]
+            ledgers = [ledger_logic.LedgerState(led.id, dict(led.limits), dict(led.used),
+                                                led.exhausted) for led in known.ledgers]
             if reserve:
                 try:
                     ledger_logic.check_reserve(ledgers, reserve)
