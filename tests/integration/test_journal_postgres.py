@@ -28,8 +28,11 @@ from alpaca_engine.store.records import (
     StepStatus,
 )
 from alpaca_engine.telemetry.audit import verify_chain
+from alpaca_engine.tools.base import ToolContext
+from alpaca_engine.tools.decorator import tool
 from tests.conformance.store_suite import new_run
 from tests.faultkit import TcpProxy
+from tests.helpers import engine, workflow
 from tests.integration.test_store_postgres import KEY, PG_URL, _admin, _open, schema
 
 pytestmark = pytest.mark.postgres
@@ -254,3 +257,27 @@ async def test_the_store_replaces_connections_whose_backends_the_server_killed(s
     finally:
         await admin.close()
         await s.close()
+
+
+async def test_a_cancel_from_another_process_stops_the_run_at_its_next_turn(schema: str):
+    """The interrupt check reads the flags the last journal write saw under the lock: a
+    cancel requested during a tool call is seen before the next model turn."""
+    runner_store, api = await _open(schema), await _open(schema)
+
+    @tool
+    async def stop_me(ctx: ToolContext) -> str:
+        await api.request_cancel(ctx.run_id)
+        return "ok"
+
+    wf = workflow([{"tool": "stop_me"}, "never reached"], [stop_me])
+    try:
+        run = await engine(runner_store, wf).run(wf, "agent", "go")
+        assert run.state == RunState.CANCELLED and run.error_code == "cancelled"
+        steps = await runner_store.list_steps(run.id)
+        assert [(s.seq, s.kind, s.status) for s in steps] == [
+            (1, "model", "completed"), (2, "tool", "completed")]  # no model turn after it
+        kinds = await _chain_ok(runner_store, run.id)
+        assert kinds.count("cancel.requested") == 1 and kinds[-1] == "state.changed"
+    finally:
+        await runner_store.close()
+        await api.close()
