@@ -232,6 +232,15 @@ class Workers:
     def alive(self) -> list[int]:
         return [n for n, s in self.slots.items() if s.proc.poll() is None]
 
+    def restart_refused_starts(self) -> None:
+        """Refill, as a supervisor would, a slot whose worker was started while Redis was down:
+        it refuses to start (one line, exit 1) by design; any other exit stays a failure."""
+        for n, s in list(self.slots.items()):
+            text = s.log.read_text(errors="replace")
+            if s.proc.poll() is not None and "(Redis)" not in text and "cannot connect" in text:
+                self.exited.append((n, s.proc.returncode, s.log))
+                self.spawn(n)
+
     def ready(self) -> list[int]:
         """Live workers past start-up (they print their banner once the store is open)."""
         return [n for n in self.alive() if "(Redis)" in self.slots[n].log.read_text(
@@ -559,6 +568,7 @@ async def test_chaos_kill_pause_and_redis_restart_lose_nothing(
                         next_kill = now + KILL_GAP
                     else:
                         next_kill = now + 0.25  # all still starting: try again shortly
+                workers.restart_refused_starts()
                 await asyncio.sleep(0.05)
             chaos_wall = loop.time() - t0
             await feeding

@@ -1,10 +1,17 @@
 """The server store: PostgreSQL through psycopg 3 (async pool), safe for many workers and hosts.
 
 Same semantics as :mod:`.sqlite`, with row locks instead of SQLite's file lock: every fenced
-write reads the run row ``FOR UPDATE`` in the transaction that does the write, so the epoch
-check, the write and the audit append (which reads the chain head under that same lock) are
-atomic across processes; ``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers
-never wait on, or double-claim, the same run.
+write holds the run row's lock in the transaction that does the write, so the epoch check,
+the write and the audit append (after the head on that row) are atomic across processes;
+``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers never wait on, or
+double-claim, the same run.
+
+A journal write is one statement, ``alpaca_journal_step`` (migration 7): the lease owner is
+the only writer of its run's steps, so the store computes the audit records and ledger debits
+from what it wrote last (:class:`_Known`) and the function checks those values under the row
+locks before writing; when another actor moved them, nothing is written and the locked
+transaction of :meth:`PostgresStore._save_step_locked` does it. Claims and transitions are
+two round trips (:meth:`PostgresStore._two_trips`). See bench/README.md for the numbers.
 
 Budget reservations lock the run row and then every ledger row of the run ``FOR UPDATE`` in
 ledger-id order, so any number of workers reserving on a shared ledger serialize on it (no
