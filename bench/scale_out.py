@@ -68,6 +68,10 @@ agents:
     model: {provider: function, function: "scale_out_tools:model"}
     tools: [work]
     limits: {max_steps: 50}
+  - name: boss
+    model: {provider: function, function: "scale_out_tools:boss_model"}
+    delegates_to: [bench]
+    limits: {max_steps: 5}
 """
 
 TOOLS_PY = '''\
@@ -94,6 +98,13 @@ async def model(messages, tools):
     if done < TOOLS:
         return {"tool": "work", "args": {"i": done}}
     return "done"
+
+
+async def boss_model(messages, tools):
+    await asyncio.sleep(LATENCY)
+    if not any(m.role == "tool" for m in messages):
+        return {"tool": "delegate_to_bench", "args": {"task": "do the work"}}
+    return "delegated"
 '''
 
 TERMINAL = [str(s) for s in RunState if s.terminal]
@@ -117,6 +128,10 @@ class Result:
     postgres_cpu_ms_per_run: float
     machine_busy_pct: float
     others_busy_pct: float
+    child_start_ms_p50: float | None = None
+    child_start_ms_max: float | None = None
+    parent_wake_ms_p50: float | None = None
+    parent_wake_ms_max: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -271,6 +286,48 @@ async def submit(db_url: str, redis_url: str, workflow_file: Path, runs: int,
         await store.close()
 
 
+async def wait_run(db_url: str, run_id: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute("SELECT state FROM runs WHERE id = %s", (run_id,))
+            row = await cur.fetchone()
+            if row is not None and row[0] in TERMINAL:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} not terminal after {seconds} s")
+            await asyncio.sleep(0.01)
+
+
+async def delegation_latency(db_url: str, redis_url: str, workflow_file: Path, runs: int,
+                             seconds: float) -> tuple[list[float], list[float]]:
+    """``runs`` delegating runs one at a time on idle workers: per run, how long its child
+    waited from being queued to its first step, and how long the parent waited from the
+    child's finish to its own next step (both in ms, from the store's timestamps)."""
+    store = make_store(db_url)
+    await store.open()
+    coord = make_coordination(redis_url)
+    child_start: list[float] = []
+    parent_wake: list[float] = []
+    try:
+        engine = Engine(store, resolve_workflow, dispatcher=coord.dispatcher)
+        workflow = load_workflow(workflow_file)
+        for i in range(runs):
+            parent = await engine.submit(workflow, "boss", f"delegate-{i}")
+            await wait_run(db_url, parent.id, seconds)
+            [child] = await store.list_runs(parent_id=parent.id)
+            child_steps = await store.list_steps(child.id)
+            after = [st.started_at for st in await store.list_steps(parent.id)
+                     if st.started_at >= child.updated_at]
+            child_start.append((min(st.started_at for st in child_steps)
+                                - child.created_at) * 1e3)
+            parent_wake.append((min(after) - child.updated_at) * 1e3)
+    finally:
+        await coord.close()
+        await store.close()
+    return child_start, parent_wake
+
+
 async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis_pid: int,
                   workdir: Path) -> Result:
     redis_command(redis_port, "FLUSHALL")
@@ -298,6 +355,8 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis
             pg1 = backend_cpu(args.postgres_url, db_url)
             # backends that ended during the batch are missed (pools keep theirs open)
             pg_cpu = sum(v - pg0.get(pid, 0.0) for pid, v in pg1.items())
+            child_start, parent_wake = await delegation_latency(
+                db_url, redis_url, workflow_file, args.delegations, args.timeout)
         finally:
             stop_workers(procs)
         capacity = max(total1 - total0, 1e-9)
@@ -327,7 +386,17 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis
         service_ms_p95=round(percentile(service, 95), 1),
         worker_cpu_ms_per_run=round(cpu_per_run, 2),
         postgres_cpu_ms_per_run=round(pg_cpu / len(ids) * 1e3, 2),
-        machine_busy_pct=round(busy * 100, 1), others_busy_pct=round(others * 100, 1))
+        machine_busy_pct=round(busy * 100, 1), others_busy_pct=round(others * 100, 1),
+        **latency_fields(child_start, parent_wake))
+
+
+def latency_fields(child_start: list[float], parent_wake: list[float]) -> dict[str, float]:
+    if not child_start:
+        return {}
+    return {"child_start_ms_p50": round(statistics.median(child_start), 1),
+            "child_start_ms_max": round(max(child_start), 1),
+            "parent_wake_ms_p50": round(statistics.median(parent_wake), 1),
+            "parent_wake_ms_max": round(max(parent_wake), 1)}
 
 
 def print_table(results: list[Result], args: argparse.Namespace) -> None:
@@ -351,6 +420,12 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
           "(all processes, all cores) during the timed batch; others % = the part of it not "
           "used by the workers,\ntheir PostgreSQL backends, Redis or this script (other "
           "load on the machine)")
+    for r in results:
+        if r.child_start_ms_p50 is not None:
+            print(f"delegation, {r.workers} worker(s), {args.delegations} runs one at a time: "
+                  f"child queued -> first step p50 {r.child_start_ms_p50:.0f} ms "
+                  f"(max {r.child_start_ms_max:.0f}); child finished -> parent's next step "
+                  f"p50 {r.parent_wake_ms_p50:.0f} ms (max {r.parent_wake_ms_max:.0f})")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -396,6 +471,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="simulated model latency per turn, seconds (0.02)")
     p.add_argument("--lease", type=float, default=30.0, help="ALPACA_LEASE_SECONDS (30)")
     p.add_argument("--poll", type=float, default=0.2, help="ALPACA_POLL_INTERVAL (0.2)")
+    p.add_argument("--delegations", type=int, default=10,
+                   help="delegating runs, one at a time, to time child dispatch and parent "
+                        "wake-up after the batch (10; 0 skips)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="give up on a configuration after this many seconds (600)")
     p.add_argument("--postgres-url", default=os.environ.get(

@@ -129,9 +129,14 @@ def make_workflow(steps: int, trivial: Tool, kind: ModelKind = PLAIN) -> Workflo
 StoreFactory = Callable[[Path], Store]
 
 
+Around = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
 async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
-                  kind: ModelKind = PLAIN) -> tuple[float, float, int]:
-    """Time one run on a fresh store; return (seconds, CPU seconds, journaled steps)."""
+                  kind: ModelKind = PLAIN,
+                  around: Around = contextlib.nullcontext) -> tuple[float, float, int]:
+    """Time one run on a fresh store; return (seconds, CPU seconds, journaled steps).
+    ``around`` wraps the timed region only (the SQL counters of the counting pass)."""
     store = make(workdir)
     await store.open()
     try:
@@ -139,11 +144,12 @@ async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
         bus = LocalEventBus() if kind.bus else None
         engine = Engine(store, lambda ref: workflow, events=bus)
         gc.collect()
-        t0, c0 = time.perf_counter(), time.process_time()
-        record = await engine.run(workflow, "looper", "loop")
-        if engine.outbox is not None:
-            await engine.outbox.flush()  # every event handed to the bus, inside the timing
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with around():
+            t0, c0 = time.perf_counter(), time.process_time()
+            record = await engine.run(workflow, "looper", "loop")
+            if engine.outbox is not None:
+                await engine.outbox.flush()  # every event handed to the bus, in the timing
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if record.state != RunState.SUCCEEDED:
             raise RuntimeError(f"run ended {record.state}: {record.error_code} "
                                f"{record.error_message}")
@@ -186,6 +192,44 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
         cpu_us_per_step_median=statistics.median(cpus) / journaled * 1e6,
         cpu_us_per_step_min=min(cpus) / journaled * 1e6,
     )
+
+
+@dataclass
+class WireRow:
+    """What one PostgreSQL run sent, per journaled step (an untimed pass through a proxy)."""
+
+    backend: str
+    journaled_steps: int
+    statements: int
+    round_trips: int
+    statements_per_step: float
+    round_trips_per_step: float
+
+
+async def count_wire(url: str, steps: int) -> WireRow:
+    """One run with every statement counted and every round trip seen by a TCP proxy."""
+    from pg_wire import RoundTripProxy, WireCount, counting_statements
+
+    count = WireCount()
+    async with RoundTripProxy(url, count) as proxy:
+        schemas = PostgresSchemas(proxy.url)
+
+        @contextlib.contextmanager
+        def counting() -> Any:
+            proxy.counting = True
+            try:
+                with counting_statements(count):
+                    yield
+            finally:
+                proxy.counting = False
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
+                _, _, journaled = await one_run(schemas, steps, noop, Path(tmp), PLAIN, counting)
+        finally:
+            await schemas.drop()
+    return WireRow("postgresql", journaled, count.statements, count.round_trips,
+                   count.statements / journaled, count.round_trips / journaled)
 
 
 class PostgresSchemas:
@@ -243,7 +287,14 @@ async def probe_postgres(url: str) -> str | None:
     return None
 
 
-def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None:
+def ratio(rows: list[Row], over: str, under: str) -> float | None:
+    """Median us/step of backend ``over`` / that of ``under`` (async tool rows)."""
+    by = {r.backend: r.us_per_step_median for r in rows if r.tool == "async"}
+    return by[over] / by[under] if over in by and under in by and by[under] else None
+
+
+def print_table(rows: list[Row], missing: list[Unavailable], steps: int,
+                wire: WireRow | None = None) -> None:
     print(f"step overhead: {steps} model turns + {steps - 1} tool calls per run "
           f"({2 * steps - 1} journaled steps); times are per run")
     header = (f"{'backend':<11} {'tool':<5} {'model':<11} {'n':>3} {'run ms':>8} "
@@ -263,6 +314,14 @@ def print_table(rows: list[Row], missing: list[Unavailable], steps: int) -> None
         print(f"{m.backend}: not available ({m.reason})")
     print("us/step = run time / journaled steps; us/iter = run time / model turns "
           "(one iteration = model turn + tool call); cpu = this process's CPU time / step")
+    pg_sqlite = ratio(rows, "postgresql", "sqlite")
+    if pg_sqlite is not None:
+        print(f"postgresql / sqlite file, median us/step: {pg_sqlite:.2f}x")
+    if wire is not None:
+        print(f"postgresql wire, one untimed run: {wire.statements} statements, "
+              f"{wire.round_trips} round trips for {wire.journaled_steps} steps = "
+              f"{wire.statements_per_step:.2f} statements and "
+              f"{wire.round_trips_per_step:.2f} round trips per journaled step")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -292,6 +351,7 @@ async def main_async(args: argparse.Namespace) -> int:
             missing.append(Unavailable("postgresql", reason))
 
     rows: list[Row] = []
+    wire: WireRow | None = None
     for backend, trivial, tool_kind, model_kind in plan:
         make = store_factory(backend, args.postgres_url)
         try:
@@ -301,6 +361,9 @@ async def main_async(args: argparse.Namespace) -> int:
             if backend != "postgresql":
                 raise
             missing.append(Unavailable(backend, f"{type(exc).__name__}: {exc}"))
+        else:
+            if backend == "postgresql" and args.postgres_url:
+                wire = await count_wire(args.postgres_url, args.steps)
         finally:
             if isinstance(make, PostgresSchemas):
                 await make.drop()
@@ -312,10 +375,12 @@ async def main_async(args: argparse.Namespace) -> int:
             "steps": args.steps, "repeat": args.repeat, "warmup": args.warmup,
             "rows": [asdict(r) for r in rows],
             "unavailable": [asdict(m) for m in missing],
+            "postgresql_over_sqlite": ratio(rows, "postgresql", "sqlite"),
+            "postgresql_wire": asdict(wire) if wire is not None else None,
         }
         print(json.dumps(out, indent=2))
     else:
-        print_table(rows, missing, args.steps)
+        print_table(rows, missing, args.steps, wire)
     return 0
 
 

@@ -51,7 +51,7 @@ from .models.base import (
     ask_model,
     retry_hook,
 )
-from .store.base import Store
+from .store.base import RunFlags, Store
 from .store.records import (
     ApprovalRecord,
     ApprovalStatus,
@@ -191,6 +191,9 @@ class StepRunner:
         self.on_queued = on_queued
         self.usage = Usage()
         self._interrupted: set[int] = set()
+        self._seen: RunFlags | None = RunFlags(run.epoch, run.cancel_requested)
+        """The run's flags as the last journal write since the interrupt check saw them (at
+        first, as the claim that leased the run read them)."""
         self._open: StepRecord | None = None
         """The step journaled ``started`` whose outcome is not yet written."""
         self._history_audit: list[AuditEvent] = []
@@ -341,9 +344,12 @@ class StepRunner:
         if deadline is not None and self.clock.now() > float(deadline):
             raise _Stop(RunState.TIMED_OUT, AlpacaError(
                 ErrorCode.DEADLINE_EXCEEDED, "the run's wall-clock deadline passed"))
-        current = await self.store.get_run(self.run_record.id)
+        # The step write just before this check read the flags under the run's lock (a
+        # cancel is seen within one turn either way); without one (a replayed turn), re-read.
+        seen, self._seen = self._seen, None
+        current = seen or await self.store.get_run(self.run_record.id)
         if current.epoch != self.epoch:
-            raise LeaseLost(current.id, self.epoch)
+            raise LeaseLost(self.run_record.id, self.epoch)
         if current.cancel_requested:
             raise _Stop(RunState.CANCELLED, AlpacaError(ErrorCode.CANCELLED, "cancelled by user"))
 
@@ -506,7 +512,7 @@ class StepRunner:
             audit = [e for e in audit if e.kind != "budget.reserved"] + [AuditEvent(
                 kind="step.resumed", data={"step": step.seq, "idempotency_key":
                                            step.idempotency_key})]
-        await self.store.save_step(step, self.epoch, audit, reserve=reserve)
+        self._seen = await self.store.save_step(step, self.epoch, audit, reserve=reserve)
         self._open = step
 
     async def _save_finished(self, step: StepRecord, status: StepStatus, output: Any,
@@ -516,7 +522,7 @@ class StepRunner:
         step.status, step.output, step.error = status, output, error
         step.attempts, step.finished_at = attempts, self.clock.now()
         try:
-            await self.store.save_step(step, self.epoch, audit, settle=settle)
+            self._seen = await self.store.save_step(step, self.epoch, audit, settle=settle)
         except ledger_logic.BudgetExceeded:
             self._open = None  # written, with its usage; the overspent ledger stops the tree
             raise

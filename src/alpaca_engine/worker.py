@@ -2,6 +2,11 @@
 
 On start (and periodically) the reaper requeues runs whose lease expired or whose owner
 process on this host is gone, so a crashed run resumes without anyone asking.
+
+With a dispatch stream, a free slot takes the next delivery (every queued run, a delegated
+child and a woken parent included, is announced there); the store's queue is polled once a
+poll interval, as the safety net for a run whose announcement was lost. Without one, the
+store is polled whenever a slot is free.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import functools
 import logging
 import signal
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from .engine import Engine
 from .errors import NotFound
@@ -18,6 +25,8 @@ from .faults import Unavailable
 from .store.records import RunRecord
 
 log = logging.getLogger("alpaca.worker")
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -32,6 +41,8 @@ class Worker:
         self._tasks: dict[str, asyncio.Task[object]] = {}
         self._started: dict[str, float] = {}
         self._slot_freed = asyncio.Event()
+        self._polled = -1e18
+        """When the store's queue was last polled (monotonic seconds)."""
         self._reaping: asyncio.Task[None] | None = None
         self._down = False
         self.completed = 0
@@ -56,20 +67,7 @@ class Worker:
                 last_reap = now
                 if until_idle:
                     await self._reaping
-            claimed = False
-            while len(self._tasks) < self.concurrency and not self._stopping.is_set():
-                try:
-                    run = await self.engine.store.claim_next(
-                        self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
-                except Unavailable as exc:
-                    # The database is down or full: say so once, keep trying; never crash.
-                    self._outage(exc)
-                    break
-                self._outage(None)
-                if run is None:
-                    break
-                claimed = True
-                self._start(run)
+            claimed = await self._fill(poll=until_idle)
             if until_idle and not claimed and not self._tasks:
                 return
             if not claimed:
@@ -78,6 +76,42 @@ class Worker:
             self._reaping.cancel()
             await asyncio.gather(self._reaping, return_exceptions=True)
         await self._drain()
+
+    def _free(self) -> bool:
+        return len(self._tasks) < self.concurrency and not self._stopping.is_set()
+
+    async def _fill(self, *, poll: bool = False) -> bool:
+        """Start runs in the free slots; True when any started.
+
+        Deliveries the dispatch stream has ready come first: each announces a queued run, and
+        claiming it settles it (a store poll that took the same run would leave it to be
+        claimed in vain). The store's queue is polled without a stream, with ``poll``, or
+        when a poll interval has passed since the last poll."""
+        claimed = False
+        dispatcher = self.engine.dispatcher
+        while dispatcher is not None and self._free():
+            got = await dispatcher.next(self.engine.owner, 0)
+            if got is None:
+                break
+            claimed = await self._take(*got) or claimed
+        now = time.monotonic()
+        if dispatcher is not None and not poll and now - self._polled < self.poll_interval:
+            return claimed
+        self._polled = now
+        while self._free():
+            try:
+                run = await self.engine.store.claim_next(
+                    self.engine.owner, self.engine.lease_seconds, self.engine.clock.now())
+            except Unavailable as exc:
+                # The database is down or full: say so once, keep trying; never crash.
+                self._outage(exc)
+                break
+            self._outage(None)
+            if run is None:
+                break
+            claimed = True
+            self._start(run)
+        return claimed
 
     def _outage(self, exc: Unavailable | None) -> None:
         """One log line when the store becomes unusable and one when it is back."""
@@ -109,26 +143,36 @@ class Worker:
         task.add_done_callback(functools.partial(self._done, run.id))
 
     async def _wait_for_work(self) -> None:
-        """Block on the dispatch stream when there is one, else sleep a poll interval."""
+        """Block on the dispatch stream when there is one and a slot is free, else until a
+        slot frees; a stop or a poll interval ends either wait."""
         dispatcher = self.engine.dispatcher
         if dispatcher is None or len(self._tasks) >= self.concurrency:
-            # Wake on stop, on a freed slot, or after a poll interval, whichever comes first.
             self._slot_freed.clear()
-            waiters = [asyncio.ensure_future(self._stopping.wait()),
-                       asyncio.ensure_future(self._slot_freed.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=self.poll_interval,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
+            await self._until(self._slot_freed.wait(), self.poll_interval)
             return
-        got = await dispatcher.next(self.engine.owner, self.poll_interval)
-        if got is not None:
+        reading = await self._until(dispatcher.next(self.engine.owner, self.poll_interval))
+        if reading.done() and not reading.cancelled() and (got := reading.result()):
             await self._take(*got)
 
-    async def _take(self, delivery_id: str, run_id: str) -> None:
-        """Claim a delivered run; the store's lease decides, the delivery is only a hint."""
+    async def _until(self, work: Awaitable[T],
+                     seconds: float | None = None) -> asyncio.Future[T]:
+        """Wait for ``work``, a stop or ``seconds``, whichever comes first, and hand back
+        ``work`` (cancelled if it had not finished: a stopped worker's read of the stream
+        leaves any delivery pending for a reclaim, and the store poll finds the run anyway)."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([task, stop], timeout=seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (task, stop):
+                waiter.cancel()
+            await asyncio.gather(task, stop, return_exceptions=True)
+        return task
+
+    async def _take(self, delivery_id: str, run_id: str) -> bool:
+        """Claim a delivered run (True: started); the store's lease decides, the delivery is
+        only a hint."""
         dispatcher = self.engine.dispatcher
         try:
             run = await self.engine.store.claim_run(
@@ -138,11 +182,12 @@ class Worker:
             run = None
         except Unavailable as exc:  # not acked: redelivered, and the store poll finds it too
             self._outage(exc)
-            return
+            return False
         if dispatcher is not None:
             await dispatcher.ack(delivery_id)
         if run is not None:
             self._start(run)
+        return run is not None
 
     async def _reclaim(self) -> None:
         dispatcher = self.engine.dispatcher

@@ -9,6 +9,7 @@ events passed with a write are appended in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..lifecycle import RunState
@@ -25,6 +26,15 @@ from .records import (
     TurnCopy,
     WorkflowRecord,
 )
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """What a journal write saw on the run row under its lock: all the runner's interrupt
+    check needs, so a store that returns it from ``save_step`` saves a run re-read a turn."""
+
+    epoch: int
+    cancel_requested: bool
 
 
 class Store(Protocol):
@@ -99,12 +109,13 @@ class Store(Protocol):
     async def save_step(
         self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = (),
         *, reserve: dict[str, float] | None = None, settle: dict[str, float] | None = None,
-    ) -> None:
+    ) -> RunFlags | None:
         """Insert or update step ``(run_id, seq)``; fenced by epoch (a finished run refuses
         every journal write: its audit chain ends with its terminal record). ``reserve``
         debits every ledger of the run atomically with the write (once per step, even across
         a crash) or raises BudgetExceeded and marks the ledger exhausted; ``settle`` adds
-        actual-minus-reserved usage."""
+        actual-minus-reserved usage. May return the run's flags as the write saw them
+        (``None``: the runner re-reads the run for its interrupt check)."""
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord: ...
 

@@ -1,10 +1,17 @@
 """The server store: PostgreSQL through psycopg 3 (async pool), safe for many workers and hosts.
 
 Same semantics as :mod:`.sqlite`, with row locks instead of SQLite's file lock: every fenced
-write reads the run row ``FOR UPDATE`` in the transaction that does the write, so the epoch
-check, the write and the audit append (which reads the chain head under that same lock) are
-atomic across processes; ``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers
-never wait on, or double-claim, the same run.
+write holds the run row's lock in the transaction that does the write, so the epoch check,
+the write and the audit append (after the head on that row) are atomic across processes;
+``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers never wait on, or
+double-claim, the same run.
+
+A journal write is one statement, ``alpaca_journal_step`` (migration 7): the lease owner is
+the only writer of its run's steps, so the store computes the audit records and ledger debits
+from what it wrote last (:class:`_Known`) and the function checks those values under the row
+locks before writing; when another actor moved them, nothing is written and the locked
+transaction of :meth:`PostgresStore._save_step_locked` does it. Claims and transitions are
+two round trips (:meth:`PostgresStore._two_trips`). See bench/README.md for the numbers.
 
 Budget reservations lock the run row and then every ledger row of the run ``FOR UPDATE`` in
 ledger-id order, so any number of workers reserving on a shared ledger serialize on it (no
@@ -15,14 +22,21 @@ the run row, so exactly one decision wins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import math
+import select
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from psycopg import AsyncConnection, AsyncCursor, errors, sql
+import psycopg
+from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, errors, sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Json, Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -33,6 +47,7 @@ from ..faults import DEFAULT_CONNECT_TIMEOUT, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord, iso_utc
 from . import observers
+from .base import RunFlags
 from .ownership import ClaimPlan, Recovery, closed_run_decision, plan_claim
 from .ownership import recover as recover_run
 from .postgres_migrations import POSTGRES as MIGRATIONS
@@ -69,6 +84,72 @@ _PUT_ATTEMPTS = 50
 Cursor = AsyncCursor[DictRow]
 Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 
+_TERMINAL = [str(s) for s in RunState if s.terminal]
+
+_JOURNAL_STEP = (
+    "SELECT o_status, o_epoch, o_cancel FROM alpaca_journal_step("
+    "%s::text, %s::bigint, %s::bigint, %s::text, %s::text, "
+    "%s::text, %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::bigint, %s::text, %s::text, %s::text, %s::jsonb, %s::jsonb, %s::jsonb, %s::text, "
+    "%s::bigint, %s::float8, %s::float8, %s::jsonb, %s::boolean, %s::jsonb, %s::text[])"
+)
+"""One journal write (migration 7): fence, head and ledger checks, debit, step, audit."""
+
+_STALE_LEDGER = "AL001"
+"""What ``alpaca_journal_step`` raises (rolling its writes back) when a ledger moved."""
+
+_KNOWN_RUNS = 10_000
+"""How many leased runs' last writes a store remembers (an evicted run takes the locked path
+once)."""
+
+
+class _Writer(Protocol):
+    """Where a transaction's writes go: a cursor runs each at once, a :class:`_Batch` sends
+    them all with the COMMIT."""
+
+    async def execute(self, query: Any, params: Any = None) -> object: ...
+
+
+class _Batch:
+    """The writes of a :meth:`PostgresStore._two_trips` transaction, bound client-side and
+    sent with its COMMIT as one simple query: the second (and last) round trip."""
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+        self.params: list[Any] = []
+
+    async def execute(self, query: Any, params: Any = None) -> object:
+        self.queries.append(str(query))
+        self.params.extend(params or ())
+        return None
+
+
+_LOCK_RUN = "SELECT * FROM runs WHERE id=%s FOR UPDATE"
+
+_NEXT_QUEUED = (
+    "SELECT * FROM runs WHERE state=%s ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+
+_WITH_LEDGERS = (
+    "SELECT r.*, (SELECT COALESCE(jsonb_agg(to_jsonb(l)), '[]') FROM ledgers l "
+    "WHERE l.id IN (SELECT jsonb_array_elements_text(r.ledgers))) AS ledger_rows "
+    "FROM ({}) r"
+)
+"""A claim's locking read with the run's ledger rows (what its first journal write assumes)."""
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What this store last wrote for a run under lease ``epoch``: the chain head it left and
+    the ledger values it saw (``None``: not read yet). Only a hint for the one-statement
+    write, which checks every part of it under the row locks: only the lease owner writes
+    steps, so a match is the common case; another actor's append (an approval decided, a
+    cancel requested) or a sibling's debit on a shared ledger makes it miss, never wrong."""
+
+    epoch: int
+    head: tuple[int, str]
+    ledgers: tuple[ledger_logic.LedgerState, ...] | None = None
+
 
 def _lock_key(schema: str) -> int:
     """A stable 64-bit advisory-lock key per schema: migrations of different schemas don't wait
@@ -84,6 +165,26 @@ def _quiet_pool_log() -> None:
     pool_log = logging.getLogger("psycopg.pool")
     if pool_log.level == logging.NOTSET:
         pool_log.setLevel(logging.ERROR)
+
+
+def _hung_up(conn: AsyncConnection[DictRow]) -> bool:
+    """Whether an idle pooled connection is unusable, without a round trip to the server.
+
+    An idle connection has nothing to read: a readable socket means the server hung up (a
+    terminated backend sends its FATAL error and closes) or, rarely, sent a notice; either way
+    the connection is replaced, which costs a connect instead of a failed write."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)  # pragma: no cover - no poll(): Windows
+    return bool(readable)
 
 
 def _jsonb(value: Any) -> Jsonb | None:
@@ -115,6 +216,26 @@ class PostgresStore:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._pool: Pool | None = None
+        self._known: OrderedDict[str, _Known] = OrderedDict()
+
+    def _note(
+        self, run_id: str, epoch: int, head: tuple[int, str],
+        ledgers: tuple[ledger_logic.LedgerState, ...] | None = None,
+    ) -> None:
+        """Remember what this store just wrote for a leased run (see :class:`_Known`)."""
+        self._known[run_id] = _Known(epoch, head, ledgers)
+        self._known.move_to_end(run_id)
+        if len(self._known) > _KNOWN_RUNS:
+            self._known.popitem(last=False)
+
+    def _note_head(self, run_id: str, epoch: int | None, head: tuple[int, str]) -> None:
+        """After a fenced append by the lease owner: the new head, the same ledger values."""
+        known = self._known.get(run_id)
+        if epoch is not None and known is not None and known.epoch == epoch:
+            self._note(run_id, epoch, head, known.ledgers)
+
+    def _forget(self, run_id: str) -> None:
+        self._known.pop(run_id, None)
 
     # -- connection and schema -------------------------------------------------------------
     async def _configure(self, conn: AsyncConnection[DictRow]) -> None:
@@ -150,7 +271,6 @@ class PostgresStore:
             min_size=1,
             max_size=max(1, self.pool_size),
             configure=self._configure,
-            check=AsyncConnectionPool.check_connection,
             timeout=self.connect_timeout,
             open=False,
         )
@@ -222,18 +342,63 @@ class PostgresStore:
         return self._pool
 
     @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[DictRow]]:
+        """A pooled connection the server has not hung up on (see :func:`_hung_up`).
+
+        No query checks it on checkout (that was a round trip per use); one found dead is
+        closed, so the pool replaces it, and the next is tried at once. A connection that
+        breaks while in use fails that call and is replaced when it is returned."""
+        pool = self._conns
+        for _attempt in range(pool.max_size):
+            conn = await pool.getconn()
+            if not _hung_up(conn):
+                break
+            await conn.close()
+            await pool.putconn(conn)
+        else:
+            conn = await pool.getconn()
+        try:
+            async with conn:
+                yield conn
+        finally:
+            await pool.putconn(conn)
+
+    @asynccontextmanager
     async def _tx(self) -> AsyncIterator[Cursor]:
         """One transaction on one pooled connection; rolled back on any exception."""
         with observers.transaction():
-            async with self._conns.connection() as conn, conn.transaction(), \
-                    conn.cursor() as cur:
+            async with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[Cursor]:
         """A cursor for plain reads (autocommit: each statement sees the latest commits)."""
-        async with self._conns.connection() as conn, conn.cursor() as cur:
+        async with self._connection() as conn, conn.cursor() as cur:
             yield cur
+
+    @asynccontextmanager
+    async def _two_trips(
+        self, query: str, params: Sequence[Any]
+    ) -> AsyncIterator[tuple[list[DictRow], _Batch]]:
+        """A transaction in two round trips: ``BEGIN`` with its locking read ``query``, then
+        the writes the caller queued on the batch with ``COMMIT`` (each one simple query,
+        parameters bound client-side). An exception rolls it back, as :meth:`_tx` does;
+        what it appended to audit chains reaches the observers only after the COMMIT."""
+        with observers.transaction():
+            async with self._connection() as conn:
+                cur = AsyncClientCursor(conn, row_factory=dict_row)
+                try:
+                    await cur.execute("BEGIN; " + query, params)
+                    cur.nextset()
+                    batch = _Batch()
+                    yield await cur.fetchall(), batch
+                    await cur.execute("; ".join([*batch.queries, "COMMIT"]), batch.params)
+                except BaseException:
+                    if conn.pgconn.transaction_status in (
+                            TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                        with contextlib.suppress(Exception):
+                            await conn.execute("ROLLBACK")
+                    raise
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -263,16 +428,29 @@ class PostgresStore:
         steal by another worker either commits before (we see its epoch) or waits for us.
         ``journal`` writes (steps, approvals, audit) also refuse a finished run, whose chain
         ends with its terminal record (DESIGN §7)."""
-        run = await self._fetch_run(cur, run_id, lock=True)
+        return self._fenced(await self._fetch_run(cur, run_id, lock=True), epoch, journal)
+
+    def _fenced(self, run: RunRecord, epoch: int | None, journal: bool = False) -> RunRecord:
+        """The fence's check of a run row read under its lock."""
         if epoch is not None and run.epoch != epoch:
-            raise LeaseLost(run_id, epoch)
+            self._forget(run.id)
+            raise LeaseLost(run.id, epoch)
         if journal and run.state.terminal:
-            raise LeaseLost(run_id, -1 if epoch is None else epoch)
+            self._forget(run.id)
+            raise LeaseLost(run.id, -1 if epoch is None else epoch)
         return run
+
+    def _records(
+        self, run_id: str, events: Sequence[AuditEvent], now: float, head: tuple[int, str]
+    ) -> list[AuditRecord]:
+        """The records that append ``events`` to the chain after ``head`` (hashed here)."""
+        chain = AuditChain(run_id, self.audit_key, *head)
+        stamp = iso_utc(now)
+        return [chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events]
 
     async def _audit(
         self,
-        cur: Cursor,
+        cur: _Writer,
         run_id: str,
         events: Sequence[AuditEvent],
         now: float,
@@ -284,23 +462,22 @@ class PostgresStore:
         if not events:
             return head
         observers.written(run_id, events)
-        chain = AuditChain(run_id, self.audit_key, *head)
-        stamp = iso_utc(now)
+        records = self._records(run_id, events, now, head)
         params: list[Any] = []
-        for ev in events:
-            rec = chain.append(ev.kind, ev.data, ev.actor, stamp)
+        for rec in records:
             params += [rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, Json(rec.data),
                        rec.prev_hash, rec.hash]
         values = ", ".join(["(%s,%s,%s,%s,%s,%s,%s,%s)"] * len(events))
+        last = records[-1]
         await cur.execute(
             "WITH appended AS (INSERT INTO audit(run_id, seq, time, actor, kind, data, "
             f"prev_hash, hash) VALUES {values}) "
             "UPDATE runs SET audit_seq=%s, audit_hash=%s WHERE id=%s",
-            (*params, chain.last_seq, chain.last_hash, run_id),
+            (*params, last.seq, last.hash, run_id),
         )
-        return chain.last_seq, chain.last_hash
+        return last.seq, last.hash
 
-    async def _recover(self, cur: Cursor, run: RunRecord, rec: Recovery, now: float) -> None:
+    async def _recover(self, cur: _Writer, run: RunRecord, rec: Recovery, now: float) -> None:
         """Write a crash recovery: requeued (lease cleared, epoch bumped) or quarantined."""
         await cur.execute(
             "UPDATE runs SET state=%s, lease_owner=NULL, lease_expires_at=NULL, "
@@ -328,17 +505,24 @@ class PostgresStore:
         audit: Sequence[AuditEvent] = (),
         ledger: LedgerRecord | None = None,
     ) -> tuple[RunRecord, bool]:
-        async with self._tx() as cur:
-            created = await self._insert_run(cur, run, audit, ledger)
-            if created is None:  # the tenant already used this idempotency key
+        """One statement (see :meth:`_insert_run`), autocommitted; with the tenant's
+        idempotency key already used, the run it names and ``False``."""
+        with observers.transaction():
+            async with self._read() as cur:
+                created = await self._insert_run(cur, run, audit, ledger)
+                if created is not None:
+                    return created, True
                 return await self._idempotent(cur, run), False
-        return created, True
 
     async def _insert_run(self, cur: Cursor, run: RunRecord, audit: Sequence[AuditEvent],
                           ledger: LedgerRecord | None) -> RunRecord | None:
-        """Insert a new run (and its ledger) and start its chain; ``None`` (nothing written)
-        when the tenant's idempotency key already names a run."""
-        run = run.with_head((0, GENESIS))
+        """Insert a new run, its ledger and the start of its chain in one statement: the
+        run row (already carrying the head of its first records), the ledger and the audit
+        records are inserted only when the run is (data-modifying CTEs on the insert's
+        RETURNING), so an idempotency-key conflict inserts nothing and answers ``None``.
+        Callers inside a transaction (a thread's turn) get it atomic with their other writes."""
+        records = self._records(run.id, audit, run.created_at, (0, GENESIS))
+        run = run.with_head((records[-1].seq, records[-1].hash) if records else (0, GENESIS))
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
             data[f] = Jsonb(data[f])
@@ -347,19 +531,35 @@ class PostgresStore:
         data["capabilities"] = _jsonb(
             sorted(run.capabilities) if run.capabilities is not None else None
         )
-        query = sql.SQL(
-            "INSERT INTO runs ({cols}) VALUES ({vals}) ON CONFLICT (tenant, idempotency_key) "
-            "WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+        parts: list[sql.Composable] = [sql.SQL(
+            "WITH created AS (INSERT INTO runs ({cols}) VALUES ({vals}) "
+            "ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL "
+            "DO NOTHING RETURNING id)"
         ).format(
             cols=sql.SQL(", ").join(map(sql.Identifier, data)),
             vals=sql.SQL(", ").join(sql.Placeholder() * len(data)),
-        )
-        await cur.execute(query, tuple(data.values()))
+        )]
+        params: list[Any] = list(data.values())
+        if ledger is not None:  # only with a run this call created
+            parts.append(sql.SQL(
+                ", ledger AS (INSERT INTO ledgers(id, limits, used, exhausted, updated_at) "
+                "SELECT %s, %s, %s, %s, %s FROM created)"))
+            params += [ledger.id, Jsonb(ledger.limits), Jsonb(ledger.used), ledger.exhausted,
+                       run.created_at]
+        if records:
+            values = ", ".join(["(%s, %s::bigint, %s, %s, %s, %s::json, %s, %s)"] * len(records))
+            parts.append(sql.SQL(
+                ", appended AS (INSERT INTO audit(run_id, seq, time, actor, kind, data, "
+                f"prev_hash, hash) SELECT v.* FROM (VALUES {values}) AS v, created)"))
+            for rec in records:
+                params += [rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
+                           json.dumps(rec.data), rec.prev_hash, rec.hash]
+        parts.append(sql.SQL(" SELECT id FROM created"))
+        await cur.execute(sql.Composed(parts), params)
         if await cur.fetchone() is None:
             return None
-        if ledger is not None:  # only with a run this call created
-            await self._insert_ledger(cur, ledger, run.created_at)
-        return run.with_head(await self._audit(cur, run.id, audit, run.created_at, (0, GENESIS)))
+        observers.written(run.id, audit)
+        return run
 
     async def _idempotent(self, cur: Cursor, run: RunRecord) -> RunRecord:
         """The run the tenant's idempotency key of ``run`` already names."""
@@ -427,18 +627,22 @@ class PostgresStore:
         expected_epoch: int | None = None,
         max_attempts: int | None = None,
     ) -> RunRecord | None:
-        async with self._tx() as cur:
-            run = await self._fetch_run(cur, run_id, lock=True)
+        async with self._two_trips(_WITH_LEDGERS.format(_LOCK_RUN), (run_id,)) as (rows, tx):
+            if not rows:
+                raise NotFound(f"run {run_id} not found")
+            ledger_rows = rows[0].pop("ledger_rows")
+            run = self._run(rows[0])
             plan = plan_claim(
                 run, owner, now, steal=steal, expected_epoch=expected_epoch,
                 max_attempts=max_attempts,
             )
-            return await self._claim(cur, run, plan, owner, lease_seconds, now)
+            return await self._claim(tx, run, ledger_rows, plan, owner, lease_seconds, now)
 
     async def _claim(
         self,
-        cur: Cursor,
+        tx: _Writer,
         run: RunRecord,
+        ledger_rows: list[dict[str, Any]],
         plan: ClaimPlan | None,
         owner: str,
         lease_seconds: float,
@@ -448,38 +652,34 @@ class PostgresStore:
         if plan is None:
             return None
         if plan.quarantine is not None:
-            await self._recover(cur, run, plan.quarantine, now)
+            await self._recover(tx, run, plan.quarantine, now)
             return None
-        await cur.execute(
+        leased = run.model_copy(update={
+            "state": RunState.RUNNING, "lease_owner": owner,
+            "lease_expires_at": now + lease_seconds, "epoch": run.epoch + 1,
+            "updated_at": now, "crash_count": plan.crash_count})
+        await tx.execute(
             "UPDATE runs SET state=%s, lease_owner=%s, lease_expires_at=%s, epoch=%s, "
-            "updated_at=%s, crash_count=%s WHERE id=%s RETURNING *",
-            (
-                str(RunState.RUNNING),
-                owner,
-                now + lease_seconds,
-                run.epoch + 1,
-                now,
-                plan.crash_count,
-                run.id,
-            ),
+            "updated_at=%s, crash_count=%s WHERE id=%s",
+            (str(leased.state), owner, leased.lease_expires_at, leased.epoch, now,
+             plan.crash_count, run.id),
         )
-        row = await cur.fetchone()
-        head = await self._audit(cur, run.id, plan.events, now, run.audit_head)
-        return self._run(row).with_head(head) if row else None
+        head = await self._audit(tx, run.id, plan.events, now, run.audit_head)
+        # What the new owner's first journal write will assume (see _Known).
+        states = {str(r["id"]): self._ledger_state(r) for r in ledger_rows}
+        self._note(run.id, leased.epoch, head,
+                   tuple(states[lid] for lid in run.ledgers if lid in states))
+        return leased.with_head(head)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
-        async with self._tx() as cur:
-            await cur.execute(
-                "SELECT * FROM runs WHERE state=%s ORDER BY created_at, id LIMIT 1 "
-                "FOR UPDATE SKIP LOCKED",
-                (str(RunState.QUEUED),),
-            )
-            row = await cur.fetchone()
-            if row is None:
+        query = _WITH_LEDGERS.format(_NEXT_QUEUED)
+        async with self._two_trips(query, (str(RunState.QUEUED),)) as (rows, tx):
+            if not rows:
                 return None
-            run = self._run(row)
+            ledger_rows = rows[0].pop("ledger_rows")
+            run = self._run(rows[0])
             plan = plan_claim(run, owner, now)
-            return await self._claim(cur, run, plan, owner, lease_seconds, now)
+            return await self._claim(tx, run, ledger_rows, plan, owner, lease_seconds, now)
 
     async def renew_lease(
         self, run_id: str, owner: str, epoch: int, lease_seconds: float, now: float
@@ -506,10 +706,12 @@ class PostgresStore:
         audit: Sequence[AuditEvent] = (),
         output_type: str | None = None,
     ) -> RunRecord:
-        async with self._tx() as cur:
-            run = await self._fence(cur, run_id, epoch)
-            return await self._transition(
-                cur,
+        async with self._two_trips(_LOCK_RUN, (run_id,)) as (rows, tx):
+            if not rows:
+                raise NotFound(f"run {run_id} not found")
+            run = self._fenced(self._run(rows[0]), epoch)
+            done = await self._transition(
+                tx,
                 run,
                 to,
                 now,
@@ -521,10 +723,15 @@ class PostgresStore:
                 audit=audit,
                 output_type=output_type,
             )
+        if done.state == RunState.RUNNING:
+            self._note_head(run_id, epoch, done.audit_head)
+        else:
+            self._forget(run_id)  # the lease ends: the next owner starts afresh
+        return done
 
     async def _transition(
         self,
-        cur: Cursor,
+        cur: _Writer,
         run: RunRecord,
         to: RunState,
         now: float,
@@ -545,12 +752,19 @@ class PostgresStore:
         event.data.update({"error_code": error_code} if error_code else {})
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        # The row as this UPDATE leaves it (no RETURNING: the writes go in one batch).
+        moved = run.model_copy(update={
+            "state": to, "output": run.output if output is None else output,
+            "error_code": error_code, "error_message": error_message,
+            "usage": run.usage if usage is None else usage, "updated_at": now,
+            "epoch": epoch_after, "lease_owner": run.lease_owner if keep_lease else None,
+            "lease_expires_at": run.lease_expires_at if keep_lease else None})
         await cur.execute(
             "UPDATE runs SET state=%s, output=COALESCE(%s, output), "
             "output_type=COALESCE(%s, output_type), error_code=%s, "
             "error_message=%s, usage=COALESCE(%s, usage), updated_at=%s, epoch=%s, "
             "lease_owner=CASE WHEN %s THEN lease_owner END, "
-            "lease_expires_at=CASE WHEN %s THEN lease_expires_at END WHERE id=%s RETURNING *",
+            "lease_expires_at=CASE WHEN %s THEN lease_expires_at END WHERE id=%s",
             (
                 str(to),
                 output,
@@ -565,7 +779,6 @@ class PostgresStore:
                 run.id,
             ),
         )
-        row = await cur.fetchone()
         if to.terminal:
             # A terminal run has no step in flight (see SQLiteStore._close_started_steps).
             await cur.execute(
@@ -575,9 +788,7 @@ class PostgresStore:
                  run.id, str(StepStatus.STARTED)),
             )
         head = await self._audit(cur, run.id, [*audit, event], now, run.audit_head)
-        if row is None:  # pragma: no cover - the row is locked by this transaction
-            raise NotFound(f"run {run.id} not found")
-        return self._run(row).with_head(head)
+        return moved.with_head(head)
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """As SQLite, but decided under the row lock so a concurrent claim cannot interleave."""
@@ -647,9 +858,105 @@ class PostgresStore:
         *,
         reserve: dict[str, float] | None = None,
         settle: dict[str, float] | None = None,
-    ) -> None:
+    ) -> RunFlags:
         """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
         with the journal write), ``settle`` corrects them with actual usage.
+
+        One statement when this store wrote the run's previous journal entry (see
+        :class:`_Known`): the chain head and ledger values it left are what the server-side
+        ``alpaca_journal_step`` checks under the row locks before writing. Otherwise, or when
+        anything moved meanwhile (an approval decided or a cancel requested elsewhere, a
+        sibling's reservation on a shared ledger, a step reserved before a crash), the locked
+        transaction below reads the current values and writes.
+        """
+        known = self._known.get(step.run_id)
+        if known is not None and known.epoch == epoch:
+            flags = await self._save_step_fast(step, epoch, audit, reserve, settle, known)
+            if flags is not None:
+                return flags
+        return await self._save_step_locked(step, epoch, audit, reserve, settle)
+
+    async def _save_step_fast(
+        self,
+        step: StepRecord,
+        epoch: int,
+        audit: Sequence[AuditEvent],
+        reserve: dict[str, float] | None,
+        settle: dict[str, float] | None,
+        known: _Known,
+    ) -> RunFlags | None:
+        """The one-statement journal write on ``known``; None: nothing was written (the
+        assumptions were stale, or the budget may not fit), take the locked path."""
+        ledgers: list[ledger_logic.LedgerState] | None = None
+        over: ledger_logic.BudgetExceeded | None = None
+        exhaust: dict[str, str] = {}
+        if reserve or settle:
+            if known.ledgers is None:
+                return None
+            ledgers = [ledger_logic.LedgerState(led.id, dict(led.limits), dict(led.used),
+                                                led.exhausted) for led in known.ledgers]
+            if reserve:
+                try:
+                    ledger_logic.check_reserve(ledgers, reserve)
+                except ledger_logic.BudgetExceeded:
+                    return None  # decided on the current values, under the lock
+                for led in ledgers:
+                    ledger_logic.apply(led, reserve)
+            if settle:
+                for led in ledgers:
+                    ledger_logic.apply(led, settle)
+                over = ledger_logic.overspent(ledgers, settle)
+                if over is not None:  # the usage stays recorded; the tree stops
+                    exhaust[over.ledger_id] = over.resource
+        cas = None if ledgers is None else Jsonb({
+            was.id: {"used": was.used, "exhausted": was.exhausted, "new": now.used,
+                     "exhaust": exhaust.get(now.id)}
+            for was, now in zip(known.ledgers or (), ledgers, strict=True)})
+        records = self._records(step.run_id, audit, step.finished_at or step.started_at,
+                                known.head)
+        reserved = dict(reserve) if reserve else step.reserved
+        params = (
+            step.run_id, epoch, known.head[0], known.head[1],
+            records[-1].hash if records else None, records[0].time if records else None,
+            [r.actor for r in records], [r.kind for r in records],
+            [json.dumps(r.data) for r in records], [r.prev_hash for r in records],
+            [r.hash for r in records],
+            step.seq, str(step.kind), step.name, str(step.status), Jsonb(step.input),
+            _jsonb(step.output), _jsonb(step.error), step.idempotency_key, step.attempts,
+            step.started_at, step.finished_at, _jsonb(reserved), bool(reserve), cas, _TERMINAL)
+        with observers.transaction():
+            async with self._read() as cur:
+                try:
+                    await cur.execute(_JOURNAL_STEP, params)
+                except psycopg.Error as exc:
+                    if exc.sqlstate != _STALE_LEDGER:
+                        raise
+                    return None  # a sibling's debit since this store's: nothing written
+                row = await cur.fetchone()
+            status = row["o_status"] if row else "missing"
+            if status == "ok":
+                observers.written(step.run_id, audit)
+        if status == "missing":
+            raise NotFound(f"run {step.run_id} not found")
+        if status in ("lease_lost", "closed"):
+            self._forget(step.run_id)
+            raise LeaseLost(step.run_id, epoch)
+        if status != "ok" or row is None:
+            return None
+        step.reserved = reserved
+        for led in ledgers or ():
+            led.exhausted = led.exhausted or exhaust.get(led.id)
+        head = (records[-1].seq, records[-1].hash) if records else known.head
+        self._note(step.run_id, epoch, head, tuple(ledgers) if ledgers else known.ledgers)
+        if over is not None:
+            raise over
+        return RunFlags(int(row["o_epoch"]), bool(row["o_cancel"]))
+
+    async def _save_step_locked(
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent],
+        reserve: dict[str, float] | None, settle: dict[str, float] | None,
+    ) -> RunFlags:
+        """The journal write in a transaction that reads what it needs under the locks.
 
         The run row is locked by the fence, then the ledger rows (by id), so the check and the
         debit see no concurrent reservation. A refused reservation writes nothing for the step;
@@ -659,6 +966,7 @@ class PostgresStore:
         over: ledger_logic.BudgetExceeded | None = None
         async with self._tx() as cur:
             run = await self._fence(cur, step.run_id, epoch, journal=True)
+            ledgers: list[ledger_logic.LedgerState] | None = None
             if reserve:
                 await cur.execute(
                     "SELECT reserved FROM steps WHERE run_id=%s AND seq=%s",
@@ -686,19 +994,27 @@ class PostgresStore:
                             "UPDATE ledgers SET exhausted=COALESCE(exhausted, %s) WHERE id=%s",
                             (over.resource, over.ledger_id),
                         )
+                        for led in ledgers:
+                            if led.id == over.ledger_id and led.exhausted is None:
+                                led.exhausted = over.resource
+                elif ledgers is None and run.ledgers:
+                    ledgers = await self._read_ledgers(cur, run.ledgers)
                 await self._write_step(cur, step)
-                await self._audit(
+                head = await self._audit(
                     cur, step.run_id, audit, step.finished_at or step.started_at, run.audit_head
                 )
         if refused is not None:
+            self._forget(step.run_id)
             async with self._tx() as cur:
                 await cur.execute(
                     "UPDATE ledgers SET exhausted=COALESCE(exhausted, %s) WHERE id=%s",
                     (refused.resource, refused.ledger_id),
                 )
             raise refused
+        self._note(step.run_id, epoch, head, None if ledgers is None else tuple(ledgers))
         if over is not None:
             raise over
+        return RunFlags(run.epoch, run.cancel_requested)
 
     @staticmethod
     async def _write_step(cur: Cursor, step: StepRecord) -> None:
@@ -737,7 +1053,7 @@ class PostgresStore:
         )
 
     async def _lock_ledgers(
-        self, cur: Cursor, ids: Sequence[str]
+        self, cur: Cursor, ids: Sequence[str], *, lock: bool = True
     ) -> list[ledger_logic.LedgerState]:
         """Lock the ledger rows ``FOR UPDATE`` in id order (one global order: concurrent
         reservations on overlapping ledger sets cannot deadlock) and return their states in
@@ -745,10 +1061,18 @@ class PostgresStore:
         if not ids:
             return []
         await cur.execute(
-            "SELECT * FROM ledgers WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (list(ids),)
+            "SELECT * FROM ledgers WHERE id = ANY(%s) ORDER BY id"
+            + (" FOR UPDATE" if lock else ""), (list(ids),)
         )
         rows = {str(r["id"]): r for r in await cur.fetchall()}
         return [self._ledger_state(rows[lid]) for lid in ids if lid in rows]
+
+    async def _read_ledgers(
+        self, cur: Cursor, ids: Sequence[str]
+    ) -> list[ledger_logic.LedgerState]:
+        """The ledgers' current values without a lock: only what the next one-statement write
+        assumes (and the server checks)."""
+        return await self._lock_ledgers(cur, ids, lock=False)
 
     @staticmethod
     async def _debit(
@@ -782,7 +1106,8 @@ class PostgresStore:
     ) -> None:
         async with self._tx() as cur:
             run = await self._fence(cur, run_id, epoch, journal=True)
-            await self._audit(cur, run_id, events, now, run.audit_head)
+            head = await self._audit(cur, run_id, events, now, run.audit_head)
+        self._note_head(run_id, epoch, head)
 
     async def list_audit(self, run_id: str, after_seq: int = 0) -> list[AuditRecord]:
         async with self._read() as cur:
@@ -819,7 +1144,9 @@ class PostgresStore:
             if row is not None:
                 return self._approval(row)
             await cur.execute(query, tuple(data.values()))
-            await self._audit(cur, approval.run_id, audit, approval.created_at, run.audit_head)
+            head = await self._audit(
+                cur, approval.run_id, audit, approval.created_at, run.audit_head)
+        self._note_head(approval.run_id, epoch, head)
         return approval
 
     async def get_approval(self, approval_id: str, tenant: str | None = None) -> ApprovalRecord:

@@ -208,3 +208,88 @@ POSTGRES.append(
     ALTER TABLE runs ADD COLUMN output_type TEXT NOT NULL DEFAULT 'text';
     """
 )
+
+POSTGRES.append(
+    # 7: one journal write in one statement (DESIGN §4, §5, §7): a server-side function that
+    #    fences the run by epoch, checks the audit head and the ledger values the caller
+    #    computed against (compare-and-set: the audit hashes and the budget arithmetic stay in
+    #    Python, ``telemetry/audit.py`` and ``budget.py``), debits the ledgers, upserts the
+    #    step and appends the audit records with the new head on the run row. Anything stale
+    #    writes nothing and says so; the store then takes its locked path.
+    #
+    #    The run row's UPDATE is the fence: it takes the row lock and, under it, READ
+    #    COMMITTED re-evaluates epoch, state and head on the newest row version, so a claim,
+    #    a steal or another actor's append either committed before (no match) or waits. Ledger
+    #    rows are then updated one by one in id order (as the locked path locks them), each
+    #    only if it still holds the expected values; a miss raises AL001, which rolls the
+    #    whole statement back.
+    """
+    CREATE OR REPLACE FUNCTION alpaca_journal_step(
+        p_run_id TEXT, p_epoch BIGINT,
+        p_head_seq BIGINT, p_head_hash TEXT, p_new_hash TEXT,
+        p_time TEXT, p_actors TEXT[], p_kinds TEXT[], p_data TEXT[], p_prev TEXT[],
+        p_hashes TEXT[],
+        p_seq BIGINT, p_kind TEXT, p_name TEXT, p_status TEXT, p_input JSONB,
+        p_output JSONB, p_error JSONB, p_idempotency_key TEXT, p_attempts BIGINT,
+        p_started_at DOUBLE PRECISION, p_finished_at DOUBLE PRECISION, p_reserved JSONB,
+        p_reserves BOOLEAN, p_ledgers JSONB, p_terminal TEXT[],
+        OUT o_status TEXT, OUT o_epoch BIGINT, OUT o_cancel BOOLEAN)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        run RECORD;
+        lid TEXT;
+        n INTEGER := COALESCE(array_length(p_kinds, 1), 0);
+    BEGIN
+        IF p_reserves AND EXISTS (SELECT 1 FROM steps s WHERE s.run_id = p_run_id
+                                  AND s.seq = p_seq AND s.reserved IS NOT NULL) THEN
+            o_status := 'reserved'; RETURN;  -- reserved before a crash: never twice
+        END IF;
+        UPDATE runs r SET audit_seq = CASE WHEN n > 0 THEN p_head_seq + n ELSE r.audit_seq END,
+                audit_hash = CASE WHEN n > 0 THEN p_new_hash ELSE r.audit_hash END
+            WHERE r.id = p_run_id AND r.epoch = p_epoch AND NOT (r.state = ANY(p_terminal))
+                AND (n = 0 OR (r.audit_seq = p_head_seq AND r.audit_hash = p_head_hash))
+            RETURNING r.epoch, r.cancel_requested INTO o_epoch, o_cancel;
+        IF NOT FOUND THEN  -- why not (nothing was written, so no lock is needed to say)
+            SELECT r.epoch, r.state, r.cancel_requested INTO run FROM runs r
+                WHERE r.id = p_run_id;
+            IF NOT FOUND THEN
+                o_status := 'missing';
+            ELSE
+                o_epoch := run.epoch; o_cancel := run.cancel_requested;
+                o_status := CASE WHEN run.epoch <> p_epoch THEN 'lease_lost'
+                                 WHEN run.state = ANY(p_terminal) THEN 'closed'
+                                 ELSE 'stale_head' END;  -- another actor appended
+            END IF;
+            RETURN;
+        END IF;
+        IF p_ledgers IS NOT NULL THEN
+            FOR lid IN SELECT k FROM jsonb_object_keys(p_ledgers) AS k
+                    ORDER BY k COLLATE "C" LOOP
+                UPDATE ledgers l SET used = p_ledgers -> lid -> 'new',
+                        exhausted = COALESCE(l.exhausted, p_ledgers -> lid ->> 'exhaust')
+                    WHERE l.id = lid AND l.used = p_ledgers -> lid -> 'used'
+                        AND l.exhausted IS NOT DISTINCT FROM (p_ledgers -> lid ->> 'exhausted');
+                IF NOT FOUND THEN  -- a sibling moved the ledger: undo everything
+                    RAISE EXCEPTION 'ledger % changed', lid USING ERRCODE = 'AL001';
+                END IF;
+            END LOOP;
+        END IF;
+        INSERT INTO steps AS s (run_id, seq, kind, name, status, input, output, error,
+                idempotency_key, attempts, started_at, finished_at, reserved)
+            VALUES (p_run_id, p_seq, p_kind, p_name, p_status, p_input, p_output, p_error,
+                p_idempotency_key, p_attempts, p_started_at, p_finished_at, p_reserved)
+            ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status,
+                input = excluded.input, output = excluded.output, error = excluded.error,
+                attempts = excluded.attempts, finished_at = excluded.finished_at,
+                reserved = COALESCE(excluded.reserved, s.reserved);
+        IF n > 0 THEN
+            INSERT INTO audit (run_id, seq, time, actor, kind, data, prev_hash, hash)
+                SELECT p_run_id, p_head_seq + i, p_time, p_actors[i], p_kinds[i],
+                       p_data[i]::json, p_prev[i], p_hashes[i]
+                FROM generate_subscripts(p_kinds, 1) AS i;
+        END IF;
+        o_status := 'ok';
+    END
+    $fn$;
+    """
+)
