@@ -130,3 +130,36 @@ def notification(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
     if isinstance(delivery, dict) and delivery.get("ok"):
         return f"Posted to {delivery.get('channel')} (HTTP {delivery.get('status')})."
     return f"Not posted: {_failure(delivery)}."
+
+
+_FACT = re.compile(r"\bmy (\w+(?: \w+)?) is ([^.!?\n]+)", re.IGNORECASE)
+_QUESTION = re.compile(r"\bwhat(?: is|'s) my (\w+(?: \w+)?)\??", re.IGNORECASE)
+_LOOKUP = re.compile(r"^(?:search|find|look up)\b:?\s*(.+)$", re.IGNORECASE)
+
+
+def assistant(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
+    """A chat assistant that remembers: facts the user told it in earlier turns ("my name is
+    Ada") come back from the history the engine rebuilt from the journal, never from a
+    variable here; "search …" looks in the local documents (a tool step in the chat)."""
+    users = [m.content or "" for m in messages if m.role == "user"]
+    latest = users[-1] if users else ""
+    if messages and messages[-1].role == "tool":
+        hits = json.loads(messages[-1].content or "{}").get("hits", [])
+        listed = "\n".join(f"- {h['title']}: {h['url']}" for h in hits[:3])
+        return f"Here is what I found:\n{listed}" if listed else "I found nothing on that."
+    lookup = _LOOKUP.match(latest.strip())
+    if lookup and any(t.name == "search_documents" for t in tools):
+        return {"tool": "search_documents", "args": {"query": lookup.group(1), "limit": 3}}
+    asked = _QUESTION.search(latest)
+    if asked:
+        key = asked.group(1).lower()
+        for earlier in reversed(users[:-1]):
+            for fact in _FACT.finditer(earlier):
+                if fact.group(1).lower() == key:
+                    return f"Your {key} is {fact.group(2).strip()}."
+        return f"You have not told me your {key} yet."
+    told = [f"{f.group(1).lower()} is {f.group(2).strip()}" for f in _FACT.finditer(latest)]
+    if told:
+        return f"Noted: your {', '.join(told)}. I will remember it for this conversation."
+    return (f"You said: {latest.strip()!r}. Tell me something about you (\"my name is …\"), "
+            "ask me about it later, or ask me to \"search …\" the documents.")
