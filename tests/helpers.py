@@ -160,16 +160,25 @@ def redis_database() -> Iterator[str]:
     except redis.RedisError as exc:
         service_unavailable("Redis", str(exc))
         raise
-    for _ in range(50):
+    claim = f"alpaca-test-claim:{uuid.uuid4().hex}"
+    for _ in range(200):  # a claim key taken atomically: parallel test workers never share one
         url = urlunsplit(base._replace(path=f"/{random.randint(1, 15)}"))
         client = redis.Redis.from_url(url)
-        if not client.exists("alpaca:runs"):
-            break
+        if client.set("alpaca-test-claim", claim, nx=True, ex=3600):
+            if not client.exists("alpaca:runs"):
+                break
+            client.delete("alpaca-test-claim")
+        client.close()
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("no free Redis database (1-15) for the test: all are claimed")
     try:
         yield url
     finally:
         for key in client.scan_iter("alpaca:*"):
             client.delete(key)
+        if client.get("alpaca-test-claim") == claim.encode():
+            client.delete("alpaca-test-claim")
         client.close()
         probe.close()
 
