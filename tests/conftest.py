@@ -8,6 +8,12 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist workers inherit COLUMNS=80 from their launcher; Rich consoles created at import
+    # would freeze that width, where a serial run leaves it to the tests that set COLUMNS.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 
 def service_unavailable(what: str, reason: str) -> None:
     """Skip locally, fail loudly in CI: a missing service must never pass silently there."""

@@ -296,7 +296,7 @@ async def test_the_graph_of_registered_and_served_workflows(start_api: ApiFactor
                          ("gated", "agent:agent", "tool:calculate")]
         assert [e["kind"] for e in latest["edges"]] == ["uses"]
         demo = (await c.get("/v1/workflows/builtin:demo/graph")).json()
-        assert demo["roots"] == ["agent:orchestrator"]
+        assert demo["roots"] == ["agent:orchestrator", "agent:assistant"]
         assert {n["id"] for n in demo["nodes"]} >= {"agent:notification", "tool:notify_slack"}
         assert (await c.get("/v1/workflows/nope/graph")).status_code == 404
         tools = (await c.get("/v1/tools")).json()["items"]

@@ -102,15 +102,16 @@ def test_push_draw_and_watch_a_run_on_the_graph(
             expect(rows.nth(1)).to_contain_text("builtin:demo")
             expect(rows.nth(1)).to_contain_text("read-only")
 
-            # the graph of the latest version, drawn left to right from the orchestrator
+            # the graph of the latest version, drawn left to right from the orchestrator (six
+            # agents: the builder's five and the chat assistant, a second root)
             rows.nth(0).get_by_role("link", name="builder-demo").click()
             graph = page.locator("#workflow-graph svg.graph")
             expect(graph).to_be_visible()
             expect(page.locator("#workflow-ref")).to_have_text("registry:builder-demo@2")
-            expect(graph.locator("g.node.kind-agent")).to_have_count(5)
+            expect(graph.locator("g.node.kind-agent")).to_have_count(6)
             expect(graph.locator("g.node.kind-tool")).to_have_count(4)
             expect(graph.locator("path.edge.kind-delegates_to")).to_have_count(4)
-            expect(graph.locator("path.edge.kind-uses")).to_have_count(4)
+            expect(graph.locator("path.edge.kind-uses")).to_have_count(5)
             expect(graph.locator("path.edge.gated")).to_have_count(1)
             expect(graph.locator("g.gate text")).to_have_text("approval")
             boxes = {node_id: graph.locator(f'g.node[data-id="{node_id}"]').bounding_box()
@@ -127,10 +128,10 @@ def test_push_draw_and_watch_a_run_on_the_graph(
             # another version, then the served demo: its graph is drawable too
             page.locator("#version-select").select_option("1")
             expect(page.locator("#workflow-ref")).to_have_text("registry:builder-demo@1")
-            expect(page.locator("#workflow-graph g.node.kind-agent")).to_have_count(5)
+            expect(page.locator("#workflow-graph g.node.kind-agent")).to_have_count(6)
             page.goto(base + "/ui/#/workflows/builtin%3Ademo")
             expect(page.locator("#workflow-ref")).to_have_text("builtin:demo")
-            expect(page.locator("#workflow-graph g.node")).to_have_count(9)
+            expect(page.locator("#workflow-graph g.node")).to_have_count(10)
 
             # a run of the latest version started from its page, live on its graph
             page.goto(base + "/ui/#/workflows/builder-demo")
@@ -143,7 +144,7 @@ def test_push_draw_and_watch_a_run_on_the_graph(
             run = sue.get(f"/v1/runs/{page.url.rsplit('/', 1)[1]}").json()
             assert run["workflow"] == "registry:builder-demo@2"
             overlay = page.locator("#run-graph svg.graph")
-            expect(overlay.locator("g.node.kind-agent")).to_have_count(5)
+            expect(overlay.locator("g.node.kind-agent")).to_have_count(6)
             notification = overlay.locator('g.node[data-id="agent:notification"]')
             expect(notification).to_have_attribute("data-state", "waiting", timeout=60_000)
             search = overlay.locator('g.node[data-id="agent:search"]')

@@ -10,11 +10,12 @@ from alpaca_engine.workflows.loader import load_workflow_text, resolve_workflow
 
 def test_the_demo_is_the_builders_picture() -> None:
     graph = workflow_graph(resolve_workflow("builtin:demo"))
-    assert graph.workflow == "builtin:demo" and graph.roots == ["agent:orchestrator"]
+    assert graph.workflow == "builtin:demo" and graph.roots == [
+        "agent:orchestrator", "agent:assistant"]  # the builder's entry, and the chat agent
     nodes = {n.id: n for n in graph.nodes}
     assert [n for n in nodes if n.startswith("agent:")] == [
         "agent:orchestrator", "agent:search", "agent:research", "agent:decision",
-        "agent:notification"]
+        "agent:notification", "agent:assistant"]
     assert {n for n in nodes if n.startswith("tool:")} == {
         "tool:web_search", "tool:search_documents", "tool:fetch_page", "tool:notify_slack"}
     orchestrator = nodes["agent:orchestrator"]
@@ -26,6 +27,7 @@ def test_the_demo_is_the_builders_picture() -> None:
     assert {("delegates_to", "agent:orchestrator", f"agent:{a}")
             for a in ("search", "research", "decision", "notification")} <= edges
     assert ("uses", "agent:research", "tool:fetch_page") in edges
+    assert ("uses", "agent:assistant", "tool:search_documents") in edges
     assert ("gated", "agent:notification", "tool:notify_slack") in edges
     assert len({e.id for e in graph.edges}) == len(graph.edges)  # ids are unique
 
