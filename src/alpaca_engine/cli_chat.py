@@ -316,10 +316,17 @@ class Interactive:
     async def _show(self, stream: ChatStream) -> RunRecord:
         out = self.console
         shown = ""  # the text of the model step being written
-        out.print(f"[bold green]{escape(self.thread.agent)} >[/bold green] ", end="")
-        mid_line = True
+        mid_line = named = False  # named: the agent's name is shown before its answer
+
+        def name() -> None:
+            nonlocal named, mid_line
+            if not named:
+                out.print(f"[bold green]{escape(self.thread.agent)} >[/bold green] ", end="")
+                named = mid_line = True
+
         async for piece in stream:
             if isinstance(piece, ChatDelta):
+                name()
                 if piece.restarted and shown:
                     out.print("\n[dim](the model restarted its answer)[/dim]")
                     shown = ""
@@ -334,7 +341,10 @@ class Interactive:
         run = stream.run
         assert run is not None
         if run.state == RunState.SUCCEEDED and run.output is not None and (
-                shown.strip() != (run.output or "").strip()):
+                shown.strip() != (run.output or "").strip()):  # not streamed, or pieces lost
+            if mid_line:
+                out.print()
+            name()
             out.print(_answer_text(run), markup=False, highlight=False, soft_wrap=True)
         elif mid_line:
             out.print()
