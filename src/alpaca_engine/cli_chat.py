@@ -121,6 +121,8 @@ def chat(
     except (Failed, TurnInProgress, ThreadWorkflowGone, RunBusy) as exc:
         error_line(str(exc))
         raise typer.Exit(EXIT_FAILED) from None
+    except KeyboardInterrupt:  # piped: said above, the turn handed back
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)
 
 
@@ -142,7 +144,12 @@ async def _chat(cfg: Settings, agent: str | None, workflow: str | None, thread_i
         with _world(thread.workflow):
             if interactive:
                 return await Interactive(engine, thread, Console()).loop()
-            return await _lines(engine, thread, as_json)
+            try:
+                return await _lines(engine, thread, as_json)
+            except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels; the turn is back
+                err_console.print(f"interrupted; the thread is kept: alpaca chat --thread "
+                                  f"{thread.id}", highlight=False, soft_wrap=True)
+                raise
 
 
 async def _new_thread(engine: Engine, agent: str, workflow: str, tenant: str) -> ThreadRecord:
@@ -204,18 +211,23 @@ async def _lines(engine: Engine, thread: ThreadRecord, as_json: bool) -> int:
     code = EXIT_OK
     last = await _last_turn(engine.store, thread)
     if last is not None and not last.state.terminal:  # an interrupted turn: finish it first
-        stream = engine.chat_stream(thread.id, tenant=thread.tenant)
-        async for _piece in stream:
-            pass
-        code = await _report(engine.store, stream.run, as_json)
+        code = await _report(engine.store, await _quietly(engine, thread, None), as_json)
         if code == EXIT_WAITING:
             return code
     for text in _messages():
-        run = await engine.chat(thread.id, text, tenant=thread.tenant)
-        code = await _report(engine.store, run, as_json)
+        code = await _report(engine.store, await _quietly(engine, thread, text), as_json)
         if code == EXIT_WAITING:
             break  # no message can follow an unfinished turn
     return code
+
+
+async def _quietly(engine: Engine, thread: ThreadRecord, text: str | None) -> RunRecord:
+    """``engine.chat`` as a stream nobody watches: Ctrl-C still hands the turn back."""
+    stream = engine.chat_stream(thread.id, text, tenant=thread.tenant)
+    async for _piece in stream:
+        pass
+    assert stream.run is not None
+    return stream.run
 
 
 async def _last_turn(store: Store, thread: ThreadRecord) -> RunRecord | None:
@@ -223,8 +235,7 @@ async def _last_turn(store: Store, thread: ThreadRecord) -> RunRecord | None:
     return turns[-1] if turns else None
 
 
-async def _report(store: Store, run: RunRecord | None, as_json: bool) -> int:
-    assert run is not None
+async def _report(store: Store, run: RunRecord, as_json: bool) -> int:
     if as_json:
         sys.stdout.write(ThreadMessage.of(run).model_dump_json() + "\n")
     elif run.state == RunState.SUCCEEDED:

@@ -10,7 +10,9 @@ import os
 import pty
 import re
 import select
+import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -131,6 +133,30 @@ def test_errors_are_one_line(db: str) -> None:
                                                                             result.stderr)
         assert "Traceback" not in result.output
     assert turns(db, thread_id) == [(1, "succeeded")]
+
+
+def test_piped_ctrl_c_hands_the_turn_back(db: str) -> None:
+    env = {**os.environ, "ALPACA_DATABASE_URL": db}
+    proc = subprocess.Popen([sys.executable, "-m", "alpaca_engine", "chat", "-w", WORKFLOW,
+                             "--agent", "pal"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write("x" * 800 + "\n")  # a long answer, streamed slowly
+    proc.stdin.flush()
+    match = THREAD.search(proc.stderr.readline())
+    assert match
+    thread_id = match.group(0)
+    deadline = time.monotonic() + PATIENCE
+    while turns(db, thread_id) != [(1, "running")]:
+        assert time.monotonic() < deadline and proc.poll() is None, turns(db, thread_id)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=PATIENCE)
+    assert proc.returncode == 130 and out == ""
+    assert f"alpaca chat --thread {thread_id}" in err and "Traceback" not in err
+    assert turns(db, thread_id) == [(1, "queued")]
+    done = chat("", "--thread", thread_id)
+    assert done.exit_code == 0 and done.stdout == "you said: " + "x" * 800 + "\n"
 
 
 class Terminal:
