@@ -1,6 +1,7 @@
 """Alpaca Agent Engine: governed, durable, auditable AI agents."""
 
 from .agents import Agent, HistoryPolicy
+from .chat_stream import ChatDelta, ChatStep, ChatStream
 from .engine import Engine
 from .errors import AlpacaError, ErrorCode, TurnInProgress
 from .lifecycle import RunState
@@ -27,8 +28,9 @@ from .tools.retry import RetryPolicy, TransientError
 from .workflow import Workflow
 
 __all__ = [
-    "Agent", "AlpacaError", "BreakerPolicy", "Engine", "ErrorCode", "FunctionModel",
-    "HistoryPolicy", "Message", "Model", "ModelDelta", "ModelResponse", "RetryPolicy",
+    "Agent", "AlpacaError", "BreakerPolicy", "ChatDelta", "ChatStep", "ChatStream", "Engine",
+    "ErrorCode", "FunctionModel", "HistoryPolicy", "Message", "Model", "ModelDelta",
+    "ModelResponse", "RetryPolicy",
     "RunRecord", "RunState", "SQLiteStore", "ScriptedModel", "StepRecord", "StreamingModel",
     "ThreadRecord", "Tool", "ToolCall", "ToolCallDelta", "ToolContext", "ToolRegistry",
     "ToolSpec", "TransientError", "TurnInProgress", "Usage", "Workflow", "tool",

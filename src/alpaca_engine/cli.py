@@ -817,6 +817,7 @@ def main() -> None:
 
 
 # Registered workflows live in their own module; the import is here, after ``app`` exists.
+from . import cli_chat  # noqa: E402,F401  (registers `alpaca chat`)
 from .cli_threads import threads_app  # noqa: E402
 from .cli_workflows import workflows_app  # noqa: E402
 

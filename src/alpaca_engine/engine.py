@@ -17,6 +17,7 @@ from typing import Any
 
 from . import threads
 from .budget import limits_from_budget
+from .chat_stream import ChatStream
 from .clock import Clock, SystemClock
 from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
@@ -288,6 +289,16 @@ class Engine:
         record, _created = await self.send_message(thread_id, text, tenant=tenant,
                                                    budget=budget)
         return await self.run_tree(record.id)
+
+    def chat_stream(self, thread_id: str, text: str | None = None, *, tenant: str = "local",
+                    budget: dict[str, Any] | None = None, steps: bool = False) -> ChatStream:
+        """:meth:`chat`, streamed: ``async for piece in engine.chat_stream(thread_id, text)``
+        yields the answer as :class:`ChatDelta` pieces (``.text``) while the model writes
+        it (with ``steps=True`` also a :class:`ChatStep` per tool call, delegation and
+        approval request) and stops when the turn ends; the stream's ``.run`` is then the
+        turn's run, as :meth:`chat` returns it. No ``text``: continue the thread's
+        unfinished last turn. See chat_stream.py (what closing it early does)."""
+        return ChatStream(self, thread_id, text, tenant=tenant, budget=budget, steps=steps)
 
     async def fork_thread(self, thread_id: str, turn: int, *,
                           tenant: str = "local") -> ThreadRecord:

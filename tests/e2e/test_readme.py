@@ -1,7 +1,8 @@
 """Every code block of README.md runs as written (a newcomer copies them).
 
 - ```bash blocks run line by line from the repository root, as a user's shell would: the
-  project venv is not on PATH (`uv run` finds it), and the database goes to a temp dir.
+  project venv is not on PATH (`uv run` finds it), and the database goes to a temp dir. A
+  line ending in ``# prints: X`` must print X as its last line.
 - ```python blocks run with the project's Python in a temp dir; a ``# prints: X`` comment
   is checked against what they print.
 - ```yaml blocks parse; those with ``agents`` are valid workflow files; a
@@ -127,6 +128,10 @@ def test_bash_blocks_run_line_by_line(block: Block, tmp_path: Path) -> None:
         assert done.returncode == expected, (
             f"{block.name}: `{command}` exited {done.returncode}, not {expected}\n"
             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        if "# prints: " in command:
+            want = command.rsplit("# prints: ", 1)[1].strip()
+            assert done.stdout.splitlines()[-1:] == [want], (
+                f"{block.name}: `{command}` printed {done.stdout[-3000:]!r}")
         ran += 1
     assert ran, f"{block.name}: nothing ran"
 

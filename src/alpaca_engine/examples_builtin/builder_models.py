@@ -144,7 +144,8 @@ def assistant(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> Any:
     users = [m.content or "" for m in messages if m.role == "user"]
     latest = users[-1] if users else ""
     if messages and messages[-1].role == "tool":
-        hits = json.loads(messages[-1].content or "{}").get("hits", [])
+        found = json.loads(messages[-1].content or "[]")  # search_documents: a list of hits
+        hits = found if isinstance(found, list) else found.get("hits", [])
         listed = "\n".join(f"- {h['title']}: {h['url']}" for h in hits[:3])
         return f"Here is what I found:\n{listed}" if listed else "I found nothing on that."
     lookup = _LOOKUP.match(latest.strip())
