@@ -21,7 +21,6 @@ from alpaca_engine.toolkit import (
     fetch_url,
     html_to_text,
 )
-from alpaca_engine.toolkit import extract as extract_mod
 from alpaca_engine.toolkit import net as net_mod
 from alpaca_engine.toolkit.net import is_public_address
 from alpaca_engine.tools.base import ToolContext
@@ -118,7 +117,7 @@ async def test_article_text_without_navigation(server: LocalServer) -> None:
 
 
 def test_fallback_when_extraction_finds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(extract_mod.trafilatura, "extract", lambda *a, **k: None)
+    monkeypatch.setattr("trafilatura.extract", lambda *a, **k: None)
     readable = extract_readable(ARTICLE)
     assert readable.title == "Alpaca fibre: a field guide"
     assert "Alpacas are domesticated camelids" in readable.text
@@ -130,7 +129,7 @@ def test_fallback_survives_extractor_crash(monkeypatch: pytest.MonkeyPatch) -> N
     def boom(*_a: Any, **_k: Any) -> str:
         raise RuntimeError("bad tree")
 
-    monkeypatch.setattr(extract_mod.trafilatura, "extract", boom)
+    monkeypatch.setattr("trafilatura.extract", boom)
     assert "camelids" in extract_readable(ARTICLE).text
 
 

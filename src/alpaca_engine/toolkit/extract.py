@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-import trafilatura
-
 __all__ = ["Readable", "extract_readable", "html_to_text"]
 
 log = logging.getLogger(__name__)
@@ -104,6 +102,8 @@ def extract_readable(html: str, url: str | None = None) -> Readable:
     text: str | None = None
     if html.strip():
         try:
+            import trafilatura  # here: its import costs ~0.3 s every CLI command would pay
+
             text = trafilatura.extract(
                 html, url=url, include_comments=False, include_tables=True, deduplicate=False
             )

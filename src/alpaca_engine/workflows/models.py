@@ -13,7 +13,6 @@ from typing import Any
 
 from ..models.base import Message, Model, ModelError, ModelResponse, ModelSettings, ToolSpec
 from ..models.function import FunctionModel
-from ..models.openai import OpenAIModel
 from ..models.scripted import ScriptedModel
 from .schema import (
     FunctionModelSpec,
@@ -81,6 +80,8 @@ class UnconfiguredModel:
 
 
 def _openai(spec: OpenAIModelSpec) -> Model:
+    from ..models.openai import OpenAIModel  # the SDK's import (~0.5 s) only when one is used
+
     key = os.environ.get(spec.api_key_env) or None
     base_url = spec.base_url or os.environ.get("OPENAI_BASE_URL") or None
     if key is None:
