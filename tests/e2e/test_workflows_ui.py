@@ -2,8 +2,9 @@
 
 A builder pushes the demo's workflow under its own name (two versions); the page lists it
 beside the served ones, draws its graph (six agents with the chat assistant, four tools, four
-delegations, the approval gate on the Slack post) and switches versions; then a run of it shows live on the
-graph: the notification agent waiting for the approval, and every agent succeeded after it.
+delegations, the approval gate on the Slack post) and switches versions; then a run of it
+shows live on the graph: the notification agent waiting for the approval, and every agent
+succeeded after it.
 """
 
 from __future__ import annotations
