@@ -97,7 +97,8 @@ def test_chat_streams_remembers_reloads_forks_and_approves_inline(
     base, key = served
     sue = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"},
                        timeout=PATIENCE)
-    with sync_playwright() as p, watched_page(p, chromium, expected=r"\b(401|422)\b") as seen:
+    provoked = r"\b(401|404|422)\b"  # before the key, a deleted thread, a blank message
+    with sync_playwright() as p, watched_page(p, chromium, expected=provoked) as seen:
         page, problems, urls = seen.page, seen.problems, seen.urls
         page.on("dialog", lambda d: d.accept())  # the delete confirmation
         page.goto(base + "/ui/#/chat")
@@ -196,6 +197,11 @@ def test_chat_streams_remembers_reloads_forks_and_approves_inline(
         expect(card).to_be_visible()
         expect(card.locator("pre.json")).to_contain_text('"message": "launch at noon"')
         expect(page.locator("#composer button[type=submit]")).to_be_disabled()
+        box.fill("And tell me when it is done.")
+        box.press("Enter")  # typed ahead: kept, and not sent while the turn waits
+        expect(page.locator("#composer-error")).to_have_text(re.compile(
+            r"^Turn 1 is still (waiting|running|queued); send this once it has finished\.$"))
+        expect(box).to_have_value("And tell me when it is done.")
         card.get_by_label("Comment (optional)").fill("go ahead")
         card.get_by_role("button", name="Approve").click()
         expect(card).to_contain_text("Approved by sue")
@@ -209,6 +215,10 @@ def test_chat_streams_remembers_reloads_forks_and_approves_inline(
         expect(steps.locator("li.tool-step")).to_contain_text("announced")
         expect(page.locator("#composer button[type=submit]")).to_be_enabled()
         page.screenshot(path=str(tmp_path / "approval.png"), full_page=True)
+
+        # An address of no (or a deleted) conversation says so.
+        page.goto(f"{base}/ui/#/chat/{fork_id}")
+        expect(page.locator("#chat-main")).to_contain_text("No such conversation")
     assert not problems, problems
     assert not [u for u in urls if key in u], "the API key leaked into a URL"
     assert all(u.startswith(base) for u in urls), "the page fetched from another origin"

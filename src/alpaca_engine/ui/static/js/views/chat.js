@@ -375,6 +375,12 @@ function conversation(box, id, onListChanged) {
 
   composer.addEventListener("submit", async (event) => {
     event.preventDefault();
+    const running = [...turns.values()].find((t) => !t.finished);
+    if (running && !sending) {
+      problem.textContent = `Turn ${running.data.turn} is still ${running.data.state}; ` +
+        "send this once it has finished.";
+      return;
+    }
     if (busy() || !input.value) return;
     sending = true;
     updateComposer();
