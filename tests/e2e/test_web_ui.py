@@ -15,7 +15,10 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,6 +104,49 @@ def chromium() -> Path:
     return CHROMIUM
 
 
+@dataclass
+class Watched:
+    """A browser page and what it did wrong (page errors, console errors) and fetched."""
+
+    page: Any
+    problems: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def watched_page(playwright: Any, chromium: Path, width: int = 1280, height: int = 900,
+                 expected: str = r"\b401\b") -> Iterator[Watched]:
+    """A page of a fresh headless Chromium that waits as long as PATIENCE for anything;
+    console errors matching ``expected`` (answers the test provokes) are not problems."""
+    from playwright.sync_api import expect
+
+    browser = playwright.chromium.launch(executable_path=str(chromium), headless=True,
+                                         args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(PATIENCE * 1000)
+        expect.set_options(timeout=PATIENCE * 1000)  # the page waits; speed is not tested
+        seen = Watched(page)
+        page.on("pageerror", lambda e: seen.problems.append(f"page error: {e}"))
+        page.on("console", lambda m: seen.problems.append(f"console: {m.text}")
+                if m.type == "error" and not re.search(expected, m.text) else None)
+        page.on("request", lambda r: seen.urls.append(r.url))
+        yield seen
+    finally:
+        browser.close()
+
+
+def use_key(page: Any, key: str) -> None:
+    """Paste ``key`` into the page's API key prompt (the first data call asks for it)."""
+    from playwright.sync_api import expect
+
+    panel = page.locator("#auth-panel")
+    expect(panel).to_be_visible()
+    panel.get_by_label("API key").fill(key)
+    panel.get_by_role("button", name="Use key").click()
+    expect(panel).to_be_hidden()
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """``alpaca serve`` of the bundled demo with one supervisor key: (base URL, key)."""
@@ -123,77 +169,59 @@ def test_approve_in_the_inbox_and_watch_the_run_finish(
     from playwright.sync_api import expect, sync_playwright
 
     base, key = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), headless=True,
-                                    args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(PATIENCE * 1000)
-            expect.set_options(timeout=PATIENCE * 1000)  # the page waits; speed is not tested
-            problems: list[str] = []
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("console", lambda m: problems.append(f"console: {m.text}")
-                    if m.type == "error" and "401" not in m.text else None)
-            urls: list[str] = []
-            page.on("request", lambda r: urls.append(r.url))
+    with sync_playwright() as p, watched_page(p, chromium) as seen:
+        page, problems, urls = seen.page, seen.problems, seen.urls
+        # The page itself loads without a key; its first data call asks for one.
+        page.goto(base + "/")
+        assert page.url.startswith(f"{base}/ui/")
+        use_key(page, key)
+        expect(page.locator("#auth-status")).to_contain_text("API key set")
 
-            # The page itself loads without a key; its first data call asks for one.
-            page.goto(base + "/")
-            assert page.url.startswith(f"{base}/ui/")
-            panel = page.locator("#auth-panel")
-            expect(panel).to_be_visible()
-            panel.get_by_label("API key").fill(key)
-            panel.get_by_role("button", name="Use key").click()
-            expect(panel).to_be_hidden()
-            expect(page.locator("#auth-status")).to_contain_text("API key set")
+        form = page.locator("#new-run")
+        form.get_by_label("Agent").select_option(label="orchestrator")
+        form.get_by_label("Input").fill("Should we launch in the EU this quarter?")
+        form.get_by_role("button", name="Start run").click()
+        page.wait_for_url(re.compile(r"#/runs/run_[0-9a-f]+$"))
+        run_id = page.url.rsplit("/", 1)[1]
+        expect(page.locator("#live-status")).to_have_text("● live")
 
-            form = page.locator("#new-run")
-            form.get_by_label("Agent").select_option(label="orchestrator")
-            form.get_by_label("Input").fill("Should we launch in the EU this quarter?")
-            form.get_by_role("button", name="Start run").click()
-            page.wait_for_url(re.compile(r"#/runs/run_[0-9a-f]+$"))
-            run_id = page.url.rsplit("/", 1)[1]
-            expect(page.locator("#live-status")).to_have_text("● live")
+        page.locator("a[data-nav=approvals]").click()
+        card = page.locator("#inbox article.approval").filter(has_text="notify_slack")
+        expect(card).to_be_visible()
+        expect(card.locator("pre.json")).to_contain_text('"channel": "#eu-launch"')
+        expect(card).to_contain_text("agent:notification")
+        card.get_by_label("Comment (optional)").fill("ship it")
+        card.get_by_role("button", name="Approve").click()
+        expect(card).to_contain_text("Approved by sue")
+        page.screenshot(path=str(tmp_path / "inbox.png"), full_page=True)
 
-            page.locator("a[data-nav=approvals]").click()
-            card = page.locator("#inbox article.approval").filter(has_text="notify_slack")
-            expect(card).to_be_visible()
-            expect(card.locator("pre.json")).to_contain_text('"channel": "#eu-launch"')
-            expect(card).to_contain_text("agent:notification")
-            card.get_by_label("Comment (optional)").fill("ship it")
-            card.get_by_role("button", name="Approve").click()
-            expect(card).to_contain_text("Approved by sue")
-            page.screenshot(path=str(tmp_path / "inbox.png"), full_page=True)
+        card.get_by_role("link", name=run_id, exact=True).click()
+        expect(page.locator("#run-state")).to_have_text("succeeded")
+        expect(page.locator("#live-status")).to_have_text("run ended")
+        nodes = page.locator("#tree .tree-node")
+        expect(nodes).to_have_count(5)
+        expect(nodes.locator(".badge")).to_have_text(["succeeded"] * 5)
+        expect(page.locator("#audit-badge")).to_contain_text("verified")
+        expect(page.locator("#run-output")).to_contain_text("Posted to #eu-launch")
+        delegations = page.locator("#timeline li.kind-delegation")
+        expect(delegations).to_have_count(4)
+        expect(delegations.last).to_contain_text("delegation.finished")
+        page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
 
-            card.get_by_role("link", name=run_id, exact=True).click()
-            expect(page.locator("#run-state")).to_have_text("succeeded")
-            expect(page.locator("#live-status")).to_have_text("run ended")
-            nodes = page.locator("#tree .tree-node")
-            expect(nodes).to_have_count(5)
-            expect(nodes.locator(".badge")).to_have_text(["succeeded"] * 5)
-            expect(page.locator("#audit-badge")).to_contain_text("verified")
-            expect(page.locator("#run-output")).to_contain_text("Posted to #eu-launch")
-            delegations = page.locator("#timeline li.kind-delegation")
-            expect(delegations).to_have_count(4)
-            expect(delegations.last).to_contain_text("delegation.finished")
-            page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
+        # The notification run shows the approval decision under its Slack step.
+        nodes.filter(has_text="notification").get_by_role("link").click()
+        step = page.locator("#timeline li.kind-tool").filter(has_text="notify_slack")
+        expect(step.locator(".decision")).to_contain_text(
+            ["gate.permission_allowed", "approval.requested", "approval.decided"])
+        expect(step.locator(".decision").nth(2)).to_contain_text("approved: “ship it”")
+        expect(step.locator(".decision").nth(2)).to_contain_text("user:sue")
 
-            # The notification run shows the approval decision under its Slack step.
-            nodes.filter(has_text="notification").get_by_role("link").click()
-            step = page.locator("#timeline li.kind-tool").filter(has_text="notify_slack")
-            expect(step.locator(".decision")).to_contain_text(
-                ["gate.permission_allowed", "approval.requested", "approval.decided"])
-            expect(step.locator(".decision").nth(2)).to_contain_text("approved: “ship it”")
-            expect(step.locator(".decision").nth(2)).to_contain_text("user:sue")
-
-            page.locator("a[data-nav=approvals]").click()
-            page.get_by_role("link", name="Decided").click()
-            decided = page.locator("#approvals-body tbody tr").filter(has_text="notify_slack")
-            expect(decided).to_have_count(1)
-            expect(decided.locator(".badge")).to_have_text("approved")
-            expect(decided).to_contain_text("ship it")
-        finally:
-            browser.close()
+        page.locator("a[data-nav=approvals]").click()
+        page.get_by_role("link", name="Decided").click()
+        decided = page.locator("#approvals-body tbody tr").filter(has_text="notify_slack")
+        expect(decided).to_have_count(1)
+        expect(decided.locator(".badge")).to_have_text("approved")
+        expect(decided).to_contain_text("ship it")
     assert not problems, problems
     assert not [u for u in urls if key in u], "the API key leaked into a URL"
     assert all(u.startswith(base) for u in urls), "the page fetched from another origin"

@@ -5,6 +5,7 @@ import { fill, h } from "./dom.js";
 import { poll } from "./ui.js";
 import * as approvals from "./views/approvals.js";
 import * as breakers from "./views/breakers.js";
+import * as chat from "./views/chat.js";
 import * as run from "./views/run.js";
 import * as runs from "./views/runs.js";
 import * as workflows from "./views/workflows.js";
@@ -16,6 +17,7 @@ const routes = [
   [/^#\/runs(?:\?(.*))?$/, "runs", (m) => runs.mount(view, new URLSearchParams(m[1] || ""))],
   [/^#\/approvals(?:\/(pending|decided))?$/, "approvals", (m) => approvals.mount(view, m[1] || "pending")],
   [/^#\/breakers$/, "breakers", () => breakers.mount(view)],
+  [/^#\/chat(?:\/([^/?]+))?$/, "chat", (m) => chat.mount(view, m[1] ? decodeURIComponent(m[1]) : null)],
   [/^#\/workflows\/([^/?]+)(?:\?(.*))?$/, "workflows",
     (m) => workflows.mountDetail(view, decodeURIComponent(m[1]), new URLSearchParams(m[2] || ""))],
   [/^#\/workflows$/, "workflows", () => workflows.mountList(view)],

@@ -65,3 +65,34 @@ export function errorText(error) {
   if (error?.status === 404) return "Not found.";
   return `Could not load: ${error?.message || error}`;
 }
+
+/** A failed call as one readable line, from its problem+json body. */
+export function oneLine(error) {
+  const text = String(error?.message || error).replace(/\s+/g, " ").trim();
+  if (error?.status === 422 && error.code === "validation_error") {
+    // "body.content: Value error, the message is empty; …" → "content: the message is empty; …"
+    return text.replace(/^body\./, "").replace(/: Value error, /, ": ");
+  }
+  return text;
+}
+
+/**
+ * On the form's submit, run `action` with `button` disabled and `message` saying "Starting…";
+ * a failure shows as "`failure`: reason". An action that returns false did not start.
+ */
+export function onSubmit(form, button, message, failure, action) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    button.disabled = true;
+    message.className = "form-message";
+    message.textContent = "Starting…";
+    try {
+      if (await action() === false) message.textContent = "";
+    } catch (error) {
+      message.className = "form-message error";
+      message.textContent = `${failure}: ${oneLine(error)}`;
+    } finally {
+      button.disabled = false;
+    }
+  });
+}

@@ -2,7 +2,7 @@
 
 import { api, withQuery } from "../api.js";
 import { badge, fill, h, note, RUN_STATES, runLink, short, timeEl } from "../dom.js";
-import { errorText, poll, toast } from "../ui.js";
+import { errorText, onSubmit, poll, toast } from "../ui.js";
 
 let agentsCache = null;
 
@@ -51,24 +51,14 @@ function newRunForm() {
     agent.title = agents[Number(agent.value)]?.description || "";
   });
 
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
+  onSubmit(form, submit, message, "Could not start the run", async () => {
     const chosen = agents[Number(agent.value)];
-    if (!chosen) return;
-    submit.disabled = true;
-    message.className = "form-message";
-    message.textContent = "Starting…";
-    try {
-      const run = await api("/v1/runs", { method: "POST",
-        body: { agent: chosen.name, workflow: chosen.workflow, input: input.value } });
-      toast(`Started ${run.agent} run ${run.id}`, "ok");
-      location.hash = `#/runs/${encodeURIComponent(run.id)}`;
-    } catch (error) {
-      message.className = "form-message error";
-      message.textContent = `Could not start the run: ${error.message}`;
-    } finally {
-      submit.disabled = false;
-    }
+    if (!chosen) return false;
+    const run = await api("/v1/runs", { method: "POST",
+      body: { agent: chosen.name, workflow: chosen.workflow, input: input.value } });
+    toast(`Started ${run.agent} run ${run.id}`, "ok");
+    location.hash = `#/runs/${encodeURIComponent(run.id)}`;
+    return true;
   });
   return form;
 }
