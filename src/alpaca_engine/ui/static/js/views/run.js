@@ -217,7 +217,10 @@ export function mount(root, id) {
     // what the whole tree waits for: approving here lets this run go on too
     const waitingFor = pending.items.filter((a) => a.root_id === run.root_id);
     render(steps.items, audit.items, verify, family.items, waitingFor);
-    if (stream === null && family.items.every((r) => TERMINAL.has(r.state))) poller.stop();
+    // Stop only on what this refresh rendered: the run read first, the tree after it. A tree
+    // all finished beside a run read as "running" just before it ended must refresh again.
+    if (stream === null && TERMINAL.has(run.state) &&
+        family.items.every((r) => TERMINAL.has(r.state))) poller.stop();
   }
 
   function render(steps, audit, verify, family, pending) {
