@@ -26,6 +26,11 @@ from .store.records import RunRecord
 
 log = logging.getLogger("alpaca.worker")
 
+CANCEL_GRACE = 5.0
+"""Seconds a cancelled wait (a blocking read of the dispatch stream) gets to unwind before the
+worker goes on without it: a driver that does not honour a cancellation promptly must not
+keep a stopping worker alive."""
+
 T = TypeVar("T")
 
 
@@ -167,7 +172,12 @@ class Worker:
         finally:
             for waiter in (task, stop):
                 waiter.cancel()
-            await asyncio.gather(task, stop, return_exceptions=True)
+            _, stuck = await asyncio.wait([task, stop], timeout=CANCEL_GRACE)
+            if stuck:
+                log.warning("a cancelled wait did not end within %gs; going on without it",
+                            CANCEL_GRACE)
+                for waiter in stuck:  # whatever it ends with later is retrieved, not reported
+                    waiter.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
     async def _take(self, delivery_id: str, run_id: str) -> bool:
