@@ -4,6 +4,7 @@ stuck in a blocking read): it warns and stops, with its runs finished or handed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -16,7 +17,7 @@ from tests.helpers import PATIENCE
 
 
 class DeafDispatcher:
-    """A dispatch stream whose blocking read swallows the first cancellations."""
+    """A dispatch stream whose blocking read swallows its first cancellation."""
 
     def __init__(self) -> None:
         self.reading = asyncio.Event()
@@ -28,11 +29,9 @@ class DeafDispatcher:
         if block_seconds <= 0:
             return None
         self.reading.set()
-        for _ in range(3):
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                continue  # deaf: keeps "reading"
+        with contextlib.suppress(asyncio.CancelledError):  # deaf: keeps "reading"
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # the next cancellation (the test's clean-up) ends it
         return None
 
     async def ack(self, delivery_id: str) -> None:
@@ -58,4 +57,7 @@ async def test_stop_does_not_wait_on_a_read_that_ignores_cancellation(
             await asyncio.wait_for(task, PATIENCE)
         assert "did not end within" in caplog.text
     finally:
+        for left in asyncio.all_tasks() - {asyncio.current_task()}:
+            left.cancel()
+            await asyncio.gather(left, return_exceptions=True)
         await store.close()
