@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what the suite needs on a fresh machine (uv, the locked Python
 # dependencies, Debian's Chromium for the web-page test), then runs every test.
-# Extra arguments go to pytest.
+# Extra arguments go to pytest. The suite runs on ALPACA_TEST_JOBS pytest-xdist workers (3:
+# most tests wait on processes, browsers and servers more than they compute; 0 runs it
+# serially in this process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +20,4 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-exec uv run pytest "$@"
+exec uv run pytest -n "${ALPACA_TEST_JOBS:-3}" --dist worksteal "$@"
