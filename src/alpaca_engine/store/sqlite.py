@@ -290,13 +290,14 @@ class SQLiteStore:
         return applied
 
     async def close(self) -> None:
+        db, self._db = self._db, None
         pool, self._pool = self._pool, None
-        if pool is not None:  # after the units queued on it (first in, first out)
+        if db is not None:
+            db.close()
+        if pool is not None:  # after the units queued on it (first in, first out); the
+            # last connection's close checkpoints the WAL, there and not on the loop
             await asyncio.get_running_loop().run_in_executor(pool, self._close_writer)
             pool.shutdown(wait=False)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
     @property
     def _conn(self) -> sqlite3.Connection:
