@@ -204,12 +204,13 @@ class SQLiteStore:
         self._checkpointing = False
 
     # -- connection and schema -------------------------------------------------------------
-    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+    def _connect(self, busy_timeout: float, *, wal: bool = True) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=busy_timeout)
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
+            if wal:  # persistent: the loop's connection finds it set by the writer thread's
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
@@ -238,7 +239,7 @@ class SQLiteStore:
         try:
             # Migrations may wait for another process's lock: on the thread, as any write.
             await loop.run_in_executor(pool, self._open_writer)
-            db = self._connect(0.0)
+            db = self._connect(0.0, wal=False)
             db.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread checkpoints
         except BaseException:
             await loop.run_in_executor(pool, self._close_writer)
