@@ -73,8 +73,8 @@ log = logging.getLogger("alpaca.store")
 
 BUSY_TIMEOUT = 30.0
 """Seconds the writer thread waits for another process's write lock (the loop never waits)."""
-CHECKPOINT_EVERY = 100
-"""Inline commits between two WAL checkpoints on the writer thread (5-10 pages each: about
+CHECKPOINT_EVERY = 200
+"""Inline commits between two WAL checkpoints on the writer thread (5-7 pages each: about
 SQLite's own 1,000-page default)."""
 RESTART_WAIT = 0.01
 """Seconds a checkpoint's rewind waits for a transaction in the way (while it holds the
@@ -114,7 +114,7 @@ def _unit(fn: Unit[P, R]) -> Unit[P, R]:
             return await fn(self, *args, **kwargs)
         self._inline_commits = 0
         try:
-            return _finish(fn(self, *args, **kwargs))
+            return await fn(self, *args, **kwargs)  # never suspends: it only calls sqlite3
         except _Offload:
             pass
         except sqlite3.OperationalError as exc:
@@ -336,16 +336,15 @@ class SQLiteStore:
                 cast(ThreadPoolExecutor, self._pool).submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
-        """On the writer thread: copy the WAL back into the file, then let the next writer
-        rewind it (a passive pass alone, racing the loop's commits, never catches up, and
-        the WAL would grow for ever). Waits at most :data:`RESTART_WAIT` for a writer or a
-        reader in the way; else it does what it can, and the next checkpoint tries again."""
+        """On the writer thread: copy the WAL back into the file and let the next writer
+        rewind it (a passive checkpoint, racing the loop's commits, would never catch up,
+        and the WAL would grow for ever). It waits at most :data:`RESTART_WAIT` for a
+        writer or reader in the way, then copies what it can without waiting, and the next
+        checkpoint tries again."""
         db = self._conn
         try:
-            db.execute("PRAGMA busy_timeout=0")
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the bulk, lock-free
             db.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
-            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()  # the rest, and rewind
+            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         except sqlite3.Error as exc:  # a full disk: the next checkpoint tries again
             log.info("WAL checkpoint of %s failed: %s", self.path, exc)
         finally:
