@@ -72,7 +72,7 @@ async def test_a_write_waits_for_the_lock_while_the_loop_keeps_serving(store: SQ
     await ticker
 
 
-async def test_writes_issued_while_one_waits_keep_their_order(store: SQLiteStore):
+async def test_writes_that_find_the_file_locked_keep_their_order(store: SQLiteStore):
     """A claim issued after a create (both while the file is locked) must find the run: the
     claim queues behind the create instead of overtaking it once the lock is free."""
     with write_lock(store):
@@ -87,21 +87,47 @@ async def test_writes_issued_while_one_waits_keep_their_order(store: SQLiteStore
     assert claimed is not None and claimed.epoch == 1
     run = await store.get_run("r1")
     assert (run.state, run.lease_owner, run.lease_expires_at) == (RunState.RUNNING, "w1", 231.0)
-    assert store._offloaded == 0  # back to the inline fast path
+    assert store._offloaded == 0
     assert (await store.create_run(new_run("r2")))[1]
 
 
 async def test_a_cancelled_caller_does_not_let_later_writes_overtake(store: SQLiteStore):
+    """A unit whose caller was cancelled still runs (it may be committing): a write issued
+    afterwards, with the file free again, queues behind it instead of running first."""
+    gate = threading.Event()
+    assert store._pool is not None
+    store._pool.submit(gate.wait, PATIENCE)  # the writer thread is busy until the gate opens
     with write_lock(store):
         creating = asyncio.create_task(store.create_run(new_run("r1")))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # it found the file locked: queued on the thread
         creating.cancel()
-        claiming = asyncio.create_task(store.claim_run("r1", "w1", 30.0, 200.0))
-        await asyncio.sleep(0.1)
+        with pytest.raises(asyncio.CancelledError):
+            await creating
+    # the file is free, the cancelled create has not run yet: the claim must not go first
+    claiming = asyncio.create_task(store.claim_run("r1", "w1", 30.0, 200.0))
+    await asyncio.sleep(0.1)
+    assert not claiming.done()
+    gate.set()
     claimed = await asyncio.wait_for(claiming, PATIENCE)
-    assert claimed is not None  # the create still committed, first
-    with pytest.raises(asyncio.CancelledError):
-        await creating
+    assert claimed is not None and claimed.epoch == 1  # the create committed, first
+    assert store._orphaned == 0
+    assert (await store.create_run(new_run("r2")))[1]  # inline again
+
+
+async def test_the_writer_threads_own_lock_never_moves_the_loops_writes_there(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch):
+    """Checkpoints hold the write lock on the writer thread for a moment: concurrent writes
+    that meet it wait for it without blocking and then run inline, so they do not drift
+    onto the thread one after another (only another process's lock sends them there)."""
+    monkeypatch.setattr(sqlite_module, "CHECKPOINT_EVERY", 5)
+    created = await asyncio.gather(*(store.create_run(new_run(f"r{i}")) for i in range(300)))
+    assert all(new for _run, new in created)
+    assert store._thread_units == 0
+    with write_lock(store):
+        creating = asyncio.create_task(store.create_run(new_run("locked")))
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(creating, PATIENCE)
+    assert store._thread_units == 1
 
 
 async def test_observers_hear_thread_commits_on_the_loop(store: SQLiteStore):

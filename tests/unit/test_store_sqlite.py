@@ -42,9 +42,9 @@ class TestSQLiteFileOnTheWriterThread(StoreConformance, LedgerApprovalKeyConform
     async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         s = SQLiteStore(f"sqlite:///{tmp_path}/alpaca.db", audit_key=b"k")
         await s.open()
-        s._offloaded += 1  # as if a unit were queued on the thread: writes go behind it
+        s._orphaned += 1  # as if a cancelled caller's unit were on the thread: writes queue
         yield s
-        s._offloaded -= 1
+        s._orphaned -= 1
         await s.close()
 
 

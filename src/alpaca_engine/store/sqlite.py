@@ -9,8 +9,11 @@ Each store operation (a *unit*: at most one transaction) first runs inline on th
 connection, the fast path; when the lock is held by another process it fails at once with
 SQLITE_BUSY before writing anything (at ``BEGIN IMMEDIATE``, or a read), and the whole unit
 is run again on the writer thread while the loop keeps serving (heartbeats, other runs,
-HTTP). While the thread has work queued, the loop's writes queue behind it, so one
-process's writes keep their order. The loop's connection never checkpoints either
+HTTP). A caller awaits its unit, so its next write never overtakes it; units of different
+callers in flight at once have no order to keep (as with any two concurrent writers). A
+unit whose caller was cancelled still runs, and the loop's writes queue behind it until it
+ends, so a cancelled flow's next write never lands first. The loop's connection never
+checkpoints either
 (``wal_autocheckpoint=0``): the thread checkpoints every :data:`CHECKPOINT_EVERY` inline
 commits, so a commit never pays a checkpoint's fsyncs inline, and the WAL stays bounded.
 """
@@ -88,7 +91,12 @@ Unit = Callable[Concatenate["SQLiteStore", P], Coroutine[Any, Any, R]]
 
 class _Offload(Exception):
     """Raised on the loop's connection before a unit's first write when it must run on the
-    writer thread instead (the thread has writes queued: this one goes behind them)."""
+    writer thread instead, behind a unit there (see :meth:`SQLiteStore._tx`)."""
+
+
+class _Behind(Exception):
+    """Raised on the loop's connection before a unit's first write while a checkpoint has
+    fallen behind: the unit waits for it (not blocking the loop), then runs inline."""
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -107,19 +115,26 @@ def _finish(coro: Coroutine[Any, Any, R]) -> R:
 
 
 def _unit(fn: Unit[P, R]) -> Unit[P, R]:
-    """Run ``fn`` inline on the loop's connection; if the file is locked (or the writer
-    thread has writes queued), before anything was written, run it whole on the thread."""
+    """Run ``fn`` inline on the loop's connection; if the file is locked (or a write must
+    queue behind the thread), before anything was written, run it whole on the thread."""
     async def call(self: SQLiteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if self._pool is None:  # :memory: (or closed): nothing else can lock it
             return await fn(self, *args, **kwargs)
-        self._inline_commits = 0
-        try:
-            return await fn(self, *args, **kwargs)  # never suspends: it only calls sqlite3
-        except _Offload:
-            pass
-        except sqlite3.OperationalError as exc:
-            if not _busy(exc) or self._inline_commits:
-                raise  # a unit commits at most once; a BUSY after it is a real fault
+        while True:
+            self._inline_commits = 0
+            releases = self._thread_releases
+            try:
+                return await fn(self, *args, **kwargs)  # never suspends: it only calls sqlite3
+            except _Offload:
+                break
+            except _Behind:
+                await self._after(lambda: self._checkpointing)
+                continue
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or self._inline_commits:
+                    raise  # a unit commits at most once; a BUSY after it is a real fault
+            if not await self._thread_wrote(releases):
+                break  # another process holds the lock: wait for it on the thread
         return await self._on_thread(fn, args, kwargs)
 
     functools.update_wrapper(call, fn)
@@ -198,10 +213,20 @@ class SQLiteStore:
         self._local = threading.local()
         """``db``: the writer thread's own connection, on that thread."""
         self._offloaded = 0
-        """Units on the writer thread, not finished yet: the loop's writes queue behind."""
+        """Units on the writer thread, not finished yet."""
+        self._thread_units = 0
+        """Units run on the writer thread so far (each found the file locked by another)."""
+        self._orphaned = 0
+        """Those whose caller was cancelled: the loop's writes queue behind them."""
         self._inline_commits = 0
         self._since_checkpoint = 0
         self._checkpointing = False
+        self._thread_writing = False
+        """The writer thread holds the write lock (a unit's transaction, a checkpoint)."""
+        self._thread_releases = 0
+        """How many times it let go of it."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._written: list[asyncio.Future[None]] = []
 
     # -- connection and schema -------------------------------------------------------------
     def _connect(self, busy_timeout: float, *, wal: bool = True) -> sqlite3.Connection:
@@ -245,7 +270,7 @@ class SQLiteStore:
             await loop.run_in_executor(pool, self._close_writer)
             pool.shutdown(wait=False)
             raise
-        self._db, self._pool = db, pool
+        self._db, self._pool, self._loop = db, pool, loop
 
     def _open_writer(self) -> None:
         """On the writer thread: its connection, then the schema (migrations applied)."""
@@ -312,16 +337,16 @@ class SQLiteStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._conn
         inline = self._pool is not None and db is self._db
-        if inline and (self._offloaded or (
-                self._checkpointing and self._since_checkpoint >= CHECKPOINT_EVERY)):
-            # Nothing written yet: the unit goes behind the thread's writes, or behind a
-            # checkpoint that fell behind (back pressure, so the WAL stays bounded).
-            raise _Offload
+        if inline and self._orphaned:
+            raise _Offload  # nothing written yet: behind a cancelled caller's unit it goes
+        if inline and self._checkpointing and self._since_checkpoint >= CHECKPOINT_EVERY:
+            raise _Behind  # back pressure, so the WAL stays bounded
         with observers.transaction():
             db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-                db.execute("COMMIT")
+                with self._writing(not inline):
+                    yield db
+                    db.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full) may leave the transaction open, and SQLite may
                 # already have rolled it back: either way the next BEGIN must find none open.
@@ -335,6 +360,46 @@ class SQLiteStore:
                 self._since_checkpoint, self._checkpointing = 0, True
                 cast(ThreadPoolExecutor, self._pool).submit(self._checkpoint)
 
+    @contextmanager
+    def _writing(self, on_thread: bool) -> Iterator[None]:
+        """Mark the writer thread as holding the write lock, and wake the loop's units that
+        found the file locked by it when it lets go."""
+        if not on_thread:
+            yield
+            return
+        self._thread_writing = True
+        try:
+            yield
+        finally:
+            self._thread_writing = False
+            self._thread_releases += 1
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._wake_written)
+
+    def _wake_written(self) -> None:
+        waiters, self._written = self._written, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _thread_wrote(self, releases: int) -> bool:
+        """After a BUSY on the loop: if the writer thread holds the lock (a short transaction
+        of this process, never waiting for anyone) or let go of it since the attempt began
+        (``releases``), wait without blocking until it lets go and say so (the unit is tried
+        inline again); ``False`` when someone else holds it."""
+        if not self._thread_writing:
+            return self._thread_releases != releases
+        await self._after(lambda: self._thread_writing)
+        return True
+
+    async def _after(self, holding: Callable[[], bool]) -> None:
+        """Wait (not blocking the loop) until the writer thread lets go of the write lock,
+        while ``holding()``: the thread clears that flag before it wakes the loop."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._written.append(waiter)
+        if holding():  # else it let go meanwhile: go on at once
+            await waiter
+
     def _checkpoint(self) -> None:
         """On the writer thread: copy the WAL back into the file and let the next writer
         rewind it (a passive checkpoint, racing the loop's commits, would never catch up,
@@ -342,27 +407,35 @@ class SQLiteStore:
         writer or reader in the way, then copies what it can without waiting, and the next
         checkpoint tries again."""
         db = self._conn
-        try:
-            db.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
-            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-        except sqlite3.Error as exc:  # a full disk: the next checkpoint tries again
-            log.info("WAL checkpoint of %s failed: %s", self.path, exc)
-        finally:
-            self._checkpointing = False
-            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        with self._writing(True):  # wakes the units held back, after the flag is cleared
+            try:
+                db.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
+                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            except sqlite3.Error as exc:  # a full disk: the next checkpoint tries again
+                log.info("WAL checkpoint of %s failed: %s", self.path, exc)
+            finally:
+                self._checkpointing = False
+                db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
     async def _on_thread(self, fn: Unit[P, R], args: Any, kwargs: Any) -> R:
         """Run a unit on the writer thread; the loop serves other work while it waits.
 
         Observers get what it committed on the loop. A cancelled caller does not cancel the
-        unit (it may be committing): later writes still queue behind it until it ends."""
+        unit (it may be committing): the loop's writes queue behind it until it ends."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         pool = cast(ThreadPoolExecutor, self._pool)
         done = loop.run_in_executor(pool, ctx.run, self._thread_unit, fn, args, kwargs)
         self._offloaded += 1
+        self._thread_units += 1
         done.add_done_callback(self._landed)
-        ok, value, _ = await asyncio.shield(done)
+        try:
+            ok, value, _ = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not done.done():
+                self._orphaned += 1
+                done.add_done_callback(self._orphan_landed)
+            raise
         if not ok:
             raise cast(BaseException, value)
         return cast(R, value)
@@ -374,6 +447,9 @@ class SQLiteStore:
                 return True, _finish(fn(self, *args, **kwargs)), committed
             except Exception as exc:
                 return False, exc, committed
+
+    def _orphan_landed(self, _: asyncio.Future[tuple[bool, object, observers.Batch]]) -> None:
+        self._orphaned -= 1
 
     def _landed(self, done: asyncio.Future[tuple[bool, object, observers.Batch]]) -> None:
         self._offloaded -= 1
