@@ -5,17 +5,23 @@ are atomic even when several processes share the file.
 
 The event loop never waits on the file's lock. A file database has two connections: the
 loop's, which never waits (``busy_timeout=0``), and a writer thread's, which does (30 s).
-Each store operation (a *unit*: at most one transaction) first runs inline on the loop's
-connection, the fast path; when the lock is held by another process it fails at once with
-SQLITE_BUSY before writing anything (at ``BEGIN IMMEDIATE``, or a read), and the whole unit
-is run again on the writer thread while the loop keeps serving (heartbeats, other runs,
-HTTP). A caller awaits its unit, so its next write never overtakes it; units of different
-callers in flight at once have no order to keep (as with any two concurrent writers). A
-unit whose caller was cancelled still runs, and the loop's writes queue behind it until it
-ends, so a cancelled flow's next write never lands first. The loop's connection never
-checkpoints either
-(``wal_autocheckpoint=0``): the thread checkpoints every :data:`CHECKPOINT_EVERY` inline
-commits, so a commit never pays a checkpoint's fsyncs inline, and the WAL stays bounded.
+Each store operation (a *unit*: at most one transaction) runs inline on the loop's
+connection, the fast path. When another process holds the lock, the unit fails at once with
+SQLITE_BUSY before writing anything (at ``BEGIN IMMEDIATE``, or a read) and runs again,
+whole, on the writer thread, while the loop keeps serving (heartbeats, other runs, HTTP).
+When the lock holder is the writer thread itself (a unit there, a checkpoint: short, never
+waiting for anyone), the unit waits for it without blocking and runs inline again, so
+concurrent runs never drift onto the thread one after another.
+
+Order: a caller awaits its unit, so its next write never overtakes it; units of different
+callers in flight at once have no order to keep (as with any two concurrent writers). A unit
+whose caller was cancelled still runs, and the loop's writes queue behind it until it ends,
+so a cancelled flow's next write never lands first.
+
+The loop's connection never checkpoints either (``wal_autocheckpoint=0``): the thread
+checkpoints every :data:`CHECKPOINT_EVERY` inline commits, so a commit never pays a
+checkpoint's fsyncs inline, and the WAL stays bounded (when a checkpoint falls behind, the
+loop's writes wait for it).
 """
 
 from __future__ import annotations
@@ -210,8 +216,8 @@ class SQLiteStore:
         """The event loop's connection (the only one for ``:memory:``)."""
         self._pool: ThreadPoolExecutor | None = None
         """The writer thread of a file database; ``None`` for ``:memory:``."""
-        self._local = threading.local()
-        """``db``: the writer thread's own connection, on that thread."""
+        self._writer: tuple[int, sqlite3.Connection] | None = None
+        """The writer thread's id and its own connection."""
         self._offloaded = 0
         """Units on the writer thread, not finished yet."""
         self._thread_units = 0
@@ -274,14 +280,13 @@ class SQLiteStore:
 
     def _open_writer(self) -> None:
         """On the writer thread: its connection, then the schema (migrations applied)."""
-        self._local.db = self._connect(BUSY_TIMEOUT)
+        self._writer = (threading.get_ident(), self._connect(BUSY_TIMEOUT))
         self._prepare()
 
     def _close_writer(self) -> None:
-        db = getattr(self._local, "db", None)
-        self._local.db = None
-        if db is not None:
-            db.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer[1].close()
 
     def _prepare(self) -> None:
         self.migrations_applied = tuple(self.upgrade())
@@ -328,7 +333,8 @@ class SQLiteStore:
     @property
     def _conn(self) -> sqlite3.Connection:
         """The writer thread's connection on that thread, else the loop's."""
-        db = getattr(self._local, "db", None) or self._db
+        writer = self._writer
+        db = writer[1] if writer is not None and writer[0] == threading.get_ident() else self._db
         if db is None:
             raise RuntimeError("store is not open")
         return db
