@@ -33,6 +33,21 @@ class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowCon
         await s.close()
 
 
+class TestSQLiteFileOnTheWriterThread(StoreConformance, LedgerApprovalKeyConformance,
+                                      WorkflowConformance, ThreadConformance):
+    """Every write as it runs when the file is locked by another process: on the writer
+    thread's connection (the loop's connection only reads)."""
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+        s = SQLiteStore(f"sqlite:///{tmp_path}/alpaca.db", audit_key=b"k")
+        await s.open()
+        s._orphaned += 1  # as if a cancelled caller's unit were on the thread: writes queue
+        yield s
+        s._orphaned -= 1
+        await s.close()
+
+
 async def test_file_is_wal_and_migrations_are_versioned(tmp_path: Path):
     url = f"sqlite:///{tmp_path}/a.db"
     s = SQLiteStore(url)

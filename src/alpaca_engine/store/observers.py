@@ -21,8 +21,10 @@ log = logging.getLogger("alpaca.store")
 Observer = Callable[[str, Sequence[AuditEvent]], None]
 
 _observers: list[Observer] = []
-_pending: ContextVar[list[tuple[str, Sequence[AuditEvent]]] | None] = ContextVar(
-    "alpaca_pending_audit", default=None)
+Batch = list[tuple[str, Sequence[AuditEvent]]]
+
+_pending: ContextVar[Batch | None] = ContextVar("alpaca_pending_audit", default=None)
+_held: ContextVar[Batch | None] = ContextVar("alpaca_held_audit", default=None)
 
 
 def subscribe(observer: Observer) -> Callable[[], None]:
@@ -36,13 +38,35 @@ def subscribe(observer: Observer) -> Callable[[], None]:
 def transaction() -> Iterator[None]:
     """Wrap one transaction attempt (its commit included): what it wrote is delivered when
     the block ends normally, and dropped when it raises."""
-    written_here: list[tuple[str, Sequence[AuditEvent]]] = []
+    written_here: Batch = []
     token = _pending.set(written_here)
     try:
         yield
     finally:
         _pending.reset(token)
-    for run_id, events in written_here:
+    held = _held.get()
+    if held is not None:
+        held.extend(written_here)
+    else:
+        deliver(written_here)
+
+
+@contextmanager
+def held() -> Iterator[Batch]:
+    """Keep what the transactions in this block commit instead of delivering it: a store
+    that commits on a worker thread hands the batch to :func:`deliver` on the event loop,
+    where observers expect to run."""
+    batch: Batch = []
+    token = _held.set(batch)
+    try:
+        yield batch
+    finally:
+        _held.reset(token)
+
+
+def deliver(batch: Batch) -> None:
+    """Hand committed appends to every observer (one failing observer is logged, not fatal)."""
+    for run_id, events in batch:
         for observer in list(_observers):
             try:
                 observer(run_id, events)

@@ -2,17 +2,44 @@
 
 Writes run in ``BEGIN IMMEDIATE`` transactions so the epoch check and the write it guards
 are atomic even when several processes share the file.
+
+The event loop never waits on the file's lock. A file database has two connections: the
+loop's, which never waits (``busy_timeout=0``), and a writer thread's, which does (30 s).
+Each store operation (a *unit*: at most one transaction) runs inline on the loop's
+connection, the fast path. When another process holds the lock, the unit fails at once with
+SQLITE_BUSY before writing anything (at ``BEGIN IMMEDIATE``, or a read) and runs again,
+whole, on the writer thread, while the loop keeps serving (heartbeats, other runs, HTTP).
+When the lock holder is the writer thread itself (a unit there, a checkpoint: short, never
+waiting for anyone), the unit waits for it without blocking and runs inline again, so
+concurrent runs never drift onto the thread one after another.
+
+Order: a caller awaits its unit, so its next write never overtakes it; units of different
+callers in flight at once have no order to keep (as with any two concurrent writers). A unit
+whose caller was cancelled still runs, and the loop's writes queue behind it until it ends,
+so a cancelled flow's next write never lands first.
+
+The loop's connection never checkpoints either (``wal_autocheckpoint=0``): the thread
+checkpoints every :data:`CHECKPOINT_EVERY` inline commits, so a commit never pays a
+checkpoint's fsyncs inline, and the WAL stays bounded (when a checkpoint falls behind, the
+loop's writes wait for it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import inspect
 import json
+import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
@@ -50,6 +77,91 @@ from .thread_rules import (
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
 _JSON_THREAD_FIELDS = ("metadata", "budget")
+
+log = logging.getLogger("alpaca.store")
+
+BUSY_TIMEOUT = 30.0
+"""Seconds the writer thread waits for another process's write lock (the loop never waits)."""
+CHECKPOINT_EVERY = 200
+"""Inline commits between two WAL checkpoints on the writer thread (5-7 pages each: about
+SQLite's own 1,000-page default)."""
+RESTART_WAIT = 0.01
+"""Seconds a checkpoint's rewind waits for a transaction in the way (while it holds the
+write lock, the loop's writes queue on the writer thread instead)."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_C = TypeVar("_C", bound=type)
+Unit = Callable[Concatenate["SQLiteStore", P], Coroutine[Any, Any, R]]
+
+
+class _Offload(Exception):
+    """Raised on the loop's connection before a unit's first write when it must run on the
+    writer thread instead, behind a unit there (see :meth:`SQLiteStore._tx`)."""
+
+
+class _Behind(Exception):
+    """Raised on the loop's connection before a unit's first write while a checkpoint has
+    fallen behind: the unit waits for it (not blocking the loop), then runs inline."""
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _finish(coro: Coroutine[Any, Any, R]) -> R:
+    """Run a unit's coroutine, which never awaits (it only calls ``sqlite3``), to its end."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(R, done.value)
+    coro.close()
+    raise RuntimeError("a SQLite store unit awaited: split it into units (see _composite)")
+
+
+def _unit(fn: Unit[P, R]) -> Unit[P, R]:
+    """Run ``fn`` inline on the loop's connection; if the file is locked (or a write must
+    queue behind the thread), before anything was written, run it whole on the thread."""
+    async def call(self: SQLiteStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._pool is None:  # :memory: (or closed): nothing else can lock it
+            return await fn(self, *args, **kwargs)
+        while True:
+            self._inline_commits = 0
+            releases = self._thread_releases
+            try:
+                return await fn(self, *args, **kwargs)  # never suspends: it only calls sqlite3
+            except _Offload:
+                break
+            except _Behind:
+                await self._after(lambda: self._checkpointing)
+                continue
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or self._inline_commits:
+                    raise  # a unit commits at most once; a BUSY after it is a real fault
+            if not await self._thread_wrote(releases):
+                break  # another process holds the lock: wait for it on the thread
+        return await self._on_thread(fn, args, kwargs)
+
+    functools.update_wrapper(call, fn)
+    return call
+
+
+def _composite(fn: Unit[P, R]) -> Unit[P, R]:
+    """Mark a public method that awaits units (several transactions): not itself a unit."""
+    fn.__dict__["_composite"] = True
+    return fn
+
+
+def _units(cls: _C) -> _C:
+    """Make every public coroutine method a unit (see :func:`_unit`), except ``open``,
+    ``close`` and the composites."""
+    for name, member in list(vars(cls).items()):
+        if (name.startswith("_") or name in ("open", "close") or
+                not inspect.iscoroutinefunction(member) or getattr(member, "_composite", False)):
+            continue
+        setattr(cls, name, _unit(member))
+    return cls
 
 
 def iso(ts: float) -> str:
@@ -91,6 +203,7 @@ def check_length(url: str, path: str) -> None:
 
 
 @translating_faults
+@_units
 class SQLiteStore:
     migrations_applied: tuple[int, ...] = ()
     """What the last :meth:`open` applied (``alpaca db upgrade`` reports it)."""
@@ -100,29 +213,84 @@ class SQLiteStore:
         self.path = sqlite_path(url)
         self.audit_key = audit_key
         self._db: sqlite3.Connection | None = None
+        """The event loop's connection (the only one for ``:memory:``)."""
+        self._pool: ThreadPoolExecutor | None = None
+        """The writer thread of a file database; ``None`` for ``:memory:``."""
+        self._writer: tuple[int, sqlite3.Connection] | None = None
+        """The writer thread's id and its own connection."""
+        self._offloaded = 0
+        """Units on the writer thread, not finished yet."""
+        self._thread_units = 0
+        """Units run on the writer thread so far (each found the file locked by another)."""
+        self._orphaned = 0
+        """Those whose caller was cancelled: the loop's writes queue behind them."""
+        self._inline_commits = 0
+        self._since_checkpoint = 0
+        self._checkpointing = False
+        self._thread_writing = False
+        """The writer thread holds the write lock (a unit's transaction, a checkpoint)."""
+        self._thread_releases = 0
+        """How many times it let go of it."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._written: list[asyncio.Future[None]] = []
 
     # -- connection and schema -------------------------------------------------------------
+    def _connect(self, busy_timeout: float, *, wal: bool = True) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=busy_timeout)
+        try:
+            db.row_factory = sqlite3.Row
+            if wal:  # persistent: the loop's connection finds it set by the writer thread's
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
     async def open(self) -> None:
         if self._db is not None:
             return
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            check_length(self.url, self.path)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=30.0)
+        if self.path == ":memory:":
+            db = self._connect(BUSY_TIMEOUT)
+            try:
+                self._db = db
+                self._prepare()
+            except BaseException:
+                self._db = None
+                db.close()
+                raise
+            return
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        check_length(self.url, self.path)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="alpaca-sqlite-writer")
+        loop = asyncio.get_running_loop()
         try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._db = db
-            self.migrations_applied = tuple(self.upgrade())
-            self._check_writable()
+            # Migrations may wait for another process's lock: on the thread, as any write.
+            await loop.run_in_executor(pool, self._open_writer)
+            db = self._connect(0.0, wal=False)
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread checkpoints
         except BaseException:
-            self._db = None
-            db.close()
+            await loop.run_in_executor(pool, self._close_writer)
+            pool.shutdown(wait=False)
             raise
+        self._db, self._pool, self._loop = db, pool, loop
+
+    def _open_writer(self) -> None:
+        """On the writer thread: its connection, then the schema (migrations applied)."""
+        self._writer = (threading.get_ident(), self._connect(BUSY_TIMEOUT))
+        self._prepare()
+
+    def _close_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer[1].close()
+
+    def _prepare(self) -> None:
+        self.migrations_applied = tuple(self.upgrade())
+        self._check_writable()
 
     def _check_writable(self) -> None:
         """A read-only file opens and reads fine; say so now, not at the first write."""
@@ -153,30 +321,146 @@ class SQLiteStore:
         return applied
 
     async def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        db, self._db = self._db, None
+        pool, self._pool = self._pool, None
+        if db is not None:
+            db.close()
+        if pool is not None:  # after the units queued on it (first in, first out); the
+            # last connection's close checkpoints the WAL, there and not on the loop
+            await asyncio.get_running_loop().run_in_executor(pool, self._close_writer)
+            pool.shutdown(wait=False)
 
     @property
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
+        """The writer thread's connection on that thread, else the loop's."""
+        writer = self._writer
+        db = writer[1] if writer is not None and writer[0] == threading.get_ident() else self._db
+        if db is None:
             raise RuntimeError("store is not open")
-        return self._db
+        return db
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._conn
+        inline = self._pool is not None and db is self._db
+        if inline and self._orphaned:
+            raise _Offload  # nothing written yet: behind a cancelled caller's unit it goes
+        if inline and self._checkpointing and self._since_checkpoint >= CHECKPOINT_EVERY:
+            raise _Behind  # back pressure, so the WAL stays bounded
         with observers.transaction():
             db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-                db.execute("COMMIT")
+                with self._writing(not inline):
+                    yield db
+                    db.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full) may leave the transaction open, and SQLite may
                 # already have rolled it back: either way the next BEGIN must find none open.
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        if inline:
+            self._inline_commits += 1
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= CHECKPOINT_EVERY and not self._checkpointing:
+                self._since_checkpoint, self._checkpointing = 0, True
+                cast(ThreadPoolExecutor, self._pool).submit(self._checkpoint)
+
+    @contextmanager
+    def _writing(self, on_thread: bool) -> Iterator[None]:
+        """Mark the writer thread as holding the write lock, and wake the loop's units that
+        found the file locked by it when it lets go."""
+        if not on_thread:
+            yield
+            return
+        self._thread_writing = True
+        try:
+            yield
+        finally:
+            self._thread_writing = False
+            self._thread_releases += 1
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._wake_written)
+
+    def _wake_written(self) -> None:
+        waiters, self._written = self._written, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _thread_wrote(self, releases: int) -> bool:
+        """After a BUSY on the loop: if the writer thread holds the lock (a short transaction
+        of this process, never waiting for anyone) or let go of it since the attempt began
+        (``releases``), wait without blocking until it lets go and say so (the unit is tried
+        inline again); ``False`` when someone else holds it."""
+        if not self._thread_writing:
+            return self._thread_releases != releases
+        await self._after(lambda: self._thread_writing)
+        return True
+
+    async def _after(self, holding: Callable[[], bool]) -> None:
+        """Wait (not blocking the loop) until the writer thread lets go of the write lock,
+        while ``holding()``: the thread clears that flag before it wakes the loop."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._written.append(waiter)
+        if holding():  # else it let go meanwhile: go on at once
+            await waiter
+
+    def _checkpoint(self) -> None:
+        """On the writer thread: copy the WAL back into the file and let the next writer
+        rewind it (a passive checkpoint, racing the loop's commits, would never catch up,
+        and the WAL would grow for ever). It waits at most :data:`RESTART_WAIT` for a
+        writer or reader in the way, then copies what it can without waiting, and the next
+        checkpoint tries again."""
+        db = self._conn
+        with self._writing(True):  # wakes the units held back, after the flag is cleared
+            try:
+                db.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
+                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            except sqlite3.Error as exc:  # a full disk: the next checkpoint tries again
+                log.info("WAL checkpoint of %s failed: %s", self.path, exc)
+            finally:
+                self._checkpointing = False
+                db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+
+    async def _on_thread(self, fn: Unit[P, R], args: Any, kwargs: Any) -> R:
+        """Run a unit on the writer thread; the loop serves other work while it waits.
+
+        Observers get what it committed on the loop. A cancelled caller does not cancel the
+        unit (it may be committing): the loop's writes queue behind it until it ends."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        pool = cast(ThreadPoolExecutor, self._pool)
+        done = loop.run_in_executor(pool, ctx.run, self._thread_unit, fn, args, kwargs)
+        self._offloaded += 1
+        self._thread_units += 1
+        done.add_done_callback(self._landed)
+        try:
+            ok, value, _ = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not done.done():
+                self._orphaned += 1
+                done.add_done_callback(self._orphan_landed)
+            raise
+        if not ok:
+            raise cast(BaseException, value)
+        return cast(R, value)
+
+    def _thread_unit(self, fn: Unit[P, R], args: Any,
+                     kwargs: Any) -> tuple[bool, object, observers.Batch]:
+        with observers.held() as committed:
+            try:
+                return True, _finish(fn(self, *args, **kwargs)), committed
+            except Exception as exc:
+                return False, exc, committed
+
+    def _orphan_landed(self, _: asyncio.Future[tuple[bool, object, observers.Batch]]) -> None:
+        self._orphaned -= 1
+
+    def _landed(self, done: asyncio.Future[tuple[bool, object, observers.Batch]]) -> None:
+        self._offloaded -= 1
+        if not done.cancelled() and done.exception() is None:
+            observers.deliver(done.result()[2])
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -458,29 +742,53 @@ class SQLiteStore:
                         run.updated_at, run.audit_head)
             return self._fetch_run(db, run_id)
 
+    @_composite
     async def requeue_expired(self, now: float, *, max_attempts: int | None = None) -> list[str]:
-        ids = [r[0] for r in self._conn.execute(
-            "SELECT id FROM runs WHERE state=? AND lease_expires_at < ?",
-            (str(RunState.RUNNING), now)).fetchall()]
         done = []
-        for run_id in ids:
-            with self._tx() as db:
-                run = self._fetch_run(db, run_id)
-                if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
-                    continue
-                rec = recover_run(run, f"lease of {run.lease_owner} expired", max_attempts)
-                self._recover(db, run, rec, now)
-                if not rec.quarantined:
-                    done.append(run_id)
+        for run_id in await self._expired(now):
+            if await self._requeue(run_id, now, max_attempts):
+                done.append(run_id)
         return done
 
+    @_unit
+    async def _expired(self, now: float) -> list[str]:
+        return [r[0] for r in self._conn.execute(
+            "SELECT id FROM runs WHERE state=? AND lease_expires_at < ?",
+            (str(RunState.RUNNING), now)).fetchall()]
+
+    @_unit
+    async def _requeue(self, run_id: str, now: float, max_attempts: int | None) -> bool:
+        """Recover one run whose lease expired (re-checked here); True when requeued."""
+        with self._tx() as db:
+            run = self._fetch_run(db, run_id)
+            if run.state != RunState.RUNNING or (run.lease_expires_at or 0) >= now:
+                return False
+            rec = recover_run(run, f"lease of {run.lease_owner} expired", max_attempts)
+            self._recover(db, run, rec, now)
+            return not rec.quarantined
+
     # -- steps and audit -------------------------------------------------------------------------
+    @_composite
     async def save_step(
         self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = (),
         *, reserve: dict[str, float] | None = None, settle: dict[str, float] | None = None,
     ) -> None:
         """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
         with the journal write), ``settle`` corrects them with actual usage."""
+        refused, over = await self._journal_step(step, epoch, audit, reserve, settle)
+        if refused is not None:
+            await self._exhaust(refused)
+            raise refused
+        if over is not None:
+            raise over
+
+    @_unit
+    async def _journal_step(
+        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent],
+        reserve: dict[str, float] | None, settle: dict[str, float] | None,
+    ) -> tuple[ledger_logic.BudgetExceeded | None, ledger_logic.BudgetExceeded | None]:
+        """The journal write of :meth:`save_step`: what was refused (nothing written) or
+        overspent (written, the ledger marked exhausted)."""
         refused: ledger_logic.BudgetExceeded | None = None
         over: ledger_logic.BudgetExceeded | None = None
         with self._tx() as db:
@@ -509,13 +817,13 @@ class SQLiteStore:
                                    "WHERE id=?", (over.resource, over.ledger_id))
                 self._write_step(db, step)
                 self._audit(db, step.run_id, audit, step.finished_at or step.started_at, head)
-        if refused is not None:
-            with self._tx() as db:
-                db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) WHERE id=?",
-                           (refused.resource, refused.ledger_id))
-            raise refused
-        if over is not None:
-            raise over
+        return refused, over
+
+    @_unit
+    async def _exhaust(self, refused: ledger_logic.BudgetExceeded) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) WHERE id=?",
+                       (refused.resource, refused.ledger_id))
 
     def _write_step(self, db: sqlite3.Connection, step: StepRecord) -> None:
         db.execute(
@@ -658,28 +966,39 @@ class SQLiteStore:
                        (str(RunState.QUEUED), now, run.id))
         self._audit(db, run.id, events, now, run.audit_head)
 
+    @_composite
     async def expire_approvals(self, now: float) -> list[ApprovalRecord]:
         """Pending approvals past their expiry: marked expired; the run is woken to apply its
         policy (a ``deny`` fails it at its next turn)."""
-        rows = self._conn.execute(
-            "SELECT id FROM approvals WHERE status=? AND expires_at IS NOT NULL AND "
-            "expires_at < ?", (str(ApprovalStatus.PENDING), now)).fetchall()
         out = []
-        for (approval_id,) in rows:
-            with self._tx() as db:
-                approval = self._approval(db.execute("SELECT * FROM approvals WHERE id=?",
-                                                     (approval_id,)).fetchone())
-                if approval.status != ApprovalStatus.PENDING:
-                    continue
-                db.execute("UPDATE approvals SET status=?, decided_by=?, decided_at=? "
-                           "WHERE id=?", (str(ApprovalStatus.EXPIRED), "system:expiry", now,
-                                          approval_id))
-                self._wake(db, self._fetch_run(db, approval.run_id), now, [AuditEvent(
-                    kind="approval.expired", actor="system:expiry",
-                    data={"approval_id": approval_id, "policy": approval.on_expiry})],
-                    "approval expired")
-                out.append(approval.model_copy(update={"status": ApprovalStatus.EXPIRED}))
+        for approval_id in await self._expiring(now):
+            expired = await self._expire(approval_id, now)
+            if expired is not None:
+                out.append(expired)
         return out
+
+    @_unit
+    async def _expiring(self, now: float) -> list[str]:
+        return [r[0] for r in self._conn.execute(
+            "SELECT id FROM approvals WHERE status=? AND expires_at IS NOT NULL AND "
+            "expires_at < ?", (str(ApprovalStatus.PENDING), now)).fetchall()]
+
+    @_unit
+    async def _expire(self, approval_id: str, now: float) -> ApprovalRecord | None:
+        """Expire one approval if it is still pending (re-checked here) and wake its run."""
+        with self._tx() as db:
+            approval = self._approval(db.execute("SELECT * FROM approvals WHERE id=?",
+                                                 (approval_id,)).fetchone())
+            if approval.status != ApprovalStatus.PENDING:
+                return None
+            db.execute("UPDATE approvals SET status=?, decided_by=?, decided_at=? "
+                       "WHERE id=?", (str(ApprovalStatus.EXPIRED), "system:expiry", now,
+                                      approval_id))
+            self._wake(db, self._fetch_run(db, approval.run_id), now, [AuditEvent(
+                kind="approval.expired", actor="system:expiry",
+                data={"approval_id": approval_id, "policy": approval.on_expiry})],
+                "approval expired")
+            return approval.model_copy(update={"status": ApprovalStatus.EXPIRED})
 
     # -- API keys ------------------------------------------------------------------------------
     async def create_api_key(self, key: ApiKeyRecord) -> ApiKeyRecord:
