@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The package with only what pyproject.toml declares: plain `pip install .` into a fresh venv
-# (no uv, no lock), then `alpaca demo` in an empty directory. Fails loudly, with the output.
+# (no uv, no lock), then `alpaca demo` and `alpaca chat` in an empty directory. Fails loudly, with the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -26,4 +26,11 @@ if ! grep -q "chains verified" "$tmp/demo.log"; then
   echo "FATAL: alpaca demo exited 0 after a plain pip install but did not verify its audit" >&2
   exit 1
 fi
-echo "pip install: a fresh venv installs the package and runs alpaca demo"
+if ! (cd "$tmp/work" && printf 'My name is Ada.\nWhat is my name?\n' |
+        "$tmp/venv/bin/alpaca" chat --agent assistant >"$tmp/chat.log" 2>&1) ||
+   ! grep -q "Your name is Ada." "$tmp/chat.log"; then
+  cat "$tmp/chat.log" >&2
+  echo "FATAL: alpaca chat did not remember the name after a plain pip install (output above)" >&2
+  exit 1
+fi
+echo "pip install: a fresh venv installs the package and runs alpaca demo and alpaca chat"
