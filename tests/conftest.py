@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +21,13 @@ def service_unavailable(what: str, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI but unreachable: {reason}", pytrace=False)
     pytest.skip(f"{what} unreachable: {reason}")
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite file as ``ALPACA_DATABASE_URL`` for in-process CLI tests, with a wide
+    terminal so Rich does not wrap what they read."""
+    url = f"sqlite:///{tmp_path}/cli.db"
+    monkeypatch.setenv("ALPACA_DATABASE_URL", url)
+    monkeypatch.setenv("COLUMNS", "200")
+    return url

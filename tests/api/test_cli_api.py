@@ -6,21 +6,12 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from alpaca_engine.api.auth import hash_key
 from alpaca_engine.api.server import is_loopback
 from alpaca_engine.cli import app
 from alpaca_engine.store.sqlite import SQLiteStore
-
-
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path}/cli.db"
-    monkeypatch.setenv("ALPACA_DATABASE_URL", url)
-    monkeypatch.setenv("COLUMNS", "200")
-    return url
 
 
 def stored_keys(url: str) -> list[dict[str, object]]:

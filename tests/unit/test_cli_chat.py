@@ -29,14 +29,6 @@ WORKFLOW = str(Path(__file__).parent / "chat_fixtures" / "workflow.yaml")
 THREAD = re.compile(r"thr_[0-9a-f]{16}")
 
 
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    url = f"sqlite:///{tmp_path}/chat.db"
-    monkeypatch.setenv("ALPACA_DATABASE_URL", url)
-    monkeypatch.setenv("COLUMNS", "200")
-    return url
-
-
 def chat(stdin: str, *args: str) -> Result:
     return CliRunner().invoke(app, ["chat", *args], input=stdin)
 

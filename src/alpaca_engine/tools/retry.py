@@ -59,6 +59,20 @@ def default_is_transient(exc: BaseException) -> bool:
 OnRetry = Callable[[int, BaseException, float], Awaitable[None]]
 
 
+def _retryable(attempt: int, exc: BaseException, policy: RetryPolicy,
+               is_transient: Callable[[BaseException], bool]) -> bool:
+    return attempt < policy.max_attempts and is_transient(exc)
+
+
+async def _back_off(attempt: int, exc: BaseException, policy: RetryPolicy, clock: Clock,
+                    on_retry: OnRetry | None, rand: Callable[[], float]) -> None:
+    """The pause between attempts, announced first (``on_retry`` journals it)."""
+    delay = policy.delay(attempt, rand)
+    if on_retry is not None:
+        await on_retry(attempt, exc, delay)
+    await clock.sleep(delay)
+
+
 async def call_with_retry(
     fn: Callable[[int], Awaitable[T]],
     policy: RetryPolicy,
@@ -77,12 +91,9 @@ async def call_with_retry(
                 return await asyncio.wait_for(fn(attempt), policy.attempt_timeout)
             return await fn(attempt)
         except Exception as exc:
-            if attempt >= policy.max_attempts or not is_transient(exc):
+            if not _retryable(attempt, exc, policy, is_transient):
                 raise
-            delay = policy.delay(attempt, rand)
-            if on_retry is not None:
-                await on_retry(attempt, exc, delay)
-            await clock.sleep(delay)
+            await _back_off(attempt, exc, policy, clock, on_retry, rand)
             attempt += 1
 
 
@@ -118,7 +129,7 @@ async def stream_with_retry(
                 except StopAsyncIteration:
                     return
                 except Exception as exc:
-                    if attempt >= policy.max_attempts or not is_transient(exc):
+                    if not _retryable(attempt, exc, policy, is_transient):
                         raise
                     failure = exc
                     break
@@ -127,8 +138,6 @@ async def stream_with_retry(
             closing = getattr(stream, "aclose", None)
             if closing is not None:
                 await closing()
-        delay = policy.delay(attempt, rand)
-        if on_retry is not None:
-            await on_retry(attempt, failure, delay)
-        await clock.sleep(delay)
+        assert failure is not None  # the inner loop only breaks on a retryable failure
+        await _back_off(attempt, failure, policy, clock, on_retry, rand)
         attempt += 1
