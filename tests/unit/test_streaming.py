@@ -276,6 +276,20 @@ def test_a_secret_split_anywhere_is_still_masked(secret: str) -> None:
         assert secret not in shown and "abcDEF" not in shown and "abcdefghijklmnop" not in shown
 
 
+def test_a_long_word_in_many_pieces_is_held_whole_and_masked(secret: str) -> None:
+    """A key or blob far longer than a piece: held back until it ends, then masked as the
+    whole text would be (the word is not rescanned per piece)."""
+    key = "sk-" + "Ab1" * 20_000
+    text = f"here: {key} and {secret} end"
+    redactor = StreamRedactor()
+    shown = []
+    for i in range(0, len(text), 7):
+        shown.append(redactor.feed(text[i:i + 7]))
+    shown.append(redactor.flush())
+    assert "".join(shown) == redact_text(text)
+    assert all("Ab1Ab1" not in piece for piece in shown) and secret not in "".join(shown)
+
+
 def test_ordinary_prose_is_held_back_by_one_word_at_most() -> None:
     redactor = StreamRedactor()
     assert redactor.feed("Hello") == ""

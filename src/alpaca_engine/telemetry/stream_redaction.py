@@ -21,22 +21,34 @@ _TOKEN = frozenset(string.ascii_letters + string.digits + "._~+/=-")
 class StreamRedactor:
     """Redacts one text stream (an answer, or one tool call's arguments), piece by piece."""
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_one_word", "_pending")
 
     def __init__(self) -> None:
         self._pending = ""
+        self._one_word = False
+        """The held-back text is one word of token characters: ``safe_cut`` of it is 0."""
 
     def feed(self, piece: str) -> str:
         """The redacted text that is safe to show now ("" while it is all held back)."""
+        if self._one_word and _is_word(piece):
+            # Still one word (a long key, a base64 blob): it all stays held back, as safe_cut
+            # would say, without rescanning the word for every piece (quadratic otherwise).
+            self._pending += piece
+            return ""
         pending = self._pending + piece
         cut = safe_cut(pending, registered_secrets())
         self._pending = pending[cut:]
+        self._one_word = _is_word(self._pending)
         return redact_text(pending[:cut]) if cut else ""
 
     def flush(self) -> str:
         """The rest, redacted: the text is complete."""
-        rest, self._pending = self._pending, ""
+        rest, self._pending, self._one_word = self._pending, "", False
         return redact_text(rest) if rest else ""
+
+
+def _is_word(text: str) -> bool:
+    return bool(text) and all(c in _TOKEN for c in text)
 
 
 def safe_cut(text: str, secrets: tuple[str, ...] = ()) -> int:
