@@ -22,7 +22,7 @@ from . import doctor as doctor_mod
 from .config import Settings
 from .coord.factory import Coordination, make_coordination
 from .engine import Engine, RunBusy
-from .errors import ApprovalConflict, NotFound
+from .errors import ApprovalConflict, NotFound, UnstorableText
 from .faults import Unavailable, coordination_fault, mask_url
 from .lifecycle import RunState
 from .render import (
@@ -136,8 +136,8 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     except Unavailable as exc:  # an unusable database or Redis: one line naming the fix
         error_line(str(exc))
         raise typer.Exit(EXIT_FAILED) from None
-    except NotFound as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+    except (NotFound, UnstorableText) as exc:
+        error_line(str(exc))
         raise typer.Exit(EXIT_FAILED) from None
     except WorkflowError as exc:
         err_console.print(f"[red]workflow error:[/red] {exc}")

@@ -194,6 +194,11 @@ def _world(ref: str) -> AbstractContextManager[Any]:
 
 
 def _messages() -> Iterator[str]:
+    # Undecodable bytes become lone surrogates, which the engine refuses in one line (a
+    # strict stdin would raise mid-iteration instead, with a traceback).
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
     for line in sys.stdin:
         if line.strip():
             yield line.rstrip("\r\n")

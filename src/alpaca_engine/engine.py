@@ -23,7 +23,7 @@ from .coord.base import BreakerBoard, Dispatcher, EventBus
 from .coord.local import LocalBreakerBoard
 from .coord.outbox import Outbox
 from .delegation import children_of
-from .errors import ErrorCode, LeaseLost, NotFound
+from .errors import ErrorCode, LeaseLost, NotFound, unstorable_text
 from .events import EventSink, discard
 from .faults import Unavailable
 from .lifecycle import RunState
@@ -166,6 +166,9 @@ class Engine:
         """Queue a run (the next turn of ``thread``, also reserving on the thread's ledger);
         ``False`` when the tenant's idempotency key already named a run."""
         workflow.agent(agent)  # unknown agents are refused before anything is stored
+        problem = unstorable_text(input)  # as is text no store can keep (the CLI's stdin)
+        if problem is not None:
+            raise problem
         now = self.clock.now()
         run_id = f"run_{uuid.uuid4().hex[:16]}"
         merged = {**workflow.budget, **(budget or {})}

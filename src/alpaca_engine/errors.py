@@ -39,6 +39,9 @@ class ErrorCode(StrEnum):
     # A database or Redis the engine cannot use (faults.py): fix it, then resume.
     STORE_UNAVAILABLE = "store_unavailable"
     COORDINATION_UNAVAILABLE = "coordination_unavailable"
+    # Text no store can keep, refused before anything is written (the API's 422 codes too).
+    INVALID_UNICODE = "invalid_unicode"
+    NUL_CHARACTER = "nul_character"
 
 
 class AlpacaError(Exception):
@@ -55,6 +58,28 @@ class AlpacaError(Exception):
         if self.details:
             out["details"] = self.details
         return out
+
+
+class UnstorableText(AlpacaError, ValueError):
+    """Text no store can keep: refused as it comes in, rather than changed or half-written."""
+
+
+def unstorable_text(text: str) -> UnstorableText | None:
+    """Why ``text`` cannot be stored, or None: a lone surrogate (``"\\ud800"`` in JSON, or
+    undecodable bytes read with surrogateescape) is not Unicode, so not UTF-8 either;
+    PostgreSQL text cannot hold U+0000, and a run must behave the same on every store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return UnstorableText(
+            ErrorCode.INVALID_UNICODE, f"the text holds a lone UTF-16 surrogate at index "
+            f"{exc.start} (not valid Unicode); send well-formed text", index=exc.start)
+    if "\x00" in text:
+        index = text.index("\x00")
+        return UnstorableText(
+            ErrorCode.NUL_CHARACTER, f"the text holds a NUL character (U+0000) at index "
+            f"{index}, which the engine does not store; remove it", index=index)
+    return None
 
 
 class LeaseLost(AlpacaError):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from alpaca_engine.errors import UnstorableText
 from alpaca_engine.models.function import FunctionModel
 from alpaca_engine.models.scripted import ScriptedModel
 from alpaca_engine.tools.contracts import MAX_NESTING, parse_arguments
@@ -34,6 +35,19 @@ def echo(text: str) -> str:
 
 def told(model: ScriptedModel) -> list[Any]:
     return [json.loads(m.content or "null") for m in model.calls[-1] if m.role == "tool"]
+
+
+@pytest.mark.parametrize(("text", "code"), [("a\udcff b", "invalid_unicode"),
+                                             ("a\x00b", "nul_character")])
+async def test_input_no_store_can_keep_is_refused_before_anything_is_stored(
+        store, text: str, code: str) -> None:
+    """The API's 422 for the CLI and Python too: stdin's undecodable bytes arrive as lone
+    surrogates (surrogateescape), which no store can encode."""
+    wf = workflow(["never asked"], [echo])
+    with pytest.raises(UnstorableText) as refused:
+        await engine(store, wf).run(wf, "agent", text)
+    assert refused.value.code == code and "index 1" in refused.value.message
+    assert await store.list_runs(limit=10) == []
 
 
 async def test_a_lone_surrogate_in_model_text_is_replaced(store) -> None:

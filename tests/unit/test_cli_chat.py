@@ -127,6 +127,18 @@ def test_errors_are_one_line(db: str) -> None:
     assert turns(db, thread_id) == [(1, "succeeded")]
 
 
+def test_undecodable_bytes_on_stdin_are_one_line_and_the_thread_survives(db: str) -> None:
+    env = {**os.environ, "ALPACA_DATABASE_URL": db, "PYTHONIOENCODING": "utf-8:strict"}
+    done = subprocess.run([sys.executable, "-m", "alpaca_engine", "chat", "-w", WORKFLOW,
+                           "--agent", "pal"], input=b"hi\n\xff\xfe bad\n",
+                          capture_output=True, env=env, timeout=PATIENCE)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "lone UTF-16 surrogate at index 0" in line and "well-formed" in line
+    assert turns(db, THREAD.search(err).group(0)) == [(1, "succeeded")]  # type: ignore[union-attr]
+
+
 def test_piped_ctrl_c_hands_the_turn_back(db: str) -> None:
     env = {**os.environ, "ALPACA_DATABASE_URL": db}
     proc = subprocess.Popen([sys.executable, "-m", "alpaca_engine", "chat", "-w", WORKFLOW,

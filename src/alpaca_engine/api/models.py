@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from ..errors import ErrorCode, unstorable_text
 from ..lifecycle import RunState
 from ..store.records import ApprovalRecord, ApprovalStatus, RunRecord, StepKind, StepStatus
 from ..telemetry.audit import AuditRecord
@@ -18,27 +19,20 @@ from ..telemetry.audit import AuditRecord
 SEQ_MAX = 2**63 - 1
 """The largest sequence number (``?after=``, ``Last-Event-ID``): the stores' int64 range."""
 
-TEXT_ERRORS = ("invalid_unicode", "nul_character")
+TEXT_ERRORS = (str(ErrorCode.INVALID_UNICODE), str(ErrorCode.NUL_CHARACTER))
 """Validation error types that are also the problem ``code`` (api/problems.py)."""
 
 
 def storable_text(text: Any) -> Any:
     """Refuse what no store can keep, rather than change what the caller sent: a lone
-    surrogate (``"\\ud800"`` in JSON) is not Unicode, so not UTF-8 either; PostgreSQL
-    text cannot hold U+0000 (and a run must behave the same on every store). Runs before
-    the type check (which has its own vaguer words for a surrogate); non-strings pass on."""
+    surrogate or a NUL (``errors.unstorable_text``, which the engine applies to every input
+    too). Runs before the type check (which has its own vaguer words for a surrogate);
+    non-strings pass on."""
     if not isinstance(text, str):
         return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PydanticCustomError(
-            "invalid_unicode", "the text holds a lone UTF-16 surrogate at index {index} "
-            "(not valid Unicode); send well-formed text", {"index": exc.start}) from None
-    if "\x00" in text:
-        raise PydanticCustomError(
-            "nul_character", "the text holds a NUL character (U+0000) at index {index}, "
-            "which the engine does not store; remove it", {"index": text.index("\x00")})
+    problem = unstorable_text(text)
+    if problem is not None:
+        raise PydanticCustomError(str(problem.code), problem.message, problem.details)
     return text
 
 
