@@ -51,7 +51,7 @@ from .models.base import (
     ask_model,
     retry_hook,
 )
-from .store.base import RunFlags, Store
+from .store.base import RunFlags, StepWrite, Store
 from .store.records import (
     ApprovalRecord,
     ApprovalStatus,
@@ -195,7 +195,13 @@ class StepRunner:
         """The run's flags as the last journal write since the interrupt check saw them (at
         first, as the claim that leased the run read them)."""
         self._open: StepRecord | None = None
-        """The step journaled ``started`` whose outcome is not yet written."""
+        """The step journaled ``started`` whose outcome is not yet in the journal or in
+        :attr:`_pending`."""
+        self._pending: list[StepWrite] = []
+        """Outcomes not yet written: they go with the next step's ``started`` (one commit a
+        step instead of two). Nothing is awaited while one waits here (the next journal
+        write is the next await), so only CPU time separates it from its commit; every
+        other store call, the pause and the end write them first (:meth:`_journal`)."""
         self._history_audit: list[AuditEvent] = []
         """``history.truncated``, written with the first model step (once, even on resume)."""
 
@@ -232,6 +238,12 @@ class StepRunner:
 
     async def _fail(self, state: RunState, error: AlpacaError) -> RunRecord:
         """End the run; a step left ``started`` by the exception is closed with it first."""
+        try:
+            await self._journal()
+        except LeaseLost:
+            raise
+        except Exception:  # e.g. the outcome's overspend: it is written, the tree stops
+            log.debug("run %s: pending outcome on failure", self.run_record.id, exc_info=True)
         step, self._open = self._open, None
         if step is not None:
             try:
@@ -268,7 +280,7 @@ class StepRunner:
         turns = 0
         rejected = 0
         while True:
-            await self._check_interrupts()
+            checked = await self._check_interrupts()
             if turns >= agent.max_steps:
                 raise AlpacaError(
                     ErrorCode.MAX_STEPS, f"agent {agent.name!r} reached max_steps={agent.max_steps}"
@@ -276,7 +288,8 @@ class StepRunner:
             seq += 1
             turns += 1
             with bind(run_id=run.id, step=seq):
-                response = await self._model_step(agent, seq, messages, specs, journal)
+                response = await self._model_step(agent, seq, messages, specs, journal,
+                                                  check_on_start=not checked)
             messages.append(response.as_message())
             if not response.tool_calls:
                 verdict = self._final(agent, response, rejected)
@@ -339,15 +352,24 @@ class StepRunner:
                     f"budget exhausted: {resource} used {ledger.used.get(resource, 0.0):g} "
                     f"of {limit:g}")
 
-    async def _check_interrupts(self) -> None:
+    async def _check_interrupts(self) -> bool:
+        """The deadline, the lease and a cancel request, before a model turn. False: the
+        flags are checked by the turn's ``started`` write instead (under the run's lock, in
+        the commit that writes the outcomes still pending)."""
         deadline = self.run_record.budget.get("deadline")
         if deadline is not None and self.clock.now() > float(deadline):
             raise _Stop(RunState.TIMED_OUT, AlpacaError(
                 ErrorCode.DEADLINE_EXCEEDED, "the run's wall-clock deadline passed"))
+        if self._pending:
+            return False
         # The step write just before this check read the flags under the run's lock (a
         # cancel is seen within one turn either way); without one (a replayed turn), re-read.
         seen, self._seen = self._seen, None
         current = seen or await self.store.get_run(self.run_record.id)
+        self._check_flags(current)
+        return True
+
+    def _check_flags(self, current: RunFlags | RunRecord) -> None:
         if current.epoch != self.epoch:
             raise LeaseLost(self.run_record.id, self.epoch)
         if current.cancel_requested:
@@ -356,10 +378,13 @@ class StepRunner:
     # -- model steps ---------------------------------------------------------------------------
     async def _model_step(
         self, agent: Agent, seq: int, messages: Conversation, specs: list[ToolSpec],
-        journal: Journal,
+        journal: Journal, *, check_on_start: bool = False,
     ) -> ModelResponse:
         digest = messages.digest()
         done = journal.finished(seq, StepKind.MODEL)
+        if done is not None and check_on_start:  # no write to check with: write, re-read
+            await self._journal()
+            self._check_flags(await self.store.get_run(self.run_record.id))
         if done is not None:
             if done.input.get("digest") != digest:
                 raise AlpacaError(ErrorCode.INTERNAL_ERROR,
@@ -380,8 +405,10 @@ class StepRunner:
                           name=model_name, input={"digest": digest, "messages": len(messages)},
                           started_at=self.clock.now())
         first = self._history_audit if seq == 1 and seq not in self._interrupted else []
-        await self._save_started(step, reserve, [*first, AuditEvent(
-            kind="budget.reserved", data={"step": seq, **reserve})])
+        if not await self._save_started(step, reserve, [*first, AuditEvent(
+                kind="budget.reserved", data={"step": seq, **reserve})],
+                unless_cancelled=check_on_start):
+            self._check_flags(RunFlags(self.epoch, cancel_requested=True))
         self.emit({"type": "step.started", "run_id": step.run_id, "seq": seq, "kind": "model",
                    "name": model_name})
         t0 = time.perf_counter()
@@ -392,9 +419,9 @@ class StepRunner:
             nonlocal attempts
             attempts = attempt + 1
             step.attempts = attempts
-            await self.store.save_step(step, self.epoch, [AuditEvent(kind="model.retry", data={
+            await self._journal(StepWrite(step, [AuditEvent(kind="model.retry", data={
                 "step": seq, "model": model_name, "attempt": attempt, "error": _describe(exc),
-                "delay": round(delay, 4)})])
+                "delay": round(delay, 4)})]))
 
         token = retry_hook.set(journal_retry)
         settings = ModelSettings(max_output_tokens=agent.max_output_tokens,
@@ -502,9 +529,24 @@ class StepRunner:
             self.usage.cost = round(self.usage.cost + self._price(
                 agent.model.name, response.usage.input_tokens, response.usage.output_tokens), 9)
 
+    async def _journal(self, write: StepWrite | None = None, *,
+                       unless_cancelled: bool = False) -> bool:
+        """Write the pending outcomes, then ``write``, in one commit. False: the run has a
+        cancel request and ``write`` (``unless_cancelled``: a model turn's start) was not
+        made. An outcome's overspend raises BudgetExceeded once it is written, with its
+        usage: the overspent ledger stops the tree, and nothing after it is written."""
+        writes = [*self._pending, write] if write is not None else self._pending
+        if not writes:
+            return True
+        self._pending = []
+        done = await self.store.save_steps(writes, self.epoch, unless_cancelled=unless_cancelled)
+        self._seen = done.flags
+        return not done.skipped
+
     async def _save_started(self, step: StepRecord, reserve: dict[str, float] | None,
-                            audit: list[AuditEvent]) -> None:
-        """Journal ``started`` and reserve the step's budget in one write.
+                            audit: list[AuditEvent], *, unless_cancelled: bool = False) -> bool:
+        """Journal ``started`` and reserve the step's budget in one write (with the outcomes
+        pending); False: not written, the run has a cancel request (``unless_cancelled``).
 
         A step that was already started before a crash keeps its reservation (the store never
         debits a step twice), so the record says it resumed instead of claiming a new one."""
@@ -512,20 +554,20 @@ class StepRunner:
             audit = [e for e in audit if e.kind != "budget.reserved"] + [AuditEvent(
                 kind="step.resumed", data={"step": step.seq, "idempotency_key":
                                            step.idempotency_key})]
-        self._seen = await self.store.save_step(step, self.epoch, audit, reserve=reserve)
+        if not await self._journal(StepWrite(step, audit, reserve=reserve),
+                                   unless_cancelled=unless_cancelled):
+            return False
         self._open = step
+        return True
 
     async def _save_finished(self, step: StepRecord, status: StepStatus, output: Any,
                              error: dict[str, Any] | None, attempts: int,
                              audit: list[AuditEvent],
                              settle: dict[str, float] | None = None) -> None:
+        """The step's outcome, pending until the next journal write (:attr:`_pending`)."""
         step.status, step.output, step.error = status, output, error
         step.attempts, step.finished_at = attempts, self.clock.now()
-        try:
-            self._seen = await self.store.save_step(step, self.epoch, audit, settle=settle)
-        except ledger_logic.BudgetExceeded:
-            self._open = None  # written, with its usage; the overspent ledger stops the tree
-            raise
+        self._pending.append(StepWrite(step, audit, settle=settle))
         self._open = None
 
     # -- tool and delegation steps -------------------------------------------------------------
@@ -678,9 +720,9 @@ class StepRunner:
         async def on_retry(n: int, exc: BaseException, delay: float) -> None:
             step.attempts = n + 1
             self.metrics.retry(tool.name)
-            await self.store.save_step(step, self.epoch, [AuditEvent(kind="tool.retry", data={
+            await self._journal(StepWrite(step, [AuditEvent(kind="tool.retry", data={
                 "step": seq, "tool": tool.name, "attempt": n, "error": _describe(exc),
-                "delay": round(delay, 4)})])
+                "delay": round(delay, 4)})]))
 
         try:
             result = await call_with_retry(attempt, tool.retry, clock=self.clock,
@@ -749,6 +791,7 @@ class StepRunner:
     async def _approval_gate(self, agent: Agent, seq: int, kind: str, action: str,
                              args: dict[str, Any], reason: str) -> dict[str, Any] | _Outcome:
         """Gate 5: the approved arguments, a refusal for the model, or a pause."""
+        await self._journal()
         run = self.run_record
         approval = await self.store.get_step_approval(run.id, seq)
         if approval is None:
@@ -826,6 +869,7 @@ class StepRunner:
                                    run_id=child.id), 1, audit)
 
     async def _child(self, agent: Agent, child_agent: Agent, seq: int, task: str) -> RunRecord:
+        await self._journal()
         run = self.run_record
         cid = delegation.child_id(run.id, seq)
         try:
@@ -858,6 +902,7 @@ class StepRunner:
 
     # -- ending --------------------------------------------------------------------------------
     async def _pause(self, wait: _Wait) -> RunRecord:
+        await self._journal()
         record = await self.store.transition(
             self.run_record.id, RunState.WAITING, self.clock.now(), epoch=self.epoch,
             usage=self.usage.as_dict(), audit=[AuditEvent(kind="run.paused",
@@ -878,6 +923,7 @@ class StepRunner:
                       output_type: str | None = None,
                       error: AlpacaError | None = None) -> RunRecord:
         # ``output`` is the redacted model answer; error text may quote anything: redact it.
+        await self._journal()
         record = await self.store.transition(
             self.run_record.id, state, self.clock.now(), epoch=self.epoch, output=output,
             output_type=output_type,

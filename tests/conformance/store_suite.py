@@ -10,6 +10,7 @@ import pytest
 from alpaca_engine.budget import BudgetExceeded
 from alpaca_engine.errors import ApprovalConflict, LeaseLost, NotFound, TurnInProgress
 from alpaca_engine.lifecycle import IllegalTransition, RunState
+from alpaca_engine.store.base import StepWrite
 from alpaca_engine.store.records import (
     ApiKeyRecord,
     ApprovalRecord,
@@ -377,6 +378,100 @@ class LedgerApprovalKeyConformance:
         assert (await store.get_ledger("root")).used == {"steps": 1}
         assert (await store.get_ledger("root")).exhausted is None
         assert root is not None
+
+    async def _outcome_and_next(self, store, run, *, settle=None, reserve=None):  # type: ignore[no-untyped-def]
+        """Step 1 started; its outcome and step 2's start as one save_steps call."""
+        first = StepRecord(run_id=run.id, seq=1, kind="model", name="m")
+        await store.save_step(first, run.epoch, [AuditEvent(kind="budget.reserved")],
+                              reserve={"tokens": 10})
+        done = first.model_copy(update={"status": "completed", "output": {"content": "x"},
+                                        "finished_at": 101.0})
+        nxt = StepRecord(run_id=run.id, seq=2, kind="tool", name="t", started_at=101.0)
+        return [StepWrite(done, [AuditEvent(kind="model.output", data={"step": 1})],
+                          settle=settle),
+                StepWrite(nxt, [AuditEvent(kind="budget.reserved", data={"step": 2})],
+                          reserve=reserve or {"tool_calls": 1})]
+
+    async def test_an_outcome_and_the_next_start_are_written_together(self, store):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._outcome_and_next(store, run, settle={"tokens": -4})
+        done = await store.save_steps(writes, run.epoch)
+        assert not done.skipped
+        assert done.flags is None or done.flags == type(done.flags)(run.epoch, False)
+        steps = await store.list_steps("r1")
+        assert [(s.seq, str(s.status)) for s in steps] == [(1, "completed"), (2, "started")]
+        assert steps[0].output == {"content": "x"} and steps[1].reserved == {"tool_calls": 1}
+        assert (await store.get_ledger("r1")).used == {"tokens": 6, "tool_calls": 1}
+        records = await store.list_audit("r1")
+        assert [r.kind for r in records][-3:] == ["budget.reserved", "model.output",
+                                                  "budget.reserved"]
+        head = (await store.get_run("r1")).audit_head
+        assert verify_chain(records, key=store.audit_key, head=head).ok
+        # and the next single write follows the chain the batch left
+        await store.save_step(steps[1].model_copy(update={"status": "completed"}), run.epoch,
+                              [AuditEvent(kind="tool.result")])
+        records = await store.list_audit("r1")
+        assert verify_chain(records, key=store.audit_key,
+                            head=(await store.get_run("r1")).audit_head).ok
+
+    async def test_a_cancel_request_stops_the_next_start_but_not_the_outcome(self, store):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._outcome_and_next(store, run)
+        await store.request_cancel("r1")
+        done = await store.save_steps(writes, run.epoch, unless_cancelled=True)
+        assert done.skipped
+        steps = await store.list_steps("r1")
+        assert [(s.seq, str(s.status)) for s in steps] == [(1, "completed")]
+        assert (await store.get_ledger("r1")).used == {"tokens": 10}  # step 2 reserved nothing
+        assert "model.output" in [r.kind for r in await store.list_audit("r1")]
+        # without a cancel request, unless_cancelled writes everything
+        other = await self._leased(store, "r2", limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._outcome_and_next(store, other)
+        assert not (await store.save_steps(writes, other.epoch, unless_cancelled=True)).skipped
+        assert len(await store.list_steps("r2")) == 2
+
+    async def test_an_outcome_after_another_actors_append_is_still_chained(self, store):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._outcome_and_next(store, run)
+        await store.append_audit("r1", [AuditEvent(kind="approval.decided", actor="user:x")],
+                                 100.5)
+        await store.save_steps(writes, run.epoch)
+        assert len(await store.list_steps("r1")) == 2
+        records = await store.list_audit("r1")
+        assert [r.kind for r in records][-3:] == ["approval.decided", "model.output",
+                                                  "budget.reserved"]
+        assert verify_chain(records, key=store.audit_key,
+                            head=(await store.get_run("r1")).audit_head).ok
+
+    @pytest.mark.parametrize(("limits", "change", "resource", "used"), [
+        # the next start's reservation is refused: the outcome before it stays written
+        ({"tokens": 100, "tool_calls": 1}, {"reserve": {"tool_calls": 2}}, "tool_calls",
+         {"tokens": 10}),
+        # the outcome overspends: written with its usage, nothing after it
+        ({"tokens": 100, "tool_calls": 5}, {"settle": {"tokens": 150}}, "tokens",
+         {"tokens": 160}),
+    ], ids=["refused-start", "overspent-outcome"])
+    async def test_a_budget_stop_keeps_the_outcome_and_writes_nothing_after(
+            self, store, limits, change, resource, used):  # type: ignore[no-untyped-def]
+        run = await self._leased(store, limits=limits)
+        writes = await self._outcome_and_next(store, run, **change)
+        with pytest.raises(BudgetExceeded) as info:
+            await store.save_steps(writes, run.epoch)
+        assert info.value.resource == resource
+        steps = await store.list_steps("r1")
+        assert [(s.seq, str(s.status)) for s in steps] == [(1, "completed")]
+        ledger = await store.get_ledger("r1")
+        assert ledger.exhausted == resource
+        assert {k: v for k, v in ledger.used.items() if v} == used
+
+    async def test_a_batch_with_a_stale_epoch_writes_nothing(self, store):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._outcome_and_next(store, run)
+        before = await store.list_audit("r1")
+        with pytest.raises(LeaseLost):
+            await store.save_steps(writes, run.epoch + 1)
+        assert [str(s.status) for s in await store.list_steps("r1")] == ["started"]
+        assert len(await store.list_audit("r1")) == len(before)
 
     async def test_approval_lifecycle(self, store):
         run = await self._leased(store)

@@ -267,6 +267,13 @@ async def test_cancel_requested_stops_a_running_run(store):
     eng = engine(store, wf)
     run = await eng.run(wf, "agent", "go")
     assert run.state == "cancelled" and run.error_code == "cancelled"
+    # The tool's outcome is journaled; the next model turn never starts (the check rides on
+    # the commit that writes the outcome with that turn's start).
+    steps = await store.list_steps(run.id)
+    assert [(s.seq, s.kind, s.status) for s in steps] == [
+        (1, "model", "completed"), (2, "tool", "completed")]
+    ledger = await store.get_ledger(run.ledgers[0]) if run.ledgers else None
+    assert ledger is None or ledger.used.get("steps") == 2
 
 
 async def test_deadline_times_out_the_run(store):

@@ -37,6 +37,26 @@ class RunFlags:
     cancel_requested: bool
 
 
+@dataclass
+class StepWrite:
+    """One journal write of :meth:`Store.save_steps`: what :meth:`Store.save_step` takes."""
+
+    step: StepRecord
+    audit: Sequence[AuditEvent] = ()
+    reserve: dict[str, float] | None = None
+    settle: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Journaled:
+    """What :meth:`Store.save_steps` did: ``skipped`` when the last write was not made
+    because the run has a cancel request (``unless_cancelled``); ``flags`` as the last
+    write saw them, or None (the runner re-reads the run)."""
+
+    flags: RunFlags | None
+    skipped: bool = False
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""
@@ -116,6 +136,17 @@ class Store(Protocol):
         a crash) or raises BudgetExceeded and marks the ledger exhausted; ``settle`` adds
         actual-minus-reserved usage. May return the run's flags as the write saw them
         (``None``: the runner re-reads the run for its interrupt check)."""
+
+    async def save_steps(
+        self, writes: Sequence[StepWrite], epoch: int, *, unless_cancelled: bool = False,
+    ) -> Journaled:
+        """The writes of ``writes`` in order, each exactly as :meth:`save_step` would make
+        it, so a step's outcome and the next step's ``started`` cost one commit. A write that
+        raises (LeaseLost, BudgetExceeded) stops the rest; the ones before it are written.
+        With ``unless_cancelled`` the last write is made only if the run has no cancel
+        request, read under the run's lock after the others (``Journaled.skipped``): the
+        runner's interrupt check before a model turn, in the same commit.
+        :func:`save_in_turn` is the plain form any store may use."""
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord: ...
 
@@ -221,3 +252,22 @@ class Store(Protocol):
 
     async def list_thread_audit(self, thread_id: str, after_seq: int = 0) -> list[AuditRecord]:
         """The thread's own hash chain (created, turns, fork, deletion): it survives delete."""
+
+
+async def save_in_turn(
+    store: Store, writes: Sequence[StepWrite], epoch: int, *, unless_cancelled: bool = False,
+    flags: RunFlags | None = None,
+) -> Journaled:
+    """:meth:`Store.save_steps` as one :meth:`Store.save_step` after another (a commit
+    each); the cancel check of ``unless_cancelled`` reads the flags the previous write
+    returned (``flags``: what a write just before these saw), or the run."""
+    for index, write in enumerate(writes):
+        if unless_cancelled and index == len(writes) - 1:
+            if flags is None:
+                run = await store.get_run(write.step.run_id)
+                flags = RunFlags(run.epoch, run.cancel_requested)
+            if flags.cancel_requested:
+                return Journaled(flags, skipped=True)
+        flags = await store.save_step(write.step, epoch, write.audit, reserve=write.reserve,
+                                      settle=write.settle)
+    return Journaled(flags)

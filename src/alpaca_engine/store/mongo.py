@@ -96,6 +96,7 @@ from ..faults import translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord, iso_utc
 from . import observers
+from .base import Journaled, StepWrite, save_in_turn
 from .ownership import Recovery, closed_run_decision, plan_claim
 from .ownership import recover as recover_run
 from .records import (
@@ -1048,6 +1049,12 @@ class MongoStore:
             upsert=True,
             session=s,
         )
+
+    async def save_steps(
+        self, writes: Sequence[StepWrite], epoch: int, *, unless_cancelled: bool = False,
+    ) -> Journaled:
+        """One :meth:`save_step` after another (see :func:`save_in_turn`)."""
+        return await save_in_turn(self, writes, epoch, unless_cancelled=unless_cancelled)
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord:
         doc = await self._c("ledgers").find_one({"_id": ledger_id})

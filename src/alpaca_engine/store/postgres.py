@@ -47,7 +47,7 @@ from ..faults import DEFAULT_CONNECT_TIMEOUT, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord, iso_utc
 from . import observers
-from .base import RunFlags
+from .base import Journaled, RunFlags, StepWrite, save_in_turn
 from .ownership import ClaimPlan, Recovery, closed_run_decision, plan_claim
 from .ownership import recover as recover_run
 from .postgres_migrations import POSTGRES as MIGRATIONS
@@ -86,14 +86,11 @@ Pool = AsyncConnectionPool[AsyncConnection[DictRow]]
 
 _TERMINAL = [str(s) for s in RunState if s.terminal]
 
-_JOURNAL_STEP = (
-    "SELECT o_status, o_epoch, o_cancel FROM alpaca_journal_step("
-    "%s::text, %s::bigint, %s::bigint, %s::text, %s::text, "
-    "%s::text, %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::bigint, %s::text, %s::text, %s::text, %s::jsonb, %s::jsonb, %s::jsonb, %s::text, "
-    "%s::bigint, %s::float8, %s::float8, %s::jsonb, %s::boolean, %s::jsonb, %s::text[])"
-)
-"""One journal write (migration 7): fence, head and ledger checks, debit, step, audit."""
+_JOURNAL_STEPS = (
+    "SELECT alpaca_journal_steps(%s::jsonb, %s::boolean, ARRAY["
+    + ", ".join(f"'{state}'" for state in _TERMINAL) + "]::text[]) AS r")
+"""Journal writes in one statement (migration 8, over migration 7's ``alpaca_journal_step``:
+fence, head and ledger checks, debit, step, audit), all of them in one JSON parameter."""
 
 _STALE_LEDGER = "AL001"
 """What ``alpaca_journal_step`` raises (rolling its writes back) when a ledger moved."""
@@ -149,6 +146,22 @@ class _Known:
     epoch: int
     head: tuple[int, str]
     ledgers: tuple[ledger_logic.LedgerState, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A journal write worked out for the one-statement path: its parameters, what it
+    reserves, the store's knowledge after it, and the overspend it causes (if any)."""
+
+    write: StepWrite
+    payload: dict[str, Any]
+    reserved: dict[str, float] | None
+    after: _Known
+    over: ledger_logic.BudgetExceeded | None
+
+
+class _StaleLedger(Exception):
+    """A batched journal write found a ledger moved by a sibling: nothing was written."""
 
 
 def _lock_key(schema: str) -> int:
@@ -876,17 +889,10 @@ class PostgresStore:
                 return flags
         return await self._save_step_locked(step, epoch, audit, reserve, settle)
 
-    async def _save_step_fast(
-        self,
-        step: StepRecord,
-        epoch: int,
-        audit: Sequence[AuditEvent],
-        reserve: dict[str, float] | None,
-        settle: dict[str, float] | None,
-        known: _Known,
-    ) -> RunFlags | None:
-        """The one-statement journal write on ``known``; None: nothing was written (the
-        assumptions were stale, or the budget may not fit), take the locked path."""
+    def _plan_fast(self, write: StepWrite, epoch: int, known: _Known) -> _Planned | None:
+        """The one-statement journal write of ``write`` on ``known``, worked out client-side;
+        None when the budget may not fit (decided on the current values, under the lock)."""
+        step, audit, reserve, settle = write.step, write.audit, write.reserve, write.settle
         ledgers: list[ledger_logic.LedgerState] | None = None
         over: ledger_logic.BudgetExceeded | None = None
         exhaust: dict[str, str] = {}
@@ -899,7 +905,7 @@ class PostgresStore:
                 try:
                     ledger_logic.check_reserve(ledgers, reserve)
                 except ledger_logic.BudgetExceeded:
-                    return None  # decided on the current values, under the lock
+                    return None
                 for led in ledgers:
                     ledger_logic.apply(led, reserve)
             if settle:
@@ -908,49 +914,135 @@ class PostgresStore:
                 over = ledger_logic.overspent(ledgers, settle)
                 if over is not None:  # the usage stays recorded; the tree stops
                     exhaust[over.ledger_id] = over.resource
-        cas = None if ledgers is None else Jsonb({
+        cas = None if ledgers is None else {
             was.id: {"used": was.used, "exhausted": was.exhausted, "new": now.used,
                      "exhaust": exhaust.get(now.id)}
-            for was, now in zip(known.ledgers or (), ledgers, strict=True)})
+            for was, now in zip(known.ledgers or (), ledgers, strict=True)}
         records = self._records(step.run_id, audit, step.finished_at or step.started_at,
                                 known.head)
         reserved = dict(reserve) if reserve else step.reserved
-        params = (
-            step.run_id, epoch, known.head[0], known.head[1],
-            records[-1].hash if records else None, records[0].time if records else None,
-            [r.actor for r in records], [r.kind for r in records],
-            [json.dumps(r.data) for r in records], [r.prev_hash for r in records],
-            [r.hash for r in records],
-            step.seq, str(step.kind), step.name, str(step.status), Jsonb(step.input),
-            _jsonb(step.output), _jsonb(step.error), step.idempotency_key, step.attempts,
-            step.started_at, step.finished_at, _jsonb(reserved), bool(reserve), cas, _TERMINAL)
-        with observers.transaction():
-            async with self._read() as cur:
-                try:
-                    await cur.execute(_JOURNAL_STEP, params)
-                except psycopg.Error as exc:
-                    if exc.sqlstate != _STALE_LEDGER:
-                        raise
-                    return None  # a sibling's debit since this store's: nothing written
-                row = await cur.fetchone()
-            status = row["o_status"] if row else "missing"
-            if status == "ok":
-                observers.written(step.run_id, audit)
-        if status == "missing":
-            raise NotFound(f"run {step.run_id} not found")
-        if status in ("lease_lost", "closed"):
-            self._forget(step.run_id)
-            raise LeaseLost(step.run_id, epoch)
-        if status != "ok" or row is None:
-            return None
-        step.reserved = reserved
+        payload = {
+            "run": step.run_id, "epoch": epoch, "hs": known.head[0], "hh": known.head[1],
+            "nh": records[-1].hash if records else None,
+            "t": records[0].time if records else None,
+            "a": [r.actor for r in records], "k": [r.kind for r in records],
+            "d": [json.dumps(r.data) for r in records], "p": [r.prev_hash for r in records],
+            "h": [r.hash for r in records],
+            "seq": step.seq, "kind": str(step.kind), "name": step.name,
+            "status": str(step.status), "input": step.input, "output": step.output,
+            "error": step.error, "ik": step.idempotency_key, "attempts": step.attempts,
+            "sa": step.started_at, "fa": step.finished_at, "reserved": reserved,
+            "reserves": bool(reserve), "ledgers": cas}
         for led in ledgers or ():
             led.exhausted = led.exhausted or exhaust.get(led.id)
         head = (records[-1].seq, records[-1].hash) if records else known.head
-        self._note(step.run_id, epoch, head, tuple(ledgers) if ledgers else known.ledgers)
-        if over is not None:
-            raise over
-        return RunFlags(int(row["o_epoch"]), bool(row["o_cancel"]))
+        after = _Known(epoch, head, tuple(ledgers) if ledgers else known.ledgers)
+        return _Planned(write, payload, reserved, after, over)
+
+    def _written(self, planned: _Planned, status: str) -> None:
+        """What a planned write's status means: ``ok`` is remembered; a lost lease or a
+        closed or missing run raises; anything else wrote nothing (take the locked path)."""
+        run_id = planned.write.step.run_id
+        if status == "missing":
+            raise NotFound(f"run {run_id} not found")
+        if status in ("lease_lost", "closed"):
+            self._forget(run_id)
+            raise LeaseLost(run_id, planned.after.epoch)
+        if status == "ok":
+            planned.write.step.reserved = planned.reserved
+            self._note(run_id, planned.after.epoch, planned.after.head, planned.after.ledgers)
+
+    async def _save_step_fast(
+        self,
+        step: StepRecord,
+        epoch: int,
+        audit: Sequence[AuditEvent],
+        reserve: dict[str, float] | None,
+        settle: dict[str, float] | None,
+        known: _Known,
+    ) -> RunFlags | None:
+        """The one-statement journal write on ``known``; None: nothing was written (the
+        assumptions were stale, or the budget may not fit), take the locked path."""
+        planned = self._plan_fast(StepWrite(step, audit, reserve, settle), epoch, known)
+        if planned is None:
+            return None
+        try:
+            flags, done, _ = await self._journal_steps([planned], False)
+        except _StaleLedger:
+            return None  # a sibling's debit since this store's: nothing written
+        if not done:
+            return None
+        if planned.over is not None:
+            raise planned.over
+        return flags
+
+    async def save_steps(
+        self, writes: Sequence[StepWrite], epoch: int, *, unless_cancelled: bool = False,
+    ) -> Journaled:
+        """Two or more writes in one transaction and one round trip (:meth:`_journal_steps`)
+        when this store wrote the run's previous entry; from the first that could not be made
+        so (a stale assumption), one :meth:`save_step` after another."""
+        if len(writes) == 1 and not unless_cancelled:
+            w = writes[0]
+            return Journaled(await self.save_step(w.step, epoch, w.audit, reserve=w.reserve,
+                                                  settle=w.settle))
+        flags: RunFlags | None = None
+        done = 0
+        known = self._known.get(writes[0].step.run_id)
+        plans: list[_Planned] = []
+        if len(writes) > 1 and known is not None and known.epoch == epoch:
+            for write in writes:
+                plan = self._plan_fast(write, epoch, known)
+                # Every write must move the chain head, so a write that fails its check stops
+                # the ones after it (theirs no longer match); an overspend stops the tree.
+                if plan is None or not write.audit or plan.over is not None:
+                    plans = []
+                    break
+                plans.append(plan)
+                known = plan.after
+        if plans:
+            try:
+                flags, done, skipped = await self._journal_steps(plans, unless_cancelled)
+            except _StaleLedger:
+                flags, done, skipped = None, 0, False
+            if skipped:
+                return Journaled(flags, skipped=True)
+        return await save_in_turn(self, writes[done:], epoch, unless_cancelled=unless_cancelled,
+                                  flags=flags)
+
+    async def _journal_steps(
+        self, plans: list[_Planned], unless_cancelled: bool,
+    ) -> tuple[RunFlags | None, int, bool]:
+        """The planned writes in one statement (``alpaca_journal_steps``, migration 8): the
+        last flags, how many were written, and whether the last was skipped for a cancel
+        request. Each write checks the chain head the one before it left, so none is made
+        after one that was not."""
+        payload = json.dumps([plan.payload for plan in plans])
+        with observers.transaction():
+            async with self._read() as cur:
+                try:
+                    await cur.execute(_JOURNAL_STEPS, (payload, unless_cancelled))
+                except psycopg.Error as exc:
+                    if exc.sqlstate != _STALE_LEDGER:
+                        raise
+                    raise _StaleLedger from None  # the statement wrote nothing
+                row = await cur.fetchone()
+            results = [part.split(",") for part in str(row["r"] if row else "missing")
+                       .split("|")]
+            done = 0
+            for plan, result in zip(plans, results, strict=False):
+                if result[0] != "ok":
+                    break
+                observers.written(plan.write.step.run_id, plan.write.audit)
+                done += 1
+        flags: RunFlags | None = None
+        for plan, result in zip(plans, results, strict=False):
+            self._written(plan, result[0])
+            if result[0] != "ok":
+                break
+            flags = RunFlags(int(result[1]), result[2] == "t")
+        skipped = unless_cancelled and results[-1][0] == "skipped"
+        return flags, done, skipped
 
     async def _save_step_locked(
         self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent],

@@ -293,3 +293,58 @@ POSTGRES.append(
     $fn$;
     """
 )
+
+POSTGRES.append(
+    # 8. Journal writes in one statement and one parameter (``PostgresStore.save_steps``):
+    #    a step's outcome and the next step's ``started``, one commit per step. Each write is
+    #    an object of ``p_writes`` holding what ``alpaca_journal_step`` takes, encoded by the
+    #    client as one JSON text (one encode instead of a parameter adapter each: the client's
+    #    CPU was the larger part of a step). Audit data stays text (``d``: the canonical JSON
+    #    the hash covers, kept as written). A write is made only if the one before it was
+    #    (``ok``), and with ``p_unless_cancelled`` the last only if the run has no cancel
+    #    request as the write before it saw under the run's lock. Returns
+    #    ``status,epoch,cancel`` per write attempted, joined by ``|``, and ``skipped`` for a
+    #    last write left out for a cancel request.
+    """
+    CREATE OR REPLACE FUNCTION alpaca_journal_steps(
+        p_writes JSONB, p_unless_cancelled BOOLEAN, p_terminal TEXT[])
+    RETURNS TEXT LANGUAGE plpgsql AS $fn$
+    DECLARE
+        w JSONB;
+        r RECORD;
+        i INTEGER := 0;
+        n INTEGER := jsonb_array_length(p_writes);
+        result TEXT := '';
+        cancel BOOLEAN := FALSE;
+    BEGIN
+        FOR w IN SELECT value FROM jsonb_array_elements(p_writes) LOOP
+            i := i + 1;
+            IF p_unless_cancelled AND i = n AND cancel THEN
+                RETURN result || '|skipped';
+            END IF;
+            SELECT * INTO r FROM alpaca_journal_step(
+                w ->> 'run', (w ->> 'epoch')::BIGINT,
+                (w ->> 'hs')::BIGINT, w ->> 'hh', w ->> 'nh', w ->> 't',
+                ARRAY(SELECT jsonb_array_elements_text(w -> 'a')),
+                ARRAY(SELECT jsonb_array_elements_text(w -> 'k')),
+                ARRAY(SELECT jsonb_array_elements_text(w -> 'd')),
+                ARRAY(SELECT jsonb_array_elements_text(w -> 'p')),
+                ARRAY(SELECT jsonb_array_elements_text(w -> 'h')),
+                (w ->> 'seq')::BIGINT, w ->> 'kind', w ->> 'name', w ->> 'status',
+                w -> 'input', NULLIF(w -> 'output', 'null'::jsonb),
+                NULLIF(w -> 'error', 'null'::jsonb), w ->> 'ik', (w ->> 'attempts')::BIGINT,
+                (w ->> 'sa')::DOUBLE PRECISION, (w ->> 'fa')::DOUBLE PRECISION,
+                NULLIF(w -> 'reserved', 'null'::jsonb), (w ->> 'reserves')::BOOLEAN,
+                NULLIF(w -> 'ledgers', 'null'::jsonb), p_terminal);
+            result := result || CASE WHEN i > 1 THEN '|' ELSE '' END
+                || concat_ws(',', r.o_status, r.o_epoch, r.o_cancel);
+            IF r.o_status <> 'ok' THEN
+                RETURN result;
+            END IF;
+            cancel := r.o_cancel;
+        END LOOP;
+        RETURN result;
+    END
+    $fn$;
+    """
+)

@@ -47,6 +47,7 @@ from ..faults import Fault, StoreUnavailable, translating_faults
 from ..lifecycle import RunState, check_transition
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord
 from . import observers
+from .base import Journaled, RunFlags, StepWrite
 from .migrations import SQLITE as MIGRATIONS
 from .ownership import ClaimPlan, Recovery, closed_run_decision, plan_claim
 from .ownership import recover as recover_run
@@ -500,17 +501,17 @@ class SQLiteStore:
         return run
 
     def _fence_light(self, db: sqlite3.Connection, run_id: str,
-                     epoch: int) -> tuple[list[str], tuple[int, str]]:
+                     epoch: int) -> tuple[list[str], tuple[int, str], RunFlags]:
         """The journal fence of the hot path, without decoding the whole run: the run's
-        ledgers and audit head."""
-        row = db.execute("SELECT epoch, state, ledgers, audit_seq, audit_hash FROM runs "
-                         "WHERE id=?", (run_id,)).fetchone()
+        ledgers, audit head and flags."""
+        row = db.execute("SELECT epoch, state, ledgers, audit_seq, audit_hash, "
+                         "cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"run {run_id} not found")
         if row[0] != epoch or RunState(row[1]).terminal:
             raise LeaseLost(run_id, epoch)
         ledgers: list[str] = json.loads(row[2])
-        return ledgers, (row[3], row[4])
+        return ledgers, (row[3], row[4]), RunFlags(row[0], bool(row[5]))
 
     def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
                now: float, head: tuple[int, str]) -> tuple[int, str]:
@@ -772,52 +773,79 @@ class SQLiteStore:
     async def save_step(
         self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent] = (),
         *, reserve: dict[str, float] | None = None, settle: dict[str, float] | None = None,
-    ) -> None:
+    ) -> RunFlags:
         """Journal a step; ``reserve`` debits the run's ledgers first (once per step, atomically
         with the journal write), ``settle`` corrects them with actual usage."""
-        refused, over = await self._journal_step(step, epoch, audit, reserve, settle)
+        done = await self.save_steps([StepWrite(step, audit, reserve, settle)], epoch)
+        assert done.flags is not None
+        return done.flags
+
+    @_composite
+    async def save_steps(
+        self, writes: Sequence[StepWrite], epoch: int, *, unless_cancelled: bool = False,
+    ) -> Journaled:
+        """Every write in one transaction (see :meth:`Store.save_steps`)."""
+        flags, skipped, refused, over = await self._journal_steps(writes, epoch,
+                                                                  unless_cancelled)
         if refused is not None:
             await self._exhaust(refused)
             raise refused
         if over is not None:
             raise over
+        return Journaled(flags, skipped)
 
     @_unit
-    async def _journal_step(
-        self, step: StepRecord, epoch: int, audit: Sequence[AuditEvent],
-        reserve: dict[str, float] | None, settle: dict[str, float] | None,
-    ) -> tuple[ledger_logic.BudgetExceeded | None, ledger_logic.BudgetExceeded | None]:
-        """The journal write of :meth:`save_step`: what was refused (nothing written) or
-        overspent (written, the ledger marked exhausted)."""
+    async def _journal_steps(
+        self, writes: Sequence[StepWrite], epoch: int, unless_cancelled: bool,
+    ) -> tuple[RunFlags, bool, ledger_logic.BudgetExceeded | None,
+               ledger_logic.BudgetExceeded | None]:
+        """The journal writes of :meth:`save_steps` in one transaction: the run's flags, and
+        whether the last was skipped for a cancel request; what was refused (nothing written
+        for that step, nor after it) or overspent (written, the ledger marked exhausted, and
+        nothing after it)."""
+        with self._tx() as db:
+            ledger_ids, head, flags = self._fence_light(db, writes[0].step.run_id, epoch)
+            for index, write in enumerate(writes):
+                if unless_cancelled and flags.cancel_requested and index == len(writes) - 1:
+                    return flags, True, None, None
+                refused, over, head = self._journal_one(db, write, ledger_ids, head)
+                if refused is not None or over is not None:
+                    return flags, False, refused, over
+        return flags, False, None, None
+
+    def _journal_one(
+        self, db: sqlite3.Connection, write: StepWrite, ledger_ids: Sequence[str],
+        head: tuple[int, str],
+    ) -> tuple[ledger_logic.BudgetExceeded | None, ledger_logic.BudgetExceeded | None,
+               tuple[int, str]]:
+        """One journal write inside the fenced transaction; returns the new audit head."""
+        step, reserve, settle = write.step, write.reserve, write.settle
         refused: ledger_logic.BudgetExceeded | None = None
         over: ledger_logic.BudgetExceeded | None = None
-        with self._tx() as db:
-            ledger_ids, head = self._fence_light(db, step.run_id, epoch)
-            if reserve:
-                row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
-                                 (step.run_id, step.seq)).fetchone()
-                if row is not None and row[0] is not None:
-                    step.reserved = json.loads(row[0])  # reserved before a crash: not twice
-                else:
-                    ledgers = self._ledgers(db, ledger_ids)
-                    try:
-                        ledger_logic.check_reserve(ledgers, reserve)
-                    except ledger_logic.BudgetExceeded as exc:
-                        refused = exc
-                    else:
-                        self._debit(db, ledgers, reserve)
-                        step.reserved = dict(reserve)
-            if refused is None:
-                if settle:
-                    ledgers = self._ledgers(db, ledger_ids)
-                    self._debit(db, ledgers, settle)
-                    over = ledger_logic.overspent(ledgers, settle)
-                    if over is not None:  # the usage stays recorded; the tree stops
-                        db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
-                                   "WHERE id=?", (over.resource, over.ledger_id))
-                self._write_step(db, step)
-                self._audit(db, step.run_id, audit, step.finished_at or step.started_at, head)
-        return refused, over
+        if reserve:
+            row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
+                             (step.run_id, step.seq)).fetchone()
+            if row is not None and row[0] is not None:
+                step.reserved = json.loads(row[0])  # reserved before a crash: not twice
+            else:
+                ledgers = self._ledgers(db, ledger_ids)
+                try:
+                    ledger_logic.check_reserve(ledgers, reserve)
+                except ledger_logic.BudgetExceeded as exc:
+                    return exc, None, head
+                self._debit(db, ledgers, reserve)
+                step.reserved = dict(reserve)
+        if settle:
+            ledgers = self._ledgers(db, ledger_ids)
+            self._debit(db, ledgers, settle)
+            over = ledger_logic.overspent(ledgers, settle)
+            if over is not None:  # the usage stays recorded; the tree stops
+                db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
+                           "WHERE id=?", (over.resource, over.ledger_id))
+        self._write_step(db, step)
+        head = self._audit(db, step.run_id, write.audit, step.finished_at or step.started_at,
+                           head)
+        return refused, over, head
 
     @_unit
     async def _exhaust(self, refused: ledger_logic.BudgetExceeded) -> None:
