@@ -93,12 +93,54 @@ def canonical_json(obj: Any) -> bytes:
     """
     _check_json(obj, "$")
     try:
-        text = json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        return text.encode("utf-8")
+        return _CANONICAL.encode(obj).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise AuditError(f"canonical_json: a string is not valid Unicode text ({exc})") from exc
+
+
+# What ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+# allow_nan=False)`` builds on every call; the encoder keeps no state between calls.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_LEAF_TYPES = frozenset({str, int, bool, type(None)})
+_PLAIN_DEPTH = 64
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is built only of the exact JSON types, finite floats, str keys.
+
+    The fast path of ``next_record``: such a value passes ``_check_json`` and survives a
+    canonical dump/load round trip unchanged, so its canonical text can be reused in the hash
+    payload. Anything else (a subclass, a NaN, a datetime, deep nesting) answers False and
+    takes the original path, which raises or hashes exactly as it always did.
+    """
+    kind = type(value)
+    if kind in _LEAF_TYPES:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if kind is dict:
+        for key in value:
+            if type(key) is not str:
+                return False
+        items = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return False
+    for item in items:
+        item_kind = type(item)  # scalars inline: most items are, and a call costs more
+        if item_kind in _LEAF_TYPES:
+            continue
+        if item_kind is float:
+            if not math.isfinite(item):
+                return False
+        elif not _plain_json(item, depth + 1):
+            return False
+    return True
 
 
 def _check_json(value: Any, path: str) -> None:
@@ -191,6 +233,17 @@ class AuditRecord:
         if not isinstance(self.data, dict):
             raise AuditError(f"data must be a JSON object, got {type(self.data).__name__}")
 
+    @functools.cached_property
+    def data_json(self) -> str:
+        """``data`` as canonical JSON text (``canonical_json(data)``), for a store to write.
+
+        Not a field: it takes no part in equality, repr, ``to_dict`` or the hash. A record
+        from ``next_record`` carries the text the hash was built from; one from ``from_dict``
+        (or ``dataclasses.replace``) computes it on first use, raising AuditError for data
+        that has no canonical form.
+        """
+        return canonical_json(self.data).decode("utf-8")
+
     def hash_fields(self) -> dict[str, Any]:
         """The fields the hash covers (everything but ``hash``)."""
         return {name: getattr(self, name) for name in _HASH_FIELDS}
@@ -228,7 +281,10 @@ def compute_hash(fields: Mapping[str, Any], key: bytes | None = None) -> str:
     """
     if "hash" in fields:
         raise AuditError("compute_hash: pass the record fields without 'hash'")
-    payload = canonical_json(dict(fields))
+    return _digest(canonical_json(dict(fields)), key)
+
+
+def _digest(payload: bytes, key: bytes | None) -> str:
     if key is None:
         return hashlib.sha256(payload).hexdigest()
     if not key:
@@ -276,13 +332,35 @@ def next_record(
     if not isinstance(data, Mapping):
         raise AuditError(f"data must be a mapping, got {type(data).__name__}")
     stamp = iso_utc() if time is None else _check_time(time)
+    plain = dict(data)
+    seq = last_seq + 1
+    if type(seq) is int and _plain_json(plain):
+        # One check and one dump of the data: the hash payload is spliced from its canonical
+        # text, byte for byte what canonical_json(fields) gives (keys in sorted order).
+        text = _CANONICAL.encode(plain)
+        enc = _CANONICAL.encode
+        try:
+            payload = (
+                f'{{"actor":{enc(actor)},"data":{text},"kind":{enc(kind)},'
+                f'"prev_hash":{enc(last_hash)},"run_id":{enc(run_id)},'
+                f'"seq":{int.__repr__(seq)},"time":{enc(stamp)}}}'
+            ).encode()
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: the original path below raises the usual AuditError
+        else:
+            record = AuditRecord(
+                seq=seq, time=stamp, run_id=run_id, actor=actor, kind=kind,
+                data=json.loads(text), prev_hash=last_hash, hash=_digest(payload, key),
+            )
+            record.__dict__["data_json"] = text  # fills the cached_property
+            return record
     fields: dict[str, Any] = {
-        "seq": last_seq + 1,
+        "seq": seq,
         "time": stamp,
         "run_id": run_id,
         "actor": actor,
         "kind": kind,
-        "data": json.loads(canonical_json(dict(data))),
+        "data": json.loads(canonical_json(plain)),
         "prev_hash": last_hash,
     }
     return AuditRecord(**fields, hash=compute_hash(fields, key))

@@ -1,0 +1,272 @@
+"""Audit hashes are byte-for-byte what they always were (stored chains keep verifying).
+
+``next_record`` builds the hash payload from the data's canonical text instead of
+canonicalising the data twice; these tests hold it to the original construction, kept here as
+a reference: canonical JSON of the data, loaded back, then canonical JSON of all the fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+from collections import OrderedDict
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from alpaca_engine.telemetry.audit import (
+    GENESIS,
+    AuditChain,
+    AuditError,
+    AuditRecord,
+    _check_json,
+    canonical_json,
+    next_record,
+    verify_chain,
+)
+
+T0 = "2026-11-26T15:10:54.123456Z"
+KEY = b"server-secret"
+HEAD = "ab" * 32
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_canonical(obj: Any) -> bytes:
+    """canonical_json as it was: check, then one json.dumps with the canonical options."""
+    _check_json(obj, "$")
+    try:
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise AuditError(f"canonical_json: a string is not valid Unicode text ({exc})") from exc
+
+
+def reference_record(
+    data: Any,
+    *,
+    key: bytes | None = None,
+    run_id: str = "run-1",
+    actor: str = "engine",
+    kind: str = "step.finished",
+    last_seq: int = 0,
+    last_hash: str = GENESIS,
+    time: str = T0,
+) -> AuditRecord:
+    """next_record as it was: data through canonical JSON and back, then hash all fields."""
+    fields: dict[str, Any] = {
+        "seq": last_seq + 1,
+        "time": time,
+        "run_id": run_id,
+        "actor": actor,
+        "kind": kind,
+        "data": json.loads(reference_canonical(dict(data))),
+        "prev_hash": last_hash,
+    }
+    payload = reference_canonical(fields)
+    digest = (
+        hashlib.sha256(payload).hexdigest()
+        if key is None
+        else hmac.new(key, payload, hashlib.sha256).hexdigest()
+    )
+    return AuditRecord(**fields, hash=digest)
+
+
+def record(data: Any, **kw: Any) -> AuditRecord:
+    """The record next_record builds today, with reference_record's defaults."""
+    return next_record(
+        kw.get("run_id", "run-1"), kw.get("last_seq", 0), kw.get("last_hash", GENESIS),
+        kw.get("kind", "step.finished"), data, kw.get("actor", "engine"), kw.get("key"),
+        kw.get("time", T0),
+    )
+
+
+def assert_same(data: Any, **kw: Any) -> AuditRecord:
+    new, old = record(data, **kw), reference_record(data, **kw)
+    assert new.hash == old.hash
+    assert new == old
+    assert json.dumps(new.data) == json.dumps(old.data)  # same types and key order too
+    assert new.data_json == canonical_json(new.data).decode("utf-8")
+    return new
+
+
+# --------------------------------------------------------------------------- same hashes
+
+
+def test_known_hashes_are_unchanged() -> None:
+    """Hashes written by the engine before this change (fixed vectors)."""
+    chain = AuditChain("run-gold")
+    first = chain.append("step.finished", {"step": 3, "tool": "noop", "attempts": 1},
+                         "engine", T0)
+    second = chain.append("model.output", {
+        "content": 'héllo \u2603 \U0001f600 "q" \\ \n', "cost": 1e-07, "big": 10**20,
+        "neg": -0.0, "e": 1e16, "l": [(1, 2), {}, []], "none": None, "ok": True,
+    }, "engine", "2026-11-26T15:10:55Z")
+    keyed = AuditChain("run-gold", key=KEY).append("step.finished", {"step": 3}, "engine", T0)
+    assert first.hash == "2106a9c3cb00113a4434213103aec9b6af975968c32afcedcda2cbd8ed43d970"
+    assert second.hash == "347c80a3fad783f4f19464e73b1fa46fca0c0c88b3f1d6bfc06ad1835e3c6977"
+    assert keyed.hash == "a0a74a0ce697fdde55cfa36414d8ffe19ddce9aae39054e21130afac02af5651"
+
+
+EDGE_VALUES: list[Any] = [
+    {},
+    {"step": 3, "tool": "noop", "attempts": 1},
+    {"f": [1e-7, 1e16, -0.0, 0.0, 0.1, 5e-324, 1.7976931348623157e308, -1e-300, 123.456]},
+    {"i": [0, -1, 2**63, -(2**64), 10**300]},
+    {"t": (1, (2, 3), ()), "e": [[], {}, [{}]], "b": [True, False, None]},
+    {"ü": "héllo", "☃": "\U0001f600", "esc": '"\\\n\t\r\b\f\x00\x1f\x7f\u2028\u2029'},
+    {"z": 1, "a": {"y": 2, "b": {"x": 3, "c": [{"w": 4, "d": 5}]}}},
+    {"": "", " ": " ", "key with spaces": "v"},
+    {"deep": [[[[[[[[[[{"k": [1.5]}]]]]]]]]]]},
+]
+
+
+@pytest.mark.parametrize("data", EDGE_VALUES, ids=range(len(EDGE_VALUES)))
+@pytest.mark.parametrize("key", [None, KEY], ids=["sha256", "hmac"])
+def test_edge_values_hash_as_before(data: Any, key: bytes | None) -> None:
+    assert_same(data, key=key)
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Tag(str):
+    pass
+
+
+class Ratio(float):
+    pass
+
+
+class Bag(dict[str, Any]):
+    pass
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth):
+        value = {"n": [value]}
+    return value
+
+
+@pytest.mark.parametrize("data", [
+    {"level": Level.LOW, "n": [Level.LOW]},
+    {Tag("k"): Tag("v"), "n": {"m": Tag("w")}},
+    {"r": Ratio(0.5)},
+    {"bag": Bag(b=1, a=2)},
+    OrderedDict([("b", 1), ("a", 2)]),
+    _nested(70),
+], ids=["int-enum", "str-subclass", "float-subclass", "dict-subclass", "ordered", "deep"])
+def test_unusual_but_valid_data_hashes_as_before(data: Any) -> None:
+    """Subclasses of the JSON types and deep nesting are accepted exactly as before."""
+    assert_same(data)
+    assert_same(data, key=KEY)
+
+
+def test_other_fields_hash_as_before() -> None:
+    assert_same({"x": 1}, run_id="rün-☃", actor="usér:😀", kind='k"ind\\', last_seq=41,
+                last_hash=HEAD, time="2026-11-26T15:10:54+00:00")
+    assert_same({"x": 1}, run_id=Tag("run-t"), actor=Tag("a"), kind=Tag("k"))
+
+
+json_leaves = (
+    st.none() | st.booleans()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([1e-7, 1e16, -0.0, 5e-324, 1e308, 0.1 + 0.2])
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.dictionaries(st.text(max_size=8), json_values, max_size=6),
+       keyed=st.booleans(), seq=st.integers(min_value=0, max_value=10**6))
+def test_generated_data_hashes_as_before(data: dict[str, Any], keyed: bool, seq: int) -> None:
+    assert_same(data, key=KEY if keyed else None, last_seq=seq,
+                last_hash=HEAD if seq else GENESIS)
+
+
+def test_chain_stored_as_json_still_verifies() -> None:
+    chain = AuditChain("run-1", key=KEY)
+    records = [chain.append("step", data, "engine", T0) for data in EDGE_VALUES]
+    stored = [json.loads(json.dumps(r.to_dict())) for r in records]
+    assert verify_chain(stored, key=KEY).ok
+    via_text = [{**r.to_dict(), "data": json.loads(r.data_json)} for r in records]
+    assert verify_chain(via_text, key=KEY).ok
+
+
+# --------------------------------------------------------------------------- errors unchanged
+
+
+@pytest.mark.parametrize("data", [
+    {"x": float("nan")},
+    {"a": {"b": [1, float("inf")]}},
+    {1: "non-string key"},
+    {"a": {None: 1}},
+    {"when": datetime(2026, 1, 1, tzinfo=UTC)},
+    {"day": [date(2026, 1, 1)]},
+    {"s": {1, 2}},
+    {"b": b"bytes"},
+    {"text": "lone \ud800 surrogate"},
+    {"key \udfff": 1},
+    {"a": [Ratio("nan")]},
+], ids=["nan", "nested-inf", "int-key", "none-key", "datetime", "date", "set", "bytes",
+        "surrogate-value", "surrogate-key", "nan-subclass"])
+def test_invalid_data_fails_with_the_same_message(data: Any) -> None:
+    with pytest.raises(AuditError) as old:
+        reference_record(data)
+    with pytest.raises(AuditError) as new:
+        record(data)
+    assert str(new.value) == str(old.value)
+    assert type(new.value.__cause__) is type(old.value.__cause__)
+
+
+def test_surrogate_outside_data_fails_with_the_same_message() -> None:
+    for field in ("run_id", "actor", "kind"):
+        with pytest.raises(AuditError) as old:
+            reference_record({"x": 1}, **{field: "bad \udc80"})
+        with pytest.raises(AuditError) as new:
+            record({"x": 1}, **{field: "bad \udc80"})
+        assert str(new.value) == str(old.value)
+        assert "not valid Unicode text" in str(new.value)
+
+
+# --------------------------------------------------------------------------- data_json
+
+
+def test_data_json_is_the_canonical_text_and_not_a_field() -> None:
+    rec = record({"b": [1, (2, 3)], "a": "é"})
+    assert rec.data_json == '{"a":"é","b":[1,[2,3]]}'
+    assert rec.data_json == canonical_json(rec.data).decode("utf-8")
+    assert "data_json" not in rec.to_dict()
+    assert "data_json" not in repr(rec)
+    rebuilt = AuditRecord.from_dict(rec.to_dict())
+    assert rebuilt == rec
+    assert rebuilt.data_json == rec.data_json
+    changed = replace(rec, data={"c": 1})
+    assert changed.data_json == '{"c":1}'
+
+
+def test_data_json_of_a_malformed_stored_record_raises_audit_error() -> None:
+    rec = AuditRecord.from_dict({**record({"x": 1}).to_dict(), "data": {"x": float("nan")}})
+    with pytest.raises(AuditError, match="NaN and Infinity"):
+        _ = rec.data_json
