@@ -926,7 +926,7 @@ class PostgresStore:
             "nh": records[-1].hash if records else None,
             "t": records[0].time if records else None,
             "a": [r.actor for r in records], "k": [r.kind for r in records],
-            "d": [json.dumps(r.data) for r in records], "p": [r.prev_hash for r in records],
+            "d": [r.data_json for r in records], "p": [r.prev_hash for r in records],
             "h": [r.hash for r in records],
             "seq": step.seq, "kind": str(step.kind), "name": step.name,
             "status": str(step.status), "input": step.input, "output": step.output,

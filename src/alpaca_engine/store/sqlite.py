@@ -526,9 +526,8 @@ class SQLiteStore:
         db.executemany(
             "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
             "VALUES (?,?,?,?,?,?,?,?)",
-            [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind,
-              json.dumps(rec.data, sort_keys=True), rec.prev_hash, rec.hash)
-             for rec in records],
+            [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
+              rec.prev_hash, rec.hash) for rec in records],
         )
         db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
                    (chain.last_seq, chain.last_hash, run_id))
