@@ -242,14 +242,17 @@ class StepRunner:
             await self._journal()
         except LeaseLost:
             raise
-        except Exception:  # e.g. the outcome's overspend: it is written, the tree stops
-            log.debug("run %s: pending outcome on failure", self.run_record.id, exc_info=True)
+        except ledger_logic.BudgetExceeded:
+            pass  # the outcome is written with its usage; the run ends as it was going to
+        except Exception:
+            log.exception("run %s: could not write a step's outcome", self.run_record.id)
         step, self._open = self._open, None
         if step is not None:
             try:
                 settle = self._unreserve(step) if step.kind == StepKind.MODEL else None
                 await self._save_finished(step, StepStatus.FAILED, None, _err(
                     error.code, error.message), step.attempts, [], settle=settle)
+                await self._journal()
             except LeaseLost:
                 raise
             except Exception:  # the terminal transition closes it anyway (every store does)
@@ -280,7 +283,7 @@ class StepRunner:
         turns = 0
         rejected = 0
         while True:
-            checked = await self._check_interrupts()
+            checked = await self._check_interrupts(starts_turn=turns < agent.max_steps)
             if turns >= agent.max_steps:
                 raise AlpacaError(
                     ErrorCode.MAX_STEPS, f"agent {agent.name!r} reached max_steps={agent.max_steps}"
@@ -352,7 +355,7 @@ class StepRunner:
                     f"budget exhausted: {resource} used {ledger.used.get(resource, 0.0):g} "
                     f"of {limit:g}")
 
-    async def _check_interrupts(self) -> bool:
+    async def _check_interrupts(self, *, starts_turn: bool = True) -> bool:
         """The deadline, the lease and a cancel request, before a model turn. False: the
         flags are checked by the turn's ``started`` write instead (under the run's lock, in
         the commit that writes the outcomes still pending)."""
@@ -361,7 +364,9 @@ class StepRunner:
             raise _Stop(RunState.TIMED_OUT, AlpacaError(
                 ErrorCode.DEADLINE_EXCEEDED, "the run's wall-clock deadline passed"))
         if self._pending:
-            return False
+            if starts_turn:
+                return False
+            await self._journal()  # no turn follows: write them, check what that write saw
         # The step write just before this check read the flags under the run's lock (a
         # cancel is seen within one turn either way); without one (a replayed turn), re-read.
         seen, self._seen = self._seen, None

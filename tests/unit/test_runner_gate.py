@@ -276,6 +276,23 @@ async def test_cancel_requested_stops_a_running_run(store):
     assert ledger is None or ledger.used.get("steps") == 2
 
 
+@pytest.mark.parametrize("max_steps", [1, 5], ids=["then-max-steps", "then-a-turn"])
+async def test_a_cancel_during_the_last_tool_call_ends_the_run_cancelled(store, max_steps):
+    """Whether a model turn would follow or the agent is out of steps, a cancel requested
+    while a tool runs is what ends the run, and the tool's outcome is journaled."""
+
+    @tool
+    async def stop_me(ctx: ToolContext) -> str:
+        await store.request_cancel(ctx.run_id)
+        return "ok"
+
+    wf = workflow([{"tool": "stop_me"}, "never"], [stop_me], max_steps=max_steps)
+    run = await engine(store, wf).run(wf, "agent", "go")
+    assert run.state == "cancelled" and run.error_code == "cancelled"
+    steps = await store.list_steps(run.id)
+    assert [(s.seq, s.status) for s in steps] == [(1, "completed"), (2, "completed")]
+
+
 async def test_deadline_times_out_the_run(store):
     clock = FakeClock()
     wf = workflow([{"tool": "add", "args": {"a": 1, "b": 2}}, "done"], [add],
