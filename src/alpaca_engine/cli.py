@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from . import doctor as doctor_mod
+from .collector import tune_collector
 from .config import Settings
 from .coord.factory import Coordination, make_coordination
 from .engine import Engine, RunBusy
@@ -449,6 +450,7 @@ def worker(
                 w = Worker(engine, concurrency=concurrency or cfg.worker_concurrency,
                            poll_interval=cfg.poll_interval)
                 w.install_signal_handlers()
+                tune_collector()
                 via = "Redis" if cfg.redis_url else "polling"
                 err_console.print(f"worker {engine.owner} on {mask_url(cfg.database_url)} "
                                   f"({via})")

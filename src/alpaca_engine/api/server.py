@@ -10,6 +10,7 @@ import ipaddress
 
 import uvicorn
 
+from ..collector import tune_collector
 from ..config import Settings
 from ..coord.factory import make_coordination
 from ..faults import mask_url
@@ -75,4 +76,5 @@ async def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000
                      body_limit=body_limit)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             proxy_headers=False)
+    tune_collector()
     await uvicorn.Server(config).serve()
