@@ -6,8 +6,9 @@ the write and the audit append (after the head on that row) are atomic across pr
 ``claim_next`` uses ``FOR UPDATE SKIP LOCKED`` so concurrent workers never wait on, or
 double-claim, the same run.
 
-A journal write is one statement, ``alpaca_journal_step`` (migration 7): the lease owner is
-the only writer of its run's steps, so the store computes the audit records and ledger debits
+Journal writes are one statement, ``alpaca_journal_steps`` (migration 8): a step's outcome
+and the next step's start together (:meth:`PostgresStore.save_steps`). The lease owner is the
+only writer of its run's steps, so the store computes the audit records and ledger debits
 from what it wrote last (:class:`_Known`) and the function checks those values under the row
 locks before writing; when another actor moved them, nothing is written and the locked
 transaction of :meth:`PostgresStore._save_step_locked` does it. Claims and transitions are
@@ -89,11 +90,11 @@ _TERMINAL = [str(s) for s in RunState if s.terminal]
 _JOURNAL_STEPS = (
     "SELECT alpaca_journal_steps(%s::jsonb, %s::boolean, ARRAY["
     + ", ".join(f"'{state}'" for state in _TERMINAL) + "]::text[]) AS r")
-"""Journal writes in one statement (migration 8, over migration 7's ``alpaca_journal_step``:
-fence, head and ledger checks, debit, step, audit), all of them in one JSON parameter."""
+"""Journal writes in one statement (migration 8: for each, fence, head and ledger checks,
+debit, step, audit, as migration 7's ``alpaca_journal_step``), all in one JSON parameter."""
 
 _STALE_LEDGER = "AL001"
-"""What ``alpaca_journal_step`` raises (rolling its writes back) when a ledger moved."""
+"""What ``alpaca_journal_steps`` raises (rolling its writes back) when a ledger moved."""
 
 _KNOWN_RUNS = 10_000
 """How many leased runs' last writes a store remembers (an evicted run takes the locked path
@@ -877,7 +878,7 @@ class PostgresStore:
 
         One statement when this store wrote the run's previous journal entry (see
         :class:`_Known`): the chain head and ledger values it left are what the server-side
-        ``alpaca_journal_step`` checks under the row locks before writing. Otherwise, or when
+        ``alpaca_journal_steps`` checks under the row locks before writing. Otherwise, or when
         anything moved meanwhile (an approval decided or a cancel requested elsewhere, a
         sibling's reservation on a shared ledger, a step reserved before a crash), the locked
         transaction below reads the current values and writes.
@@ -925,9 +926,8 @@ class PostgresStore:
             "run": step.run_id, "epoch": epoch, "hs": known.head[0], "hh": known.head[1],
             "nh": records[-1].hash if records else None,
             "t": records[0].time if records else None,
-            "a": [r.actor for r in records], "k": [r.kind for r in records],
-            "d": [r.data_json for r in records], "p": [r.prev_hash for r in records],
-            "h": [r.hash for r in records],
+            "audit": [{"a": r.actor, "k": r.kind, "d": r.data_json, "p": r.prev_hash,
+                       "h": r.hash} for r in records],
             "seq": step.seq, "kind": str(step.kind), "name": step.name,
             "status": str(step.status), "input": step.input, "output": step.output,
             "error": step.error, "ik": step.idempotency_key, "attempts": step.attempts,

@@ -297,12 +297,14 @@ POSTGRES.append(
 POSTGRES.append(
     # 8. Journal writes in one statement and one parameter (``PostgresStore.save_steps``):
     #    a step's outcome and the next step's ``started``, one commit per step. Each write is
-    #    an object of ``p_writes`` holding what ``alpaca_journal_step`` takes, encoded by the
-    #    client as one JSON text (one encode instead of a parameter adapter each: the client's
-    #    CPU was the larger part of a step). Audit data stays text (``d``: the canonical JSON
-    #    the hash covers, kept as written). A write is made only if the one before it was
-    #    (``ok``), and with ``p_unless_cancelled`` the last only if the run has no cancel
-    #    request as the write before it saw under the run's lock. Returns
+    #    an object of ``p_writes`` (encoded by the client as one JSON text: one encode instead
+    #    of a parameter adapter each, the client's CPU being the larger part of a step) and is
+    #    made exactly as migration 7's ``alpaca_journal_step`` makes one: the same fence,
+    #    head and ledger checks, debit, step upsert and audit append (inline here, to spare
+    #    a function call and its array arguments per write). Audit data stays text (``d``:
+    #    the canonical JSON the hash covers, kept as written). A write is made only if the
+    #    one before it was (``ok``), and with ``p_unless_cancelled`` the last only if the run
+    #    has no cancel request as the write before it saw under the run's lock. Returns
     #    ``status,epoch,cancel`` per write attempted, joined by ``|``, and ``skipped`` for a
     #    last write left out for a cancel request.
     """
@@ -311,37 +313,92 @@ POSTGRES.append(
     RETURNS TEXT LANGUAGE plpgsql AS $fn$
     DECLARE
         w JSONB;
-        r RECORD;
+        run RECORD;
+        lid TEXT;
         i INTEGER := 0;
-        n INTEGER := jsonb_array_length(p_writes);
+        n_writes INTEGER := jsonb_array_length(p_writes);
+        n INTEGER;
+        v_run TEXT;
+        v_epoch BIGINT;
+        v_head BIGINT;
+        v_seq BIGINT;
+        v_status TEXT;
+        o_epoch BIGINT;
+        o_cancel BOOLEAN := FALSE;
         result TEXT := '';
-        cancel BOOLEAN := FALSE;
     BEGIN
         FOR w IN SELECT value FROM jsonb_array_elements(p_writes) LOOP
             i := i + 1;
-            IF p_unless_cancelled AND i = n AND cancel THEN
+            IF p_unless_cancelled AND i = n_writes AND o_cancel THEN
                 RETURN result || '|skipped';
             END IF;
-            SELECT * INTO r FROM alpaca_journal_step(
-                w ->> 'run', (w ->> 'epoch')::BIGINT,
-                (w ->> 'hs')::BIGINT, w ->> 'hh', w ->> 'nh', w ->> 't',
-                ARRAY(SELECT jsonb_array_elements_text(w -> 'a')),
-                ARRAY(SELECT jsonb_array_elements_text(w -> 'k')),
-                ARRAY(SELECT jsonb_array_elements_text(w -> 'd')),
-                ARRAY(SELECT jsonb_array_elements_text(w -> 'p')),
-                ARRAY(SELECT jsonb_array_elements_text(w -> 'h')),
-                (w ->> 'seq')::BIGINT, w ->> 'kind', w ->> 'name', w ->> 'status',
-                w -> 'input', NULLIF(w -> 'output', 'null'::jsonb),
-                NULLIF(w -> 'error', 'null'::jsonb), w ->> 'ik', (w ->> 'attempts')::BIGINT,
-                (w ->> 'sa')::DOUBLE PRECISION, (w ->> 'fa')::DOUBLE PRECISION,
-                NULLIF(w -> 'reserved', 'null'::jsonb), (w ->> 'reserves')::BOOLEAN,
-                NULLIF(w -> 'ledgers', 'null'::jsonb), p_terminal);
-            result := result || CASE WHEN i > 1 THEN '|' ELSE '' END
-                || concat_ws(',', r.o_status, r.o_epoch, r.o_cancel);
-            IF r.o_status <> 'ok' THEN
-                RETURN result;
+            v_run := w ->> 'run';
+            v_epoch := (w ->> 'epoch')::BIGINT;
+            v_head := (w ->> 'hs')::BIGINT;
+            v_seq := (w ->> 'seq')::BIGINT;
+            n := jsonb_array_length(w -> 'audit');
+            v_status := NULL;
+            IF (w ->> 'reserves')::BOOLEAN AND EXISTS (
+                    SELECT 1 FROM steps s WHERE s.run_id = v_run AND s.seq = v_seq
+                    AND s.reserved IS NOT NULL) THEN
+                v_status := 'reserved';  -- reserved before a crash: never twice
+                o_epoch := NULL; o_cancel := NULL;
+            ELSE
+                UPDATE runs r
+                    SET audit_seq = CASE WHEN n > 0 THEN v_head + n ELSE r.audit_seq END,
+                        audit_hash = CASE WHEN n > 0 THEN w ->> 'nh' ELSE r.audit_hash END
+                    WHERE r.id = v_run AND r.epoch = v_epoch AND NOT (r.state = ANY(p_terminal))
+                        AND (n = 0 OR (r.audit_seq = v_head AND r.audit_hash = w ->> 'hh'))
+                    RETURNING r.epoch, r.cancel_requested INTO o_epoch, o_cancel;
+                IF NOT FOUND THEN  -- why not (nothing was written, so no lock is needed)
+                    SELECT r.epoch, r.state, r.cancel_requested INTO run FROM runs r
+                        WHERE r.id = v_run;
+                    IF NOT FOUND THEN
+                        v_status := 'missing';
+                        o_epoch := NULL; o_cancel := NULL;
+                    ELSE
+                        o_epoch := run.epoch; o_cancel := run.cancel_requested;
+                        v_status := CASE WHEN run.epoch <> v_epoch THEN 'lease_lost'
+                                         WHEN run.state = ANY(p_terminal) THEN 'closed'
+                                         ELSE 'stale_head' END;  -- another actor appended
+                    END IF;
+                END IF;
             END IF;
-            cancel := r.o_cancel;
+            IF v_status IS NOT NULL THEN
+                RETURN result || CASE WHEN i > 1 THEN '|' ELSE '' END
+                    || concat_ws(',', v_status, o_epoch, o_cancel);
+            END IF;
+            IF jsonb_typeof(w -> 'ledgers') = 'object' THEN
+                FOR lid IN SELECT k FROM jsonb_object_keys(w -> 'ledgers') AS k
+                        ORDER BY k COLLATE "C" LOOP
+                    UPDATE ledgers l SET used = w -> 'ledgers' -> lid -> 'new',
+                            exhausted = COALESCE(l.exhausted, w -> 'ledgers' -> lid ->> 'exhaust')
+                        WHERE l.id = lid AND l.used = w -> 'ledgers' -> lid -> 'used'
+                            AND l.exhausted IS NOT DISTINCT FROM
+                                (w -> 'ledgers' -> lid ->> 'exhausted');
+                    IF NOT FOUND THEN  -- a sibling moved the ledger: undo everything
+                        RAISE EXCEPTION 'ledger % changed', lid USING ERRCODE = 'AL001';
+                    END IF;
+                END LOOP;
+            END IF;
+            INSERT INTO steps AS s (run_id, seq, kind, name, status, input, output, error,
+                    idempotency_key, attempts, started_at, finished_at, reserved)
+                VALUES (v_run, v_seq, w ->> 'kind', w ->> 'name', w ->> 'status', w -> 'input',
+                    NULLIF(w -> 'output', 'null'::jsonb), NULLIF(w -> 'error', 'null'::jsonb),
+                    w ->> 'ik', (w ->> 'attempts')::BIGINT, (w ->> 'sa')::DOUBLE PRECISION,
+                    (w ->> 'fa')::DOUBLE PRECISION, NULLIF(w -> 'reserved', 'null'::jsonb))
+                ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status,
+                    input = excluded.input, output = excluded.output, error = excluded.error,
+                    attempts = excluded.attempts, finished_at = excluded.finished_at,
+                    reserved = COALESCE(excluded.reserved, s.reserved);
+            IF n > 0 THEN
+                INSERT INTO audit (run_id, seq, time, actor, kind, data, prev_hash, hash)
+                    SELECT v_run, v_head + e.ord, w ->> 't', e.rec ->> 'a', e.rec ->> 'k',
+                           (e.rec ->> 'd')::json, e.rec ->> 'p', e.rec ->> 'h'
+                    FROM jsonb_array_elements(w -> 'audit') WITH ORDINALITY AS e(rec, ord);
+            END IF;
+            result := result || CASE WHEN i > 1 THEN '|' ELSE '' END
+                || concat_ws(',', 'ok', o_epoch, o_cancel);
         END LOOP;
         RETURN result;
     END
