@@ -260,3 +260,18 @@ def test_otlp_endpoint_installs_batch_exporter_once(monkeypatch: pytest.MonkeyPa
     assert [type(p).__name__ for p in added] == ["BatchSpanProcessor"]
     for processor in added:
         processor.shutdown()  # type: ignore[attr-defined]
+
+
+def test_without_a_provider_steps_skip_spans_but_a_continued_trace_still_propagates(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SDK provider installed: a step span would record nothing, so none is started;
+    a trace continued from a caller's traceparent still reaches a delegated child."""
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
+    with tracing.tool_span("noop", call_id="c1", step=2) as span:
+        assert span is trace.INVALID_SPAN
+        assert tracing.current_traceparent() is None
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracing.run_span("run_1", "agent", parent_traceparent=parent), \
+            tracing.delegation_span("child", step=3):
+        carried = tracing.current_traceparent()
+    assert carried is not None and carried.split("-")[1] == parent.split("-")[1]
