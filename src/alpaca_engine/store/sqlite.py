@@ -165,6 +165,28 @@ def _units(cls: _C) -> _C:
     return cls
 
 
+class _JournalTx:
+    """What the writes of one journal transaction left for the next: the chain head, and
+    the run's ledgers, read once and debited in memory (written once, at the end)."""
+
+    def __init__(self, head: tuple[int, str]) -> None:
+        self.head = head
+        self.ledgers: list[ledger_logic.LedgerState] = []
+        self.loaded = False
+        self.debited = False
+
+    def read(self, load: Callable[[], list[ledger_logic.LedgerState]]
+             ) -> list[ledger_logic.LedgerState]:
+        if not self.loaded:
+            self.ledgers, self.loaded = load(), True
+        return self.ledgers
+
+    def debit(self, amounts: dict[str, float]) -> None:
+        for ledger in self.ledgers:
+            ledger_logic.apply(ledger, amounts)
+        self.debited = True
+
+
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -514,9 +536,10 @@ class SQLiteStore:
         return ledgers, (row[3], row[4]), RunFlags(row[0], bool(row[5]))
 
     def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
-               now: float, head: tuple[int, str]) -> tuple[int, str]:
+               now: float, head: tuple[int, str], *, move_head: bool = True) -> tuple[int, str]:
         """Append to the chain after ``head`` (read from the run row in this transaction) and
-        move the head on the run row; returns the new head."""
+        move the head on the run row (``move_head=False``: the caller does, once); returns
+        the new head."""
         if not events:
             return head
         observers.written(run_id, events)
@@ -529,8 +552,9 @@ class SQLiteStore:
             [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
               rec.prev_hash, rec.hash) for rec in records],
         )
-        db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
-                   (chain.last_seq, chain.last_hash, run_id))
+        if move_head:
+            db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
+                       (chain.last_seq, chain.last_hash, run_id))
         return chain.last_seq, chain.last_hash
 
     def _recover(self, db: sqlite3.Connection, run: RunRecord, rec: Recovery,
@@ -801,25 +825,36 @@ class SQLiteStore:
         """The journal writes of :meth:`save_steps` in one transaction: the run's flags, and
         whether the last was skipped for a cancel request; what was refused (nothing written
         for that step, nor after it) or overspent (written, the ledger marked exhausted, and
-        nothing after it)."""
+        nothing after it). The ledgers are read once and written once, and the chain head
+        moved once on the run row, whatever the number of writes."""
         with self._tx() as db:
-            ledger_ids, head, flags = self._fence_light(db, writes[0].step.run_id, epoch)
+            run_id = writes[0].step.run_id
+            ledger_ids, head, flags = self._fence_light(db, run_id, epoch)
+            tx = _JournalTx(head)
+            skipped = False
+            refused = over = None
             for index, write in enumerate(writes):
                 if unless_cancelled and flags.cancel_requested and index == len(writes) - 1:
-                    return flags, True, None, None
-                refused, over, head = self._journal_one(db, write, ledger_ids, head)
+                    skipped = True
+                    break
+                refused, over = self._journal_one(db, write, ledger_ids, tx)
                 if refused is not None or over is not None:
-                    return flags, False, refused, over
-        return flags, False, None, None
+                    break
+            for ledger in tx.ledgers if tx.debited else ():
+                db.execute("UPDATE ledgers SET used=? WHERE id=?",
+                           (json.dumps(ledger.used), ledger.id))
+            if tx.head != head:
+                db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
+                           (*tx.head, run_id))
+        return flags, skipped, refused, over
 
     def _journal_one(
         self, db: sqlite3.Connection, write: StepWrite, ledger_ids: Sequence[str],
-        head: tuple[int, str],
-    ) -> tuple[ledger_logic.BudgetExceeded | None, ledger_logic.BudgetExceeded | None,
-               tuple[int, str]]:
-        """One journal write inside the fenced transaction; returns the new audit head."""
+        tx: _JournalTx,
+    ) -> tuple[ledger_logic.BudgetExceeded | None, ledger_logic.BudgetExceeded | None]:
+        """One journal write inside the fenced transaction (``tx``: what the writes before it
+        left: the chain head, the ledgers as debited so far)."""
         step, reserve, settle = write.step, write.reserve, write.settle
-        refused: ledger_logic.BudgetExceeded | None = None
         over: ledger_logic.BudgetExceeded | None = None
         if reserve:
             row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
@@ -827,24 +862,24 @@ class SQLiteStore:
             if row is not None and row[0] is not None:
                 step.reserved = json.loads(row[0])  # reserved before a crash: not twice
             else:
-                ledgers = self._ledgers(db, ledger_ids)
+                ledgers = tx.read(lambda: self._ledgers(db, ledger_ids))
                 try:
                     ledger_logic.check_reserve(ledgers, reserve)
                 except ledger_logic.BudgetExceeded as exc:
-                    return exc, None, head
-                self._debit(db, ledgers, reserve)
+                    return exc, None
+                tx.debit(reserve)
                 step.reserved = dict(reserve)
         if settle:
-            ledgers = self._ledgers(db, ledger_ids)
-            self._debit(db, ledgers, settle)
+            ledgers = tx.read(lambda: self._ledgers(db, ledger_ids))
+            tx.debit(settle)
             over = ledger_logic.overspent(ledgers, settle)
             if over is not None:  # the usage stays recorded; the tree stops
                 db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
                            "WHERE id=?", (over.resource, over.ledger_id))
         self._write_step(db, step)
-        head = self._audit(db, step.run_id, write.audit, step.finished_at or step.started_at,
-                           head)
-        return refused, over, head
+        tx.head = self._audit(db, step.run_id, write.audit,
+                              step.finished_at or step.started_at, tx.head, move_head=False)
+        return None, over
 
     @_unit
     async def _exhaust(self, refused: ledger_logic.BudgetExceeded) -> None:
@@ -877,13 +912,6 @@ class SQLiteStore:
                     id=row["id"], limits=json.loads(row["limits"]), used=json.loads(row["used"]),
                     exhausted=row["exhausted"]))
         return out
-
-    def _debit(self, db: sqlite3.Connection, ledgers: list[ledger_logic.LedgerState],
-               amounts: dict[str, float]) -> None:
-        for ledger in ledgers:
-            ledger_logic.apply(ledger, amounts)
-            db.execute("UPDATE ledgers SET used=? WHERE id=?",
-                       (json.dumps(ledger.used), ledger.id))
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord:
         found = self._ledgers(self._conn, [ledger_id])
