@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -156,6 +157,16 @@ class Metrics:
             registry=reg,
         )
         reg.register(_ScrapeTimeCollector(self))
+        self._children: dict[tuple[int, str], Any] = {}
+        """Label children of the per-step series, by metric and label value: a journaled
+        step records several, and prometheus_client's ``labels()`` validates and locks."""
+
+    def _child(self, metric: Counter | Histogram, value: str) -> Any:
+        key = (id(metric), value)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(value)
+        return child
 
     # ------------------------------------------------------------------ scrape-time sources
 
@@ -171,11 +182,11 @@ class Metrics:
 
     def run_state(self, state: str) -> None:
         """Count a run entering ``state`` (a ``RunState`` works: it is a str)."""
-        self.runs_total.labels(state=str(state)).inc()
+        self._child(self.runs_total, str(state)).inc()
 
     def observe_step(self, kind: str, seconds: float) -> None:
         """Record how long one step of ``kind`` (model, tool, delegation...) took."""
-        self.step_seconds.labels(kind=str(kind)).observe(seconds)
+        self._child(self.step_seconds, str(kind)).observe(seconds)
 
     @contextmanager
     def time_step(self, kind: str) -> Iterator[None]:
@@ -227,7 +238,7 @@ class Metrics:
         if resource not in BUDGET_RESOURCES:
             raise ValueError(f"unknown budget resource {resource!r}")
         if amount:
-            self.budget_used.labels(resource=resource).inc(amount)
+            self._child(self.budget_used, resource).inc(amount)
 
     def committed(self, run_id: str, events: Sequence[AuditEvent]) -> None:
         """Count what committed audit events record (see the module doc):
