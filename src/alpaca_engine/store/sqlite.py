@@ -45,6 +45,7 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..faults import Fault, StoreUnavailable, translating_faults
 from ..lifecycle import RunState, check_transition
+from ..sqlite_wal import enable_wal, is_busy
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord
 from . import observers
 from .base import Journaled, RunFlags, StepWrite
@@ -106,11 +107,6 @@ class _Behind(Exception):
     fallen behind: the unit waits for it (not blocking the loop), then runs inline."""
 
 
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY
-
-
 def _finish(coro: Coroutine[Any, Any, R]) -> R:
     """Run a unit's coroutine, which never awaits (it only calls ``sqlite3``), to its end."""
     try:
@@ -138,7 +134,7 @@ def _unit(fn: Unit[P, R]) -> Unit[P, R]:
                 await self._after(lambda: self._checkpointing)
                 continue
             except sqlite3.OperationalError as exc:
-                if not _busy(exc) or self._inline_commits:
+                if not is_busy(exc) or self._inline_commits:
                     raise  # a unit commits at most once; a BUSY after it is a real fault
             if not await self._thread_wrote(releases):
                 break  # another process holds the lock: wait for it on the thread
@@ -264,7 +260,7 @@ class SQLiteStore:
         try:
             db.row_factory = sqlite3.Row
             if wal:  # persistent: the loop's connection finds it set by the writer thread's
-                db.execute("PRAGMA journal_mode=WAL")
+                enable_wal(db, busy_timeout)
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")

@@ -33,6 +33,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from ..sqlite_wal import enable_wal
+
 __all__ = ["DB_ENV", "IdempotencyInProgress", "IdempotencyLedger"]
 
 T = TypeVar("T")
@@ -76,7 +78,7 @@ class IdempotencyLedger:
         self.poll_interval = poll_interval
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             conn.execute(_SCHEMA)
 
     @classmethod

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import httpx
 from pydantic import BaseModel, Field
 
+from ..sqlite_wal import enable_wal
 from ..telemetry.logging import register_secret
 from ..tools.breaker import BreakerPolicy
 from ..tools.decorator import tool
@@ -162,7 +163,7 @@ class LocalIndex:
             for statement in _INDEX_SCHEMA:
                 conn.execute(statement)
         with closing(self._connect()) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
