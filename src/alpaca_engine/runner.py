@@ -119,6 +119,10 @@ class _Stop(AlpacaError):
         self.state = state
 
 
+def _cancelled() -> _Stop:
+    return _Stop(RunState.CANCELLED, AlpacaError(ErrorCode.CANCELLED, "cancelled by user"))
+
+
 MAX_ERROR_MESSAGE = 500
 """Error text the model and the journal get is this long at most; the audit keeps the rest."""
 _TRACEBACK_FRAMES = 12
@@ -363,22 +367,22 @@ class StepRunner:
         if deadline is not None and self.clock.now() > float(deadline):
             raise _Stop(RunState.TIMED_OUT, AlpacaError(
                 ErrorCode.DEADLINE_EXCEEDED, "the run's wall-clock deadline passed"))
-        if self._pending:
-            if starts_turn:
-                return False
-            await self._journal()  # no turn follows: write them, check what that write saw
-        # The step write just before this check read the flags under the run's lock (a
-        # cancel is seen within one turn either way); without one (a replayed turn), re-read.
-        seen, self._seen = self._seen, None
-        current = seen or await self.store.get_run(self.run_record.id)
-        self._check_flags(current)
+        if self._pending and starts_turn:
+            return False
+        await self._check_flags()
         return True
 
-    def _check_flags(self, current: RunFlags | RunRecord) -> None:
+    async def _check_flags(self) -> None:
+        """The lease and a cancel request, as the last journal write saw them under the
+        run's lock (the outcomes still pending are written first, to be that write); with no
+        write since the last check (a replayed turn), as the run is now."""
+        await self._journal()
+        seen, self._seen = self._seen, None
+        current = seen or await self.store.get_run(self.run_record.id)
         if current.epoch != self.epoch:
             raise LeaseLost(self.run_record.id, self.epoch)
         if current.cancel_requested:
-            raise _Stop(RunState.CANCELLED, AlpacaError(ErrorCode.CANCELLED, "cancelled by user"))
+            raise _cancelled()
 
     # -- model steps ---------------------------------------------------------------------------
     async def _model_step(
@@ -387,9 +391,8 @@ class StepRunner:
     ) -> ModelResponse:
         digest = messages.digest()
         done = journal.finished(seq, StepKind.MODEL)
-        if done is not None and check_on_start:  # no write to check with: write, re-read
-            await self._journal()
-            self._check_flags(await self.store.get_run(self.run_record.id))
+        if done is not None and check_on_start:  # a replayed turn: no start to check with
+            await self._check_flags()
         if done is not None:
             if done.input.get("digest") != digest:
                 raise AlpacaError(ErrorCode.INTERNAL_ERROR,
@@ -413,7 +416,7 @@ class StepRunner:
         if not await self._save_started(step, reserve, [*first, AuditEvent(
                 kind="budget.reserved", data={"step": seq, **reserve})],
                 unless_cancelled=check_on_start):
-            self._check_flags(RunFlags(self.epoch, cancel_requested=True))
+            raise _cancelled()
         self.emit({"type": "step.started", "run_id": step.run_id, "seq": seq, "kind": "model",
                    "name": model_name})
         t0 = time.perf_counter()

@@ -165,20 +165,20 @@ class _JournalTx:
     """What the writes of one journal transaction left for the next: the chain head, and
     the run's ledgers, read once and debited in memory (written once, at the end)."""
 
-    def __init__(self, head: tuple[int, str]) -> None:
+    def __init__(self, head: tuple[int, str],
+                 load: Callable[[], list[ledger_logic.LedgerState]]) -> None:
         self.head = head
-        self.ledgers: list[ledger_logic.LedgerState] = []
-        self.loaded = False
+        self._load = load
+        self.ledgers: list[ledger_logic.LedgerState] | None = None
         self.debited = False
 
-    def read(self, load: Callable[[], list[ledger_logic.LedgerState]]
-             ) -> list[ledger_logic.LedgerState]:
-        if not self.loaded:
-            self.ledgers, self.loaded = load(), True
+    def read(self) -> list[ledger_logic.LedgerState]:
+        if self.ledgers is None:
+            self.ledgers = self._load()
         return self.ledgers
 
     def debit(self, amounts: dict[str, float]) -> None:
-        for ledger in self.ledgers:
+        for ledger in self.read():
             ledger_logic.apply(ledger, amounts)
         self.debited = True
 
@@ -826,17 +826,17 @@ class SQLiteStore:
         with self._tx() as db:
             run_id = writes[0].step.run_id
             ledger_ids, head, flags = self._fence_light(db, run_id, epoch)
-            tx = _JournalTx(head)
+            tx = _JournalTx(head, lambda: self._ledgers(db, ledger_ids))
             skipped = False
             refused = over = None
             for index, write in enumerate(writes):
                 if unless_cancelled and flags.cancel_requested and index == len(writes) - 1:
                     skipped = True
                     break
-                refused, over = self._journal_one(db, write, ledger_ids, tx)
+                refused, over = self._journal_one(db, write, tx)
                 if refused is not None or over is not None:
                     break
-            for ledger in tx.ledgers if tx.debited else ():
+            for ledger in tx.read() if tx.debited else ():
                 db.execute("UPDATE ledgers SET used=? WHERE id=?",
                            (json.dumps(ledger.used), ledger.id))
             if tx.head != head:
@@ -845,8 +845,7 @@ class SQLiteStore:
         return flags, skipped, refused, over
 
     def _journal_one(
-        self, db: sqlite3.Connection, write: StepWrite, ledger_ids: Sequence[str],
-        tx: _JournalTx,
+        self, db: sqlite3.Connection, write: StepWrite, tx: _JournalTx,
     ) -> tuple[ledger_logic.BudgetExceeded | None, ledger_logic.BudgetExceeded | None]:
         """One journal write inside the fenced transaction (``tx``: what the writes before it
         left: the chain head, the ledgers as debited so far)."""
@@ -858,7 +857,7 @@ class SQLiteStore:
             if row is not None and row[0] is not None:
                 step.reserved = json.loads(row[0])  # reserved before a crash: not twice
             else:
-                ledgers = tx.read(lambda: self._ledgers(db, ledger_ids))
+                ledgers = tx.read()
                 try:
                     ledger_logic.check_reserve(ledgers, reserve)
                 except ledger_logic.BudgetExceeded as exc:
@@ -866,7 +865,7 @@ class SQLiteStore:
                 tx.debit(reserve)
                 step.reserved = dict(reserve)
         if settle:
-            ledgers = tx.read(lambda: self._ledgers(db, ledger_ids))
+            ledgers = tx.read()
             tx.debit(settle)
             over = ledger_logic.overspent(ledgers, settle)
             if over is not None:  # the usage stays recorded; the tree stops
