@@ -289,8 +289,7 @@ class SQLiteStore:
         try:
             # Migrations may wait for another process's lock: on the thread, as any write.
             await loop.run_in_executor(pool, self._open_writer)
-            db = self._connect(0.0, wal=False)
-            db.execute("PRAGMA wal_autocheckpoint=0")  # the writer thread checkpoints
+            db = await loop.run_in_executor(pool, self._open_inline)
         except BaseException:
             await loop.run_in_executor(pool, self._close_writer)
             pool.shutdown(wait=False)
@@ -301,6 +300,19 @@ class SQLiteStore:
         """On the writer thread: its connection, then the schema (migrations applied)."""
         self._writer = (threading.get_ident(), self._connect(BUSY_TIMEOUT))
         self._prepare()
+
+    def _open_inline(self) -> sqlite3.Connection:
+        """On the writer thread: the loop's connection. Its set-up reads the file, which
+        another process opening it may hold a moment, so it waits like the writer; then it
+        never waits again (``busy_timeout=0``) and never checkpoints (the thread does)."""
+        db = self._connect(BUSY_TIMEOUT, wal=False)
+        try:
+            db.execute("PRAGMA busy_timeout=0")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
