@@ -52,7 +52,7 @@ from alpaca_engine.tools.decorator import tool
 from alpaca_engine.tools.registry import ToolRegistry
 from alpaca_engine.workflow import Workflow
 
-BACKENDS = ("memory", "sqlite")
+BACKENDS = ("memory", "sqlite", "sqlite-full")
 
 
 @tool
@@ -265,6 +265,8 @@ def store_factory(backend: str, postgres_url: str | None) -> StoreFactory:
         return lambda _workdir: SQLiteStore("sqlite:///:memory:")
     if backend == "sqlite":
         return lambda workdir: SQLiteStore(f"sqlite:///{workdir / 'bench.db'}")
+    if backend == "sqlite-full":
+        return lambda workdir: SQLiteStore(f"sqlite:///{workdir / 'bench.db'}?synchronous=full")
     if backend == "postgresql":
         assert postgres_url is not None
         return PostgresSchemas(postgres_url)
@@ -317,6 +319,10 @@ def print_table(rows: list[Row], missing: list[Unavailable], steps: int,
     pg_sqlite = ratio(rows, "postgresql", "sqlite")
     if pg_sqlite is not None:
         print(f"postgresql / sqlite file, median us/step: {pg_sqlite:.2f}x")
+    pg_full = ratio(rows, "postgresql", "sqlite-full")
+    if pg_full is not None:
+        print(f"postgresql / sqlite file with synchronous=full, median us/step: {pg_full:.2f}x"
+              " (both sync to disk at every commit; the plain file syncs at checkpoints)")
     if wire is not None:
         print(f"postgresql wire, one untimed run: {wire.statements} statements, "
               f"{wire.round_trips} round trips for {wire.journaled_steps} steps = "
@@ -346,6 +352,8 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.postgres_url:
         reason = await probe_postgres(args.postgres_url)
         if reason is None:
+            if "sqlite-full" not in backends:  # PostgreSQL's durability, on the SQLite file
+                plan.append(("sqlite-full", noop, "async", PLAIN))
             plan.append(("postgresql", noop, "async", PLAIN))
         else:
             missing.append(Unavailable("postgresql", reason))
@@ -376,6 +384,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "rows": [asdict(r) for r in rows],
             "unavailable": [asdict(m) for m in missing],
             "postgresql_over_sqlite": ratio(rows, "postgresql", "sqlite"),
+            "postgresql_over_sqlite_full": ratio(rows, "postgresql", "sqlite-full"),
             "postgresql_wire": asdict(wire) if wire is not None else None,
         }
         print(json.dumps(out, indent=2))
@@ -391,7 +400,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50,
                    help="model turns per run; the model calls the tool steps-1 times (default 50)")
     p.add_argument("--backend", default="memory,sqlite",
-                   help="comma-separated: memory,sqlite (default both)")
+                   help="comma-separated: memory,sqlite,sqlite-full (default memory,sqlite; "
+                        "sqlite-full is the file with ?synchronous=full, added by "
+                        "--postgres-url)")
     p.add_argument("--sync-tool", choices=("first", "all", "none"), default="first",
                    help="add sync-tool rows (asyncio.to_thread) for the first backend, "
                         "all backends, or none (default first)")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import AlpacaError, ErrorCode
+from .sqlite_url import MEMORY, BadSqliteUrl, parse_sqlite_url
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a database or Redis server before saying it is unreachable."""
@@ -147,10 +148,10 @@ def check_database_url(url: str) -> str:
                            f"Set ALPACA_DATABASE_URL to {DATABASE_URL_FORMS}")
     scheme = scheme.lower()
     if scheme == "sqlite":
-        if not (url in ("sqlite://", "sqlite:///:memory:") or url.startswith("sqlite:///")):
-            raise MalformedUrl(url, Fault.MALFORMED_URL, "a SQLite URL needs three slashes",
-                               "Write sqlite:///relative/path.db or "
-                               "sqlite:////absolute/path.db in ALPACA_DATABASE_URL")
+        try:
+            parse_sqlite_url(url)
+        except BadSqliteUrl as exc:
+            raise MalformedUrl(url, Fault.MALFORMED_URL, exc.cause, exc.fix) from None
         return scheme
     if scheme in ("postgresql", "postgres"):
         from psycopg.conninfo import conninfo_to_dict
@@ -280,9 +281,11 @@ def _short_cause(text: str) -> str:
 
 
 def sqlite_file(url: str) -> Path | None:
-    if url in (":memory:", "sqlite://", "sqlite:///:memory:") or not url.startswith("sqlite:///"):
+    try:
+        path = parse_sqlite_url(url).path
+    except BadSqliteUrl:
         return None
-    return Path(url[len("sqlite:///"):])
+    return None if path == MEMORY else Path(path)
 
 
 def _writable(directory: Path) -> bool:

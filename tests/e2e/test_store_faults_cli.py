@@ -120,6 +120,7 @@ def test_a_garbage_database_url_is_one_line_for_every_command() -> None:
     ("oracle://db.example/x", "unsupported database URL scheme 'oracle'"),
     ("sqlite:/relative.db", "not a SQLite URL"),
     ("sqlite://relative.db", "three slashes"),
+    ("sqlite:///relative.db?synchronous=off", "synchronous='off' is not a choice"),
     ("postgresql://[bad/x", "not a valid PostgreSQL URL"),
     ("postgresql://u:pw@127.0.0.1:99999/x", "invalid port"),
 ])

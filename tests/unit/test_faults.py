@@ -54,6 +54,7 @@ def test_mask_url_hides_passwords_only(url: str, masked: str) -> None:
 @pytest.mark.parametrize(("url", "scheme"), [
     ("sqlite:///./alpaca.db", "sqlite"), ("sqlite:////abs/a.db", "sqlite"),
     (":memory:", "sqlite"), ("sqlite://", "sqlite"), ("postgresql://u@h/db", "postgresql"),
+    ("sqlite:///a.db?synchronous=full", "sqlite"), ("sqlite:///a.db?synchronous=NORMAL", "sqlite"),
     ("postgres://h/db", "postgresql"), ("mongodb://h/db", "mongodb"),
     ("mongodb+srv://c.example/db", "mongodb+srv"),
 ])
@@ -65,6 +66,8 @@ def test_usable_urls(url: str, scheme: str) -> None:
     ("garbage", "not a database URL"), ("", "not a database URL"),
     ("mysql://h/db", "unsupported database URL scheme 'mysql'"),
     ("sqlite:/x.db", "not a SQLite URL"), ("sqlite://x.db", "three slashes"),
+    ("sqlite:///", "names no file"), ("sqlite:///a.db?journal=off", "unknown SQLite URL option"),
+    ("sqlite:///a.db?synchronous=off", "synchronous='off' is not a choice"),
     ("postgresql://[oops/db", "not a valid PostgreSQL URL"),
 ])
 def test_malformed_urls_are_one_line_naming_the_forms(url: str, says: str) -> None:

@@ -62,7 +62,7 @@ async def test_file_is_wal_and_migrations_are_versioned(tmp_path: Path):
 def test_factory_rejects_unknown_schemes():
     with pytest.raises(ValueError, match="unsupported"):
         make_store("oracle://x")
-    with pytest.raises(ValueError, match="sqlite URL"):
+    with pytest.raises(ValueError, match="SQLite URL needs three slashes"):
         SQLiteStore("sqlite:/relative")
 
 

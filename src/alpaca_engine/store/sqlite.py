@@ -45,6 +45,7 @@ from .. import budget as ledger_logic
 from ..errors import ApprovalConflict, LeaseLost, NotFound
 from ..faults import Fault, StoreUnavailable, translating_faults
 from ..lifecycle import RunState, check_transition
+from ..sqlite_url import parse_sqlite_url
 from ..sqlite_wal import enable_wal, is_busy
 from ..telemetry.audit import GENESIS, AuditChain, AuditRecord
 from . import observers
@@ -187,12 +188,6 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def sqlite_path(url: str) -> str:
-    if url in ("sqlite://", "sqlite:///:memory:", ":memory:"):
-        return ":memory:"
-    if url.startswith("sqlite:///"):
-        return url[len("sqlite:///") :]
-    raise ValueError(f"not a sqlite URL: {url!r} (expected sqlite:///path/to/file.db)")
 
 
 def check_length(url: str, path: str) -> None:
@@ -229,7 +224,10 @@ class SQLiteStore:
 
     def __init__(self, url: str = "sqlite:///./alpaca.db", audit_key: bytes | None = None):
         self.url = url
-        self.path = sqlite_path(url)
+        parsed = parse_sqlite_url(url)
+        self.path = parsed.path
+        self.synchronous = parsed.synchronous
+        """``PRAGMA synchronous`` of every connection (``?synchronous=`` in the URL)."""
         self.audit_key = audit_key
         self._db: sqlite3.Connection | None = None
         """The event loop's connection (the only one for ``:memory:``)."""
@@ -261,7 +259,7 @@ class SQLiteStore:
             db.row_factory = sqlite3.Row
             if wal:  # persistent: the loop's connection finds it set by the writer thread's
                 enable_wal(db, busy_timeout)
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         except BaseException:
