@@ -408,7 +408,7 @@ def next_record(
     if type(data) is not dict and not isinstance(data, Mapping):
         raise AuditError(f"data must be a mapping, got {type(data).__name__}")
     stamp = iso_utc() if time is None else _check_time(time)
-    plain = dict(data)
+    plain = data if type(data) is dict else dict(data)  # only read: no copy needed
     seq = last_seq + 1
     if type(seq) is int and _plain_json(plain):
         # One check and one dump of the data: the hash payload is spliced from its canonical
