@@ -57,12 +57,17 @@ def old_redact_text(text: str) -> str:
     return text
 
 
+_OLD_SCALARS = bool | int | float
+_OLD_CONTAINERS = Mapping | list | tuple | set | frozenset
+
+
 def old_redact_value(value: Any, _depth: int = 0, *, mask_keys: bool = True) -> Any:
-    if value is None or isinstance(value, bool | int | float):
+    """The original redact_value (its unions named here; the same isinstance tests)."""
+    if value is None or isinstance(value, _OLD_SCALARS):
         return value
     if isinstance(value, str):
         return old_redact_text(value)
-    if _depth >= MAX_REDACT_DEPTH and isinstance(value, Mapping | list | tuple | set | frozenset):
+    if _depth >= MAX_REDACT_DEPTH and isinstance(value, _OLD_CONTAINERS):
         return TOO_DEEP
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
@@ -293,3 +298,32 @@ def test_generated_values_redact_as_before(value: Any, secrets: list[str]) -> No
 def test_generated_values_at_the_depth_limit_redact_as_before(value: Any, depth: int) -> None:
     check(_nested(depth, value))
     check({"d": _nested(depth, value)})
+
+
+@pytest.mark.parametrize("container", ["plain", "subclasses"])
+def test_a_deep_value_needs_no_more_stack_than_before(container: str) -> None:
+    """Where the old implementation fit under the recursion limit, the new one fits too."""
+    import inspect
+    import sys
+
+    value: Any = f"sk-{'a' * 10}"
+    for index in range(MAX_REDACT_DEPTH + 5):
+        if container == "plain":
+            value = {"n": value} if index % 2 else [value]
+        else:
+            value = Bag(n=value) if index % 2 else Items([value])
+    limit, base = sys.getrecursionlimit(), len(inspect.stack(0))
+    try:
+        for extra in range(MAX_REDACT_DEPTH, 4 * MAX_REDACT_DEPTH):
+            sys.setrecursionlimit(base + extra)
+            try:
+                old = old_redact_value(value)
+            except RecursionError:
+                continue
+            new = redact_value(value)  # at the least stack the old one needed
+            break
+        else:
+            pytest.fail("the old implementation never fit")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert same(new, old)

@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -169,81 +169,63 @@ def redact_value(value: Any, _depth: int = 0, *, mask_keys: bool = True) -> Any:
     unless ``mask_keys`` is false (tool arguments: a ``next_token`` parameter is data).
     Containers nested deeper than ``MAX_REDACT_DEPTH`` are cut: a log line or an audit record
     must never fail on a pathological value (the tool gate refuses those earlier).
+
+    On the hot path (every audit record's data): exact types are tried first, text and
+    scalar items are done in place of a call, and a ``str`` key's redaction is remembered.
     """
     kind = type(value)
     if kind is str:
         return _redact_text(value, _secrets)
     if kind in _SCALARS:
         return value
-    if kind is dict and _depth < MAX_REDACT_DEPTH:
-        return _redact_dict(value, _depth, mask_keys)
-    if (kind is list or kind is tuple) and _depth < MAX_REDACT_DEPTH:
-        return _redact_items(value, _depth, mask_keys)
-    return _redact_any(value, _depth, mask_keys)
-
-
-def _redact_dict(value: Mapping[Any, Any], depth: int, mask_keys: bool) -> dict[str, Any]:
-    """``redact_value`` of a mapping: the exact ``str`` keys' redaction remembered, the
-    scalar items done in place of a call."""
-    secrets = _secrets
-    memo = _key_memo_for(secrets)
-    scalars = _SCALARS
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if type(key) is str:
-            known = memo.get(key)
-            if known is None:
-                known = (_redact_text(key, secrets), is_secret_key(key))
-                if len(memo) < _KEY_MEMO_SIZE:
-                    memo[key] = known
-            name, secret = known
-            if mask_keys and secret:
-                out[name] = REDACTED
-                continue
-        else:
-            name = _redact_text(str(key), secrets)
-            if mask_keys and is_secret_key(str(key)):
-                out[name] = REDACTED
-                continue
-        kind = type(item)
-        if kind is str:
-            out[name] = _redact_text(item, secrets)
-        elif kind in scalars:
-            out[name] = item
-        else:
-            out[name] = redact_value(item, depth + 1, mask_keys=mask_keys)
-    return out
-
-
-def _redact_items(value: Iterable[Any], depth: int, mask_keys: bool) -> list[Any]:
-    """``redact_value`` of a list, tuple or set: a list, the scalar items done in place."""
+    if kind is not dict and kind is not list and kind is not tuple:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            return redact_text(value)
+    if _depth >= MAX_REDACT_DEPTH and isinstance(value, Mapping | list | tuple | set | frozenset):
+        return TOO_DEEP
     secrets = _secrets
     scalars = _SCALARS
-    out: list[Any] = []
-    for item in value:
-        kind = type(item)
-        if kind is str:
-            out.append(_redact_text(item, secrets))
-        elif kind in scalars:
-            out.append(item)
-        else:
-            out.append(redact_value(item, depth + 1, mask_keys=mask_keys))
-    return out
-
-
-def _redact_any(value: Any, depth: int, mask_keys: bool) -> Any:
-    """``redact_value`` of anything: subclasses, other mappings and iterables, too deep."""
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, Mapping | list | tuple | set | frozenset):
-        if depth >= MAX_REDACT_DEPTH:
-            return TOO_DEEP
-        if isinstance(value, Mapping):
-            return _redact_dict(value, depth, mask_keys)
-        return _redact_items(value, depth, mask_keys)
-    return redact_text(str(value))
+    if kind is dict or (kind is not list and kind is not tuple and isinstance(value, Mapping)):
+        memo = _key_memo_for(secrets)
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is str:
+                known = memo.get(key)
+                if known is None:
+                    known = (_redact_text(key, secrets), is_secret_key(key))
+                    if len(memo) < _KEY_MEMO_SIZE:
+                        memo[key] = known
+                name, secret = known
+                if mask_keys and secret:
+                    out[name] = REDACTED
+                    continue
+            else:
+                name = _redact_text(str(key), secrets)
+                if mask_keys and is_secret_key(str(key)):
+                    out[name] = REDACTED
+                    continue
+            item_kind = type(item)
+            if item_kind is str:
+                out[name] = _redact_text(item, secrets)
+            elif item_kind in scalars:
+                out[name] = item
+            else:
+                out[name] = redact_value(item, _depth + 1, mask_keys=mask_keys)
+        return out
+    if kind is list or kind is tuple or isinstance(value, list | tuple | set | frozenset):
+        items: list[Any] = []
+        for item in value:
+            item_kind = type(item)
+            if item_kind is str:
+                items.append(_redact_text(item, secrets))
+            elif item_kind in scalars:
+                items.append(item)
+            else:
+                items.append(redact_value(item, _depth + 1, mask_keys=mask_keys))
+        return items
+    return _redact_text(str(value), secrets)
 
 
 # --------------------------------------------------------------------------- context
