@@ -270,3 +270,181 @@ def test_data_json_of_a_malformed_stored_record_raises_audit_error() -> None:
     rec = AuditRecord.from_dict({**record({"x": 1}).to_dict(), "data": {"x": float("nan")}})
     with pytest.raises(AuditError, match="NaN and Infinity"):
         _ = rec.data_json
+
+
+# --------------------------------------------------------------------------- the fast path
+
+
+def test_a_record_built_directly_is_the_record_init_builds() -> None:
+    """The fast path fills the frozen record without __init__: same fields, same order, the
+    same frozen, comparable, copyable object."""
+    import copy
+    import dataclasses
+    import pickle
+
+    new = record({"b": [1, (2, 3)], "a": {"y": None, "x": 1.5}}, last_seq=4, last_hash=HEAD)
+    old = reference_record({"b": [1, (2, 3)], "a": {"y": None, "x": 1.5}}, last_seq=4,
+                           last_hash=HEAD)
+    assert type(new) is AuditRecord
+    assert list(vars(new))[:8] == [f.name for f in dataclasses.fields(AuditRecord)]
+    assert {k: v for k, v in vars(new).items() if k != "data_json"} == vars(old)
+    assert repr(new) == repr(old)
+    assert dataclasses.asdict(new) == dataclasses.asdict(old)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new.seq = 9  # type: ignore[misc]
+    for clone in (copy.deepcopy(new), pickle.loads(pickle.dumps(new)), replace(new)):
+        assert clone == new and clone.data_json == new.data_json
+    assert list(new.data) == ["a", "b"] and list(new.data["a"]) == ["x", "y"]  # sorted keys
+
+
+def test_record_data_is_a_fresh_copy() -> None:
+    data: dict[str, Any] = {"l": [1, {"m": [2]}], "t": (3,)}
+    rec = record(data)
+    data["l"][1]["m"].append(9)
+    data["l"].append(8)
+    assert rec.data == {"l": [1, {"m": [2]}], "t": [3]}
+    again = record(data)
+    assert again.data is not data and again.data["l"] is not data["l"]
+
+
+@pytest.mark.parametrize("key", [KEY, bytearray(KEY), b"k" * 200], ids=["bytes", "bytearray",
+                                                                       "long"])
+def test_keyed_hashes_as_before_for_every_key_type(key: Any) -> None:
+    for seq, data in enumerate(EDGE_VALUES):
+        assert_same(data, key=key, last_seq=seq, last_hash=HEAD if seq else GENESIS)
+    chain = AuditChain("run-k", key=key)
+    for data in EDGE_VALUES:
+        rec = chain.append("k", data, "engine", T0)
+        assert rec.hash == reference_record(data, key=bytes(key), run_id="run-k", kind="k",
+                                            last_seq=rec.seq - 1,
+                                            last_hash=rec.prev_hash).hash
+
+
+def test_an_empty_key_fails_as_before() -> None:
+    for key in (b"", bytearray()):
+        with pytest.raises(AuditError, match="the audit key is empty"):
+            record({"x": 1}, key=key)
+
+
+def test_chain_appends_hash_as_next_record_and_recheck_an_outside_head() -> None:
+    """AuditChain skips the head check for the head it made; a head set from outside is
+    checked again, with the same errors as next_record."""
+    chain = AuditChain("run-1", key=KEY)
+    for index, data in enumerate(EDGE_VALUES):
+        before = (chain.last_seq, chain.last_hash)
+        rec = chain.append("step", data, "engine", T0)
+        assert rec == next_record("run-1", *before, "step", data, "engine", KEY, T0)
+        assert (chain.last_seq, chain.last_hash) == (index + 1, rec.hash)
+    for seq, head, message in [
+        (-1, HEAD, "last_seq must be an integer >= 0"),
+        (True, HEAD, "last_seq must be an integer >= 0"),
+        (3, "AB" * 32, "last_hash must be 64 lower-case hex digits"),
+        (3, GENESIS, "last_seq is 3 but last_hash is GENESIS"),
+        (0, HEAD, "last_seq is 0 (empty chain) but last_hash is not GENESIS"),
+    ]:
+        bad = AuditChain("run-1")
+        bad.last_seq, bad.last_hash = seq, head
+        with pytest.raises(AuditError) as new:
+            bad.append("step", {"x": 1}, "engine", T0)
+        with pytest.raises(AuditError) as old:
+            next_record("run-1", seq, head, "step", {"x": 1}, "engine", None, T0)
+        assert str(new.value) == str(old.value)
+        assert message in str(new.value)
+    rebuilt = AuditChain("run-1")
+    rebuilt.last_seq, rebuilt.last_hash = 41, HEAD  # a valid head set from outside
+    assert rebuilt.append("k", {"x": 1}, "engine", T0) == reference_record(
+        {"x": 1}, kind="k", last_seq=41, last_hash=HEAD)
+
+
+def test_field_errors_come_in_the_same_order() -> None:
+    """A bad run_id is named before a bad head, a bad head before bad data or time."""
+    with pytest.raises(AuditError, match="run_id must be"):
+        next_record("", -1, "x", "k", [], "engine", None, "noon")  # type: ignore[arg-type]
+    with pytest.raises(AuditError, match="last_seq must be"):
+        next_record("r", -1, "x", "k", [], "engine", None, "noon")  # type: ignore[arg-type]
+    with pytest.raises(AuditError, match="data must be a mapping, got list"):
+        next_record("r", 0, GENESIS, "k", [], "engine", None, "noon")  # type: ignore[arg-type]
+    with pytest.raises(AuditError, match="is not ISO-8601"):
+        next_record("r", 0, GENESIS, "k", {}, "engine", None, "noon")
+    chain = AuditChain("r")
+    with pytest.raises(AuditError, match="kind must be"):
+        chain.append("", {}, "engine", "noon")
+
+
+@pytest.mark.parametrize("stamp, message", [
+    ("noon", "time 'noon' is not ISO-8601"),
+    ("2026-11-26T15:10:54+02:00", "is not UTC"),
+    ("2026-11-26T15:10:54", "is not UTC"),
+    (Tag("2026-11-26T15:10:54+01:00"), "is not UTC"),
+    (Tag("not a time"), "is not ISO-8601"),
+    (1234.5, "time must be an ISO-8601 UTC string, got float"),
+    (b"2026-11-26T15:10:54Z", "time must be an ISO-8601 UTC string, got bytes"),
+])
+def test_bad_times_fail_the_same_way_every_time(stamp: Any, message: str) -> None:
+    for _ in range(3):  # the check is cached for good times only
+        with pytest.raises(AuditError, match=message):
+            record({"x": 1}, time=stamp)
+
+
+def test_good_times_are_kept_as_given() -> None:
+    for stamp in (T0, "2026-11-26T15:10:54+00:00", Tag(T0), "2026-11-26 15:10:54.5Z"):
+        for _ in range(2):
+            rec = assert_same({"x": 1}, time=stamp)
+            assert rec.time is stamp
+
+
+def reference_iso(ts: float) -> str:
+    """sqlite.iso / iso_utc(float) as they were."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+ISO_EDGES = [
+    0.0, 0, 1, -1, -0.5, 0.5, 1e-6, 4e-7, 6e-7, 0.9999995, 0.9999994, 0.99999951,
+    59.9999996, 1780000000.123456, 1780000000.9999996, 1780000000.9999994, 1780000059.9999997,
+    1780000000, 1779999999.9999999, -62135596800.0, 253402300799.999999 - 1, 1e9 + 0.5e-6,
+    1e9 + 1.5e-6, 2.5e-6, -1.0000005, 951782400.0, 4102444799.9999995,
+]
+
+
+@pytest.mark.parametrize("order", ["as-listed", "each-twice", "reversed"])
+def test_timestamps_format_as_strftime_did(order: str) -> None:
+    from alpaca_engine.store.sqlite import iso
+    from alpaca_engine.telemetry.audit import iso_utc
+
+    values = {"as-listed": ISO_EDGES, "each-twice": [v for v in ISO_EDGES for _ in (0, 1)],
+              "reversed": ISO_EDGES[::-1]}[order]
+    for ts in values:
+        assert iso(ts) == reference_iso(ts), ts
+        assert iso_utc(ts) == reference_iso(ts), ts
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(
+    st.floats(min_value=-62135596800.0, max_value=253402300000.0),
+    st.integers(min_value=-62135596800, max_value=253402300000),
+    st.integers(min_value=1779999990, max_value=1780000010).flatmap(
+        lambda s: st.floats(min_value=s - 1e-6, max_value=s + 1e-6)),
+), min_size=1, max_size=20))
+def test_generated_timestamps_format_as_strftime_did(stamps: list[float]) -> None:
+    from alpaca_engine.store.sqlite import iso
+    from alpaca_engine.telemetry.audit import iso_utc
+
+    for ts in stamps:
+        assert iso(ts) == reference_iso(ts)
+        assert iso_utc(ts) == reference_iso(ts)
+
+
+def test_other_times_format_as_before() -> None:
+    from alpaca_engine.telemetry.audit import iso_utc
+
+    class Seconds(float):
+        pass
+
+    for when in (True, Seconds(1780000000.25), Level.LOW):
+        assert iso_utc(when) == reference_iso(when)  # type: ignore[arg-type]
+    for bad in (float("nan"), float("inf"), 1e20, "0"):
+        with pytest.raises(Exception) as old:
+            reference_iso(bad)  # type: ignore[arg-type]
+        with pytest.raises(Exception) as new:
+            iso_utc(bad)  # type: ignore[arg-type]
+        assert type(new.value) is type(old.value) and str(new.value) == str(old.value)

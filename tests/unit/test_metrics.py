@@ -201,3 +201,115 @@ def test_unknown_labels_are_rejected() -> None:
         m.breaker_transition("pay", "ajar")
     with pytest.raises(ValueError, match="budget resource"):
         m.budget("tokens", 1)
+
+
+def _old_number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
+
+
+def old_committed(m: Metrics, events: list[AuditEvent]) -> None:
+    """Metrics.committed as it was (before its fast path), through the public methods."""
+    for event in events:
+        data = event.data
+        if event.kind == "run.created":
+            m.run_state("queued")
+        elif event.kind == "state.changed" and data.get("to"):
+            m.run_state(str(data["to"]))
+        elif event.kind == "budget.reserved":
+            m.budget("steps", _old_number(data.get("steps")))
+            m.budget("tool_calls", _old_number(data.get("tool_calls")))
+            if data.get("tool_calls"):
+                m.budget("cost", _old_number(data.get("cost")))
+        elif event.kind == "model.output":
+            usage = data.get("usage") or {}
+            m.budget("input_tokens", _old_number(usage.get("input_tokens")))
+            m.budget("output_tokens", _old_number(usage.get("output_tokens")))
+            m.budget("cost", _old_number(data.get("cost")))
+
+
+class _Ratio(float):
+    pass
+
+
+ODD_VALUES: list[object] = [None, 0, 0.0, -1, -0.5, 1, 2.5, True, False, "3", [1], {"a": 1},
+                            10**20, 1e-300, _Ratio(0.75), RunState.RUNNING, float("inf")]
+
+
+def test_committed_counts_every_odd_value_as_before() -> None:
+    events: list[AuditEvent] = []
+    for value in ODD_VALUES:
+        events += [
+            AuditEvent(kind="budget.reserved", data={"steps": value, "tool_calls": value,
+                                                     "cost": value}),
+            AuditEvent(kind="budget.reserved", data={"steps": value, "tool_calls": 1,
+                                                     "cost": value}),
+            AuditEvent(kind="budget.reserved", data={"tool_calls": value, "cost": 0.5}),
+            AuditEvent(kind="model.output", data={"usage": {"input_tokens": value,
+                                                            "output_tokens": value},
+                                                  "cost": value}),
+            AuditEvent(kind="model.output", data={"usage": value if not value else None,
+                                                  "cost": value}),
+            AuditEvent(kind="state.changed", data={"to": value}),
+            AuditEvent(kind="run.created", data={"to": value}),
+            AuditEvent(kind="other", data={"steps": value, "to": value}),
+        ]
+    events.append(AuditEvent(kind="model.output", data={}))
+    new, old = Metrics(), Metrics()
+    for start in range(0, len(events), 7):  # several batches, as observers hand them over
+        new.committed("run_1", events[start:start + 7])
+        old_committed(old, events[start:start + 7])
+    assert scrape(new) == scrape(old)
+    assert new.render() == old.render()
+    fresh = Metrics()  # nothing counted: no series made either
+    fresh.committed("run_1", [AuditEvent(kind="budget.reserved", data={"steps": 0})])
+    assert scrape(fresh) == scrape(Metrics())
+
+
+def test_committed_fails_on_malformed_usage_as_before() -> None:
+    bad = [AuditEvent(kind="model.output", data={"usage": [1, 2]})]
+    with pytest.raises(AttributeError):
+        old_committed(Metrics(), bad)
+    with pytest.raises(AttributeError):
+        Metrics().committed("run_1", bad)
+
+
+def test_transactions_deliver_on_success_and_drop_on_any_exception() -> None:
+    import asyncio
+
+    from alpaca_engine.store import observers
+
+    heard: list[tuple[str, list[str]]] = []
+    stop = observers.subscribe(lambda run_id, events: heard.append(
+        (run_id, [e.kind for e in events])))
+    one = [AuditEvent(kind="a")]
+    try:
+        with observers.transaction() as entered:
+            assert entered is None
+            observers.written("r1", one)
+            observers.written("r1", [])  # nothing appended: nothing reported
+            observers.written("r2", [AuditEvent(kind="b"), AuditEvent(kind="c")])
+            assert heard == []  # only once the block ends
+        assert heard == [("r1", ["a"]), ("r2", ["b", "c"])]
+        for exc in (ValueError("boom"), asyncio.CancelledError(), KeyboardInterrupt()):
+            with pytest.raises(type(exc)), observers.transaction():
+                observers.written("r3", one)
+                raise exc
+        with observers.transaction():
+            observers.written("r4", one)
+            observers.restart()  # a retried attempt forgets the aborted one's writes
+            observers.written("r5", one)
+        observers.written("r6", one)  # outside any transaction: nowhere to go
+        with observers.held() as batch:
+            with observers.transaction():
+                observers.written("r7", one)
+            with pytest.raises(ValueError), observers.transaction():
+                observers.written("r8", one)
+                raise ValueError
+            with observers.transaction(), observers.transaction():  # nested: the inner
+                observers.written("r9", one)                        # one's batch, held
+        assert [run_id for run_id, _ in batch] == ["r7", "r9"]
+        assert [run_id for run_id, _ in heard] == ["r1", "r2", "r5"]
+        observers.deliver(batch)
+        assert [run_id for run_id, _ in heard] == ["r1", "r2", "r5", "r7", "r9"]
+    finally:
+        stop()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from types import TracebackType
 
 from .records import AuditEvent
 
@@ -34,21 +35,34 @@ def subscribe(observer: Observer) -> Callable[[], None]:
     return lambda: _observers.remove(observer)
 
 
-@contextmanager
-def transaction() -> Iterator[None]:
+def transaction() -> _Transaction:
     """Wrap one transaction attempt (its commit included): what it wrote is delivered when
     the block ends normally, and dropped when it raises."""
-    written_here: Batch = []
-    token = _pending.set(written_here)
-    try:
-        yield
-    finally:
-        _pending.reset(token)
-    held = _held.get()
-    if held is not None:
-        held.extend(written_here)
-    else:
-        deliver(written_here)
+    return _Transaction()
+
+
+class _Transaction:
+    """``transaction()``: a class, not a ``contextmanager`` generator, since every store
+    transaction enters one and the generator machinery cost more than the rest of it."""
+
+    __slots__ = ("_token", "_written")
+    _written: Batch
+    _token: Token[Batch | None]
+
+    def __enter__(self) -> None:
+        self._written = []
+        self._token = _pending.set(self._written)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        _pending.reset(self._token)
+        if kind is not None:
+            return  # raised: dropped
+        held = _held.get()
+        if held is not None:
+            held.extend(self._written)
+        else:
+            deliver(self._written)
 
 
 @contextmanager

@@ -23,9 +23,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from json.encoder import encode_basestring
 from typing import Any, TypeVar, cast
 
 __all__ = [
@@ -55,6 +56,7 @@ REDACTED = "***"
 _HASH_FIELDS = ("seq", "time", "run_id", "actor", "kind", "data", "prev_hash")
 _TEXT_FIELDS = ("time", "run_id", "actor", "kind", "prev_hash", "hash")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_new_record = object.__new__
 
 # Normalised (lower case, '-' -> '_') key names whose values are always secret; a key also
 # counts when it ends with "_" + one of these (access_token, client_secret, openai_api_key).
@@ -105,6 +107,29 @@ _CANONICAL = json.JSONEncoder(
 )
 _LEAF_TYPES = frozenset({str, int, bool, type(None)})
 _PLAIN_DEPTH = 64
+
+
+def _plain_encoder() -> Callable[[Any, int], Iterable[str]]:
+    """The C encoder ``_CANONICAL.encode`` builds on every call, built once.
+
+    Only for values ``_plain_json`` accepted: those have no cycles (their depth is bounded),
+    so it skips the cycle check (``markers=None``); the text is the same. Without the C
+    accelerator, ``_CANONICAL.encode`` itself.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return lambda value, _level: (_CANONICAL.encode(value),)
+    encoder: Callable[[Any, int], Iterable[str]] = make(
+        None, _CANONICAL.default, encode_basestring, _CANONICAL.indent,
+        _CANONICAL.key_separator, _CANONICAL.item_separator, _CANONICAL.sort_keys,
+        _CANONICAL.skipkeys, _CANONICAL.allow_nan,
+    )
+    return encoder
+
+
+_PLAIN_CHUNKS = _plain_encoder()
+# ``json.loads`` without its per-call checks: the canonical text has no BOM, no whitespace.
+_DECODER = json.JSONDecoder()
 
 
 def _plain_json(value: Any, depth: int = 0) -> bool:
@@ -181,6 +206,9 @@ def iso_utc(when: datetime | float | None = None) -> str:
 
     ``when`` is an aware datetime, an epoch in seconds (``Clock.now()``) or None for now.
     """
+    kind = type(when)
+    if kind is float or kind is int:
+        return _epoch_text(cast(float, when))
     if when is None:
         moment = datetime.now(UTC)
     elif isinstance(when, datetime):
@@ -189,20 +217,54 @@ def iso_utc(when: datetime | float | None = None) -> str:
         moment = when.astimezone(UTC)
     else:
         moment = datetime.fromtimestamp(when, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.strftime(_ISO_FORMAT)
+
+
+_ISO_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_last_second: tuple[int, int, str] = (0, -1, "")
+"""(floor of an epoch, the second of its datetime, that datetime's text up to the second)."""
+
+
+def _epoch_text(when: float) -> str:
+    """``datetime.fromtimestamp(when, UTC).strftime(_ISO_FORMAT)``, the text up to the second
+    reused while the second does not change (strftime costs several times the rest).
+
+    The datetime is at second ``floor(when)``, or the next one when the microseconds round up
+    to it; those two differ in ``moment.second``, so the pair names the second exactly.
+    """
+    global _last_second
+    moment = datetime.fromtimestamp(when, UTC)
+    whole = math.floor(when)
+    cached_whole, cached_second, prefix = _last_second
+    if cached_whole != whole or cached_second != moment.second:
+        prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (whole, moment.second, prefix)
+    return f"{prefix}.{moment.microsecond:06d}Z"
 
 
 def _check_time(value: object) -> str:
     """Accept only ISO-8601 times in UTC, so records from different hosts compare as text."""
+    if type(value) is str:
+        _check_utc_text(value)  # the same few stamps come back: a batch shares one
+        return value
     if not isinstance(value, str):
         raise AuditError(f"time must be an ISO-8601 UTC string, got {type(value).__name__}")
+    _parse_utc_text(value)
+    return value
+
+
+def _parse_utc_text(value: str) -> None:
+    """The parse of ``_check_time``: raises AuditError for a time that is not ISO-8601 UTC."""
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise AuditError(f"time {value!r} is not ISO-8601") from exc
     if parsed.utcoffset() != timedelta(0):
         raise AuditError(f"time {value!r} is not UTC (use a 'Z' or '+00:00' suffix)")
-    return value
+
+
+_check_utc_text = functools.lru_cache(maxsize=256)(_parse_utc_text)
+"""Cached for exact ``str`` (an error raises again each time: exceptions are not cached)."""
 
 
 # --------------------------------------------------------------------------- records
@@ -289,7 +351,17 @@ def _digest(payload: bytes, key: bytes | None) -> str:
         return hashlib.sha256(payload).hexdigest()
     if not key:
         raise AuditError("compute_hash: the audit key is empty")
+    if type(key) is bytes:
+        mac = _keyed(key).copy()  # the key's pads hashed once, not for every record
+        mac.update(payload)
+        return mac.hexdigest()
     return hmac.new(key, payload, hashlib.sha256).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 of ``key`` over nothing yet, to copy (a process has one key or two)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def _require_text(name: str, value: object) -> str:
@@ -319,26 +391,30 @@ def next_record(
     actor: str,
     key: bytes | None = None,
     time: str | None = None,
+    *,
+    _head_checked: bool = False,
 ) -> AuditRecord:
     """Build the record after ``(last_seq, last_hash)``; the store persists it in the same txn.
 
     ``data`` is normalised through canonical JSON, so the stored record re-verifies exactly after
     a JSON round trip (tuples become lists). Redact secrets before calling (see ``redact``).
+    ``_head_checked``: the head is one ``AuditChain`` checked or made (not checked again).
     """
     _require_text("run_id", run_id)
     _require_text("kind", kind)
     _require_text("actor", actor)
-    _check_head(last_seq, last_hash)
-    if not isinstance(data, Mapping):
+    if not _head_checked:
+        _check_head(last_seq, last_hash)
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise AuditError(f"data must be a mapping, got {type(data).__name__}")
     stamp = iso_utc() if time is None else _check_time(time)
-    plain = dict(data)
+    plain = data if type(data) is dict else dict(data)  # only read: no copy needed
     seq = last_seq + 1
     if type(seq) is int and _plain_json(plain):
         # One check and one dump of the data: the hash payload is spliced from its canonical
         # text, byte for byte what canonical_json(fields) gives (keys in sorted order).
-        text = _CANONICAL.encode(plain)
-        enc = _CANONICAL.encode
+        text = "".join(_PLAIN_CHUNKS(plain, 0))
+        enc = encode_basestring  # what _CANONICAL.encode does with a str
         try:
             payload = (
                 f'{{"actor":{enc(actor)},"data":{text},"kind":{enc(kind)},'
@@ -348,11 +424,19 @@ def next_record(
         except UnicodeEncodeError:
             pass  # a lone surrogate: the original path below raises the usual AuditError
         else:
-            record = AuditRecord(
-                seq=seq, time=stamp, run_id=run_id, actor=actor, kind=kind,
-                data=json.loads(text), prev_hash=last_hash, hash=_digest(payload, key),
-            )
-            record.__dict__["data_json"] = text  # fills the cached_property
+            # Every field is already checked (texts above, seq an int >= 1, the digest
+            # hex): the record is filled in directly, without __init__ checking it again.
+            record = _new_record(AuditRecord)
+            slots = record.__dict__
+            slots["seq"] = seq
+            slots["time"] = stamp
+            slots["run_id"] = run_id
+            slots["actor"] = actor
+            slots["kind"] = kind
+            slots["data"] = _DECODER.raw_decode(text)[0]  # json.loads(text), a fresh copy
+            slots["prev_hash"] = last_hash
+            slots["hash"] = _digest(payload, key)
+            slots["data_json"] = text  # fills the cached_property
             return record
     fields: dict[str, Any] = {
         "seq": seq,
@@ -381,6 +465,8 @@ class AuditChain:
         self._key = key
         self.last_seq = last_seq
         self.last_hash = last_hash
+        self._checked: tuple[object, object] = (last_seq, last_hash)
+        """The head objects known good (checked, or made by ``append``): not checked again."""
 
     def __repr__(self) -> str:
         """Never show the key."""
@@ -395,10 +481,13 @@ class AuditChain:
         self, kind: str, data: Mapping[str, Any], actor: str, time: str | None = None
     ) -> AuditRecord:
         """Produce the next record and advance the head."""
-        record = next_record(
-            self.run_id, self.last_seq, self.last_hash, kind, data, actor, self._key, time
-        )
+        last_seq, last_hash = self.last_seq, self.last_hash
+        checked_seq, checked_hash = self._checked
+        known = last_seq is checked_seq and last_hash is checked_hash  # else set from outside
+        record = next_record(self.run_id, last_seq, last_hash, kind, data, actor, self._key,
+                             time, _head_checked=known)
         self.last_seq, self.last_hash = record.seq, record.hash
+        self._checked = (record.seq, record.hash)
         return record
 
     def verify(self, records: Iterable[AuditRecord | Mapping[str, Any]]) -> VerifyResult:

@@ -125,7 +125,11 @@ def redact_text(text: str) -> str:
     runs only when a cheap substring test says it can match (a clean 250 kB string costs a few
     plain ``in`` searches, not four regular-expression scans).
     """
-    secrets = _secrets
+    return _redact_text(text, _secrets)
+
+
+def _redact_text(text: str, secrets: tuple[str, ...]) -> str:
+    """``redact_text`` with the registered secrets read once by the caller."""
     if secrets and any(secret in text for secret in secrets):
         text = redact(text, secrets)
     if "sk-" in text:
@@ -139,6 +143,25 @@ def redact_text(text: str) -> str:
     return text
 
 
+_SCALARS = frozenset({type(None), bool, int, float})
+"""The exact types ``redact_value`` returns as they are (subclasses too, on the long way)."""
+
+_KEY_MEMO_SIZE = 2048
+"""Keys beyond it are redacted without being remembered (a result with many unique keys)."""
+_key_memo: tuple[tuple[str, ...], dict[str, tuple[str, bool]]] = ((), {})
+"""The registered secrets, and for a ``str`` key: its redacted text and whether it names a
+secret under those secrets. Mapping keys are the same few names record after record."""
+
+
+def _key_memo_for(secrets: tuple[str, ...]) -> dict[str, tuple[str, bool]]:
+    global _key_memo
+    memo_secrets, memo = _key_memo
+    if memo_secrets is not secrets:
+        memo = {}
+        _key_memo = (secrets, memo)
+    return memo
+
+
 def redact_value(value: Any, _depth: int = 0, *, mask_keys: bool = True) -> Any:
     """A JSON-friendly, secret-free copy of ``value``; other objects become redacted text.
 
@@ -146,23 +169,63 @@ def redact_value(value: Any, _depth: int = 0, *, mask_keys: bool = True) -> Any:
     unless ``mask_keys`` is false (tool arguments: a ``next_token`` parameter is data).
     Containers nested deeper than ``MAX_REDACT_DEPTH`` are cut: a log line or an audit record
     must never fail on a pathological value (the tool gate refuses those earlier).
+
+    On the hot path (every audit record's data): exact types are tried first, text and
+    scalar items are done in place of a call, and a ``str`` key's redaction is remembered.
     """
-    if value is None or isinstance(value, bool | int | float):
+    kind = type(value)
+    if kind is str:
+        return _redact_text(value, _secrets)
+    if kind in _SCALARS:
         return value
-    if isinstance(value, str):
-        return redact_text(value)
+    if kind is not dict and kind is not list and kind is not tuple:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            return redact_text(value)
     if _depth >= MAX_REDACT_DEPTH and isinstance(value, Mapping | list | tuple | set | frozenset):
         return TOO_DEEP
-    if isinstance(value, Mapping):
+    secrets = _secrets
+    scalars = _SCALARS
+    if kind is dict or (kind is not list and kind is not tuple and isinstance(value, Mapping)):
+        memo = _key_memo_for(secrets)
         out: dict[str, Any] = {}
         for key, item in value.items():
-            name = redact_text(str(key))
-            out[name] = (REDACTED if mask_keys and is_secret_key(str(key))
-                         else redact_value(item, _depth + 1, mask_keys=mask_keys))
+            if type(key) is str:
+                known = memo.get(key)
+                if known is None:
+                    known = (_redact_text(key, secrets), is_secret_key(key))
+                    if len(memo) < _KEY_MEMO_SIZE:
+                        memo[key] = known
+                name, secret = known
+                if mask_keys and secret:
+                    out[name] = REDACTED
+                    continue
+            else:
+                name = _redact_text(str(key), secrets)
+                if mask_keys and is_secret_key(str(key)):
+                    out[name] = REDACTED
+                    continue
+            item_kind = type(item)
+            if item_kind is str:
+                out[name] = _redact_text(item, secrets)
+            elif item_kind in scalars:
+                out[name] = item
+            else:
+                out[name] = redact_value(item, _depth + 1, mask_keys=mask_keys)
         return out
-    if isinstance(value, list | tuple | set | frozenset):
-        return [redact_value(item, _depth + 1, mask_keys=mask_keys) for item in value]
-    return redact_text(str(value))
+    if kind is list or kind is tuple or isinstance(value, list | tuple | set | frozenset):
+        items: list[Any] = []
+        for item in value:
+            item_kind = type(item)
+            if item_kind is str:
+                items.append(_redact_text(item, secrets))
+            elif item_kind in scalars:
+                items.append(item)
+            else:
+                items.append(redact_value(item, _depth + 1, mask_keys=mask_keys))
+        return items
+    return _redact_text(str(value), secrets)
 
 
 # --------------------------------------------------------------------------- context

@@ -160,6 +160,8 @@ class Metrics:
         self._children: dict[tuple[int, str], Any] = {}
         """Label children of the per-step series, by metric and label value: a journaled
         step records several, and prometheus_client's ``labels()`` validates and locks."""
+        self._budget_children: dict[str, Any] = {}
+        """``budget_used``'s children by resource (made on first use: a child is a series)."""
 
     def _child(self, metric: Counter | Histogram, value: str) -> Any:
         key = (id(metric), value)
@@ -248,22 +250,33 @@ class Metrics:
           for a tool call, its ``cost`` (a tool's price is fixed);
         * ``model.output`` spends its tokens and its priced ``cost``.
         """
+        spend = self._spend
         for event in events:
-            data = event.data
-            if event.kind == "run.created":
-                self.run_state("queued")
-            elif event.kind == "state.changed" and data.get("to"):
-                self.run_state(str(data["to"]))
-            elif event.kind == "budget.reserved":
-                self.budget("steps", _number(data.get("steps")))
-                self.budget("tool_calls", _number(data.get("tool_calls")))
+            kind, data = event.kind, event.data
+            if kind == "budget.reserved":
+                spend("steps", data.get("steps"))
+                spend("tool_calls", data.get("tool_calls"))
                 if data.get("tool_calls"):
-                    self.budget("cost", _number(data.get("cost")))
-            elif event.kind == "model.output":
+                    spend("cost", data.get("cost"))
+            elif kind == "model.output":
                 usage = data.get("usage") or {}
-                self.budget("input_tokens", _number(usage.get("input_tokens")))
-                self.budget("output_tokens", _number(usage.get("output_tokens")))
-                self.budget("cost", _number(data.get("cost")))
+                spend("input_tokens", usage.get("input_tokens"))
+                spend("output_tokens", usage.get("output_tokens"))
+                spend("cost", data.get("cost"))
+            elif kind == "run.created":
+                self.run_state("queued")
+            elif kind == "state.changed" and data.get("to"):
+                self.run_state(str(data["to"]))
+
+    def _spend(self, resource: str, value: object) -> None:
+        """``budget(resource, _number(value))`` for a resource known valid."""
+        if isinstance(value, (int, float)) and value > 0:  # a tuple: faster than int | float
+            amount = float(value)
+            if amount:
+                child = self._budget_children.get(resource)
+                if child is None:
+                    child = self._budget_children[resource] = self.budget_used.labels(resource)
+                child.inc(amount)
 
     # ------------------------------------------------------------------ exposition
 
