@@ -22,7 +22,7 @@ import os
 import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 from opentelemetry import context as otel_context
@@ -59,6 +59,7 @@ __all__ = [
     "model_span",
     "record_model_response",
     "record_pause",
+    "recording",
     "run_span",
     "step_span",
     "tool_span",
@@ -141,21 +142,39 @@ def _ensure_provider(service_name: str) -> TracerProvider:
 # --------------------------------------------------------------------------- spans
 
 
-@contextmanager
+def recording(context: otel_context.Context | None = None) -> bool:
+    """Whether a span started now records or propagates anything: a tracer provider is
+    installed, or there is a trace to continue (``context``, or a valid current span)."""
+    return context is not None or not isinstance(trace.get_tracer_provider(),
+                                                 ProxyTracerProvider) \
+        or trace.get_current_span().get_span_context().is_valid
+
+
+_NOT_RECORDING: AbstractContextManager[Span] = nullcontext(INVALID_SPAN)
+"""What a span is when nothing records (see :func:`recording`): the step goes on without
+one, at no cost (a generator-based context manager per step is a tenth of a journaled
+step's CPU). Stateless, so one serves every step."""
+
+
 def _span(
     name: str,
     kind: SpanKind,
     attributes: Mapping[str, AttributeValue | None],
     context: otel_context.Context | None = None,
-) -> Iterator[Span]:
-    """Start ``name`` as the current span; an escaping exception marks it, redacted.
+) -> AbstractContextManager[Span]:
+    """Start ``name`` as the current span; an escaping exception marks it, redacted."""
+    if not recording(context):
+        return _NOT_RECORDING
+    return _recording_span(name, kind, attributes, context)
 
-    With no tracer provider installed and no trace to continue, a span would record and
-    propagate nothing: the step goes on without one (a tenth of a journaled step's CPU)."""
-    if context is None and isinstance(trace.get_tracer_provider(), ProxyTracerProvider) \
-            and not trace.get_current_span().get_span_context().is_valid:
-        yield INVALID_SPAN
-        return
+
+@contextmanager
+def _recording_span(
+    name: str,
+    kind: SpanKind,
+    attributes: Mapping[str, AttributeValue | None],
+    context: otel_context.Context | None,
+) -> Iterator[Span]:
     clean = {key: value for key, value in attributes.items() if value is not None}
     with get_tracer().start_as_current_span(
         name,
@@ -273,25 +292,28 @@ def end_run(span: Span, state: str, error_code: str | None = None,
         span.set_status(Status(StatusCode.OK))
 
 
-@contextmanager
-def step_span(step: int, *, kind: str) -> Iterator[Span]:
+def step_span(step: int, *, kind: str) -> AbstractContextManager[Span]:
     """Optional span around one journal step (``step {n} {kind}``) to group its retries."""
-    with _span(
+    if not recording():
+        return _NOT_RECORDING
+    return _recording_span(
         f"step {step} {kind}",
         SpanKind.INTERNAL,
         {"alpaca.step": step, "alpaca.step.kind": str(kind)},
-    ) as span:
-        yield span
+        None,
+    )
 
 
-@contextmanager
-def model_span(model_name: str, *, provider: str, step: int | None = None) -> Iterator[Span]:
+def model_span(model_name: str, *, provider: str,
+               step: int | None = None) -> AbstractContextManager[Span]:
     """Span for one model request (``chat {model}``), a CLIENT call to the provider.
 
     Both ``gen_ai.provider.name`` (current conventions) and ``gen_ai.system`` (older, still
     read by many backends) are set.
     """
-    with _span(
+    if not recording():
+        return _NOT_RECORDING
+    return _recording_span(
         f"chat {model_name}",
         SpanKind.CLIENT,
         {
@@ -301,8 +323,8 @@ def model_span(model_name: str, *, provider: str, step: int | None = None) -> It
             "gen_ai.system": provider,
             "alpaca.step": step,
         },
-    ) as span:
-        yield span
+        None,
+    )
 
 
 def record_model_response(
@@ -313,6 +335,8 @@ def record_model_response(
     finish_reason: str | Sequence[str] | None,
 ) -> None:
     """Put the response facts on a model span; unknown values (None) are left out."""
+    if not span.is_recording():
+        return
     attributes: dict[str, AttributeValue] = {}
     if response_model:
         attributes["gen_ai.response.model"] = response_model
@@ -326,10 +350,12 @@ def record_model_response(
     span.set_attributes(attributes)
 
 
-@contextmanager
-def tool_span(tool_name: str, *, call_id: str | None, step: int | None = None) -> Iterator[Span]:
+def tool_span(tool_name: str, *, call_id: str | None,
+              step: int | None = None) -> AbstractContextManager[Span]:
     """Span for one tool execution (``execute_tool {tool}``)."""
-    with _span(
+    if not recording():
+        return _NOT_RECORDING
+    return _recording_span(
         f"execute_tool {tool_name}",
         SpanKind.INTERNAL,
         {
@@ -338,17 +364,19 @@ def tool_span(tool_name: str, *, call_id: str | None, step: int | None = None) -
             "gen_ai.tool.call.id": call_id,
             "alpaca.step": step,
         },
-    ) as span:
-        yield span
+        None,
+    )
 
 
-@contextmanager
-def delegation_span(child_agent: str, *, step: int | None = None) -> Iterator[Span]:
+def delegation_span(child_agent: str, *,
+                    step: int | None = None) -> AbstractContextManager[Span]:
     """Span for handing work to a child agent; the child's run span nests under it.
 
     Call :func:`current_traceparent` inside it and store the value with the child run.
     """
-    with _span(
+    if not recording():
+        return _NOT_RECORDING
+    return _recording_span(
         f"invoke_agent {child_agent}",
         SpanKind.INTERNAL,
         {
@@ -357,8 +385,8 @@ def delegation_span(child_agent: str, *, step: int | None = None) -> Iterator[Sp
             "alpaca.delegation": True,
             "alpaca.step": step,
         },
-    ) as span:
-        yield span
+        None,
+    )
 
 
 def current_traceparent() -> str | None:
