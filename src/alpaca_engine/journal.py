@@ -12,13 +12,39 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from .models.base import Message, ModelResponse
+from .models.base import Message, ModelResponse, ToolCall
 from .store.records import StepKind, StepRecord, StepStatus
 
 
 def _message_bytes(message: Message) -> bytes:
+    """What the digest hashes of a message: its canonical JSON (``exclude_none``, keys
+    sorted, ``json.dumps`` defaults) and a newline. A plain Message (every message the
+    engine builds) is spelled out field by field, byte for byte that text: two messages a
+    turn, so no dump to a dict and no generic encoder walk over it."""
+    if type(message) is not Message:
+        return _dumped_bytes(message)
+    calls = []
+    for c in message.tool_calls:
+        if type(c) is not ToolCall:
+            return _dumped_bytes(message)
+        calls.append(f'{{"arguments": {_quote(c.arguments)}, "id": {_quote(c.id)}, '
+                     f'"name": {_quote(c.name)}}}')
+    text = "{"
+    if message.content is not None:
+        text += f'"content": {_quote(message.content)}, '
+    if message.name is not None:
+        text += f'"name": {_quote(message.name)}, '
+    text += f'"role": {_quote(message.role)}, '
+    if message.tool_call_id is not None:
+        text += f'"tool_call_id": {_quote(message.tool_call_id)}, '
+    return f'{text}"tool_calls": [{", ".join(calls)}]}}\n'.encode()
+
+
+def _dumped_bytes(message: Message) -> bytes:
+    """The definition :func:`_message_bytes` spells out (any Message subclass takes it)."""
     return json.dumps(message.model_dump(exclude_none=True), sort_keys=True).encode() + b"\n"
 
 
