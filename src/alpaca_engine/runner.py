@@ -282,7 +282,8 @@ class StepRunner:
         for message in await self._history(agent):
             messages.append(message)
         messages.append(Message(role="user", content=run.input))
-        specs = self._visible_tools(agent)
+        granted = self.capabilities(agent)
+        specs = self._visible_tools(agent, granted)
         seq = 0
         turns = 0
         rejected = 0
@@ -313,7 +314,7 @@ class StepRunner:
             for call in response.tool_calls:
                 seq += 1
                 with bind(run_id=run.id, step=seq):
-                    result = await self._tool_step(agent, seq, call, journal)
+                    result = await self._tool_step(agent, seq, call, journal, granted)
                 messages.append(tool_message(call.id, call.name, result))
 
     async def _history(self, agent: Agent) -> list[Message]:
@@ -334,12 +335,12 @@ class StepRunner:
                                               data=chosen.audit_data(agent.history))]
         return chosen.messages
 
-    def _visible_tools(self, agent: Agent) -> list[ToolSpec]:
-        """The model only ever sees tools it is permitted to call."""
-        caps = self.capabilities(agent)
+    def _visible_tools(self, agent: Agent, granted: frozenset[str] | None) -> list[ToolSpec]:
+        """The model only ever sees tools it is permitted to call (``granted``: the run's
+        :meth:`capabilities`)."""
         specs = [ToolSpec(name=t.name, description=t.description, parameters=t.input_schema)
                  for t in self.workflow.tools
-                 if check_tool(t, agent.tools, caps, self.tenant_policy).allowed]
+                 if check_tool(t, agent.tools, granted, self.tenant_policy).allowed]
         return specs + delegation.specs(agent, self.workflow.agents)
 
     async def _check_ledgers(self) -> None:
@@ -403,7 +404,8 @@ class StepRunner:
                 raise AlpacaError(ErrorCode(code) if code in set(ErrorCode)
                                   else ErrorCode.MODEL_ERROR, error.get("message", ""))
             response = recorded_response(done)
-            self._count(StepKind.MODEL, response, agent)
+            self._count_model(response, self._price(agent.model.name, response.usage.input_tokens,
+                                                    response.usage.output_tokens))
             return response
         model_name = agent.model.name
         estimate_in = _estimate_tokens(messages)
@@ -462,17 +464,19 @@ class StepRunner:
             response = _redacted(response)
             tracing.record_model_response(span, response.model, response.usage.input_tokens,
                                           response.usage.output_tokens, response.finish_reason)
-        self._count(StepKind.MODEL, response, agent)
         actual_tokens = response.usage.input_tokens + response.usage.output_tokens
         actual_cost = self._price(model_name, response.usage.input_tokens,
                                   response.usage.output_tokens)
+        self._count_model(response, actual_cost)
         settle = {"tokens": actual_tokens - reserve["tokens"],
                   "cost": actual_cost - reserve["cost"]}
-        # Built from the redacted turn: no second scan of a long answer (see _redacted).
+        # One dump of the turn for the journal and the audit (its calls are ToolCalls, made
+        # by _redacted, so their part of it is what c.model_dump() gives). Built from the
+        # redacted turn: no second scan of a long answer (see _redacted).
+        output = response.model_dump()
         audit = [AuditEvent.of_redacted(kind="model.output", data={
             "step": seq, "model": response.model or model_name,
-            "content": response.content,
-            "tool_calls": [c.model_dump() for c in response.tool_calls],
+            "content": response.content, "tool_calls": output["tool_calls"],
             "usage": response.usage.model_dump(), "cost": actual_cost})]
         audit += self._output_audit(agent, seq, response)
         if settle["tokens"] > 0 or settle["cost"] > 1e-12:
@@ -480,7 +484,7 @@ class StepRunner:
                 "step": seq, "reserved": reserve, "actual": {
                     "tokens": actual_tokens, "cost": actual_cost},
                 "max_output_tokens": agent.max_output_tokens}))
-        await self._save_finished(step, StepStatus.COMPLETED, response.model_dump(), None,
+        await self._save_finished(step, StepStatus.COMPLETED, output, None,
                                   attempts, audit, settle=settle)
         elapsed = time.perf_counter() - t0
         self.metrics.observe_step("model", elapsed)
@@ -526,16 +530,17 @@ class StepRunner:
             return None
         return {k: -v for k, v in step.reserved.items() if k not in ("steps", "tool_calls")}
 
-    def _count(self, kind: StepKind, response: ModelResponse | None = None,
-               agent: Agent | None = None) -> None:
+    def _count(self, kind: StepKind) -> None:
         self.usage.steps += 1
         if kind == StepKind.TOOL:
             self.usage.tool_calls += 1
-        if response is not None and agent is not None:
-            self.usage.input_tokens += response.usage.input_tokens
-            self.usage.output_tokens += response.usage.output_tokens
-            self.usage.cost = round(self.usage.cost + self._price(
-                agent.model.name, response.usage.input_tokens, response.usage.output_tokens), 9)
+
+    def _count_model(self, response: ModelResponse, cost: float) -> None:
+        """A model step's usage; ``cost`` is its price (:meth:`_price`)."""
+        self._count(StepKind.MODEL)
+        self.usage.input_tokens += response.usage.input_tokens
+        self.usage.output_tokens += response.usage.output_tokens
+        self.usage.cost = round(self.usage.cost + cost, 9)
 
     async def _journal(self, write: StepWrite | None = None, *,
                        unless_cancelled: bool = False) -> bool:
@@ -579,7 +584,8 @@ class StepRunner:
         self._open = None
 
     # -- tool and delegation steps -------------------------------------------------------------
-    async def _tool_step(self, agent: Agent, seq: int, call: ToolCall, journal: Journal) -> Any:
+    async def _tool_step(self, agent: Agent, seq: int, call: ToolCall, journal: Journal,
+                         granted: frozenset[str] | None) -> Any:
         target = delegation.target_of(call.name)
         kind = StepKind.DELEGATION if target is not None else StepKind.TOOL
         done = journal.finished(seq, kind)
@@ -602,7 +608,7 @@ class StepRunner:
                     tracing.mark_error(span, outcome.error["code"], outcome.error["message"])
         else:
             with tracing.tool_span(call.name, call_id=call.id, step=seq) as span:
-                outcome = await self._gate_and_execute(agent, seq, call, step)
+                outcome = await self._gate_and_execute(agent, seq, call, step, granted)
                 if outcome.error:
                     tracing.mark_error(span, outcome.error["code"], outcome.error["message"])
                     self.metrics.tool_error(call.name, outcome.error["code"])
@@ -643,15 +649,18 @@ class StepRunner:
         return args, None
 
     async def _gate_and_execute(
-        self, agent: Agent, seq: int, call: ToolCall, step: StepRecord
+        self, agent: Agent, seq: int, call: ToolCall, step: StepRecord,
+        granted: frozenset[str] | None,
     ) -> _Outcome:
+        """The gate (DESIGN §2) for one call; ``granted`` is the run's :meth:`capabilities`
+        (fixed for the run: worked out once, in :meth:`_loop`)."""
         # 1. lookup
         tool = self.workflow.tools.get(call.name)
         if tool is None:
             return self._refuse(seq, call.name, ErrorCode.UNKNOWN_TOOL,
                                 f"no tool named {call.name!r}")
         # 2. permission
-        decision = check_tool(tool, agent.tools, self.capabilities(agent), self.tenant_policy,
+        decision = check_tool(tool, agent.tools, granted, self.tenant_policy,
                               declared=agent.capabilities)
         if not decision.allowed:
             return self._refuse(seq, call.name, ErrorCode.PERMISSION_DENIED, decision.rule,

@@ -222,7 +222,7 @@ async def ask_model(model: Model, messages: Sequence[Message], tools: Sequence[T
 
 def model_turn_index(messages: Sequence[Message]) -> int:
     """How many assistant turns precede this call: a replay-safe position in a script."""
-    return sum(1 for m in messages if m.role == "assistant")
+    return [m.role for m in messages].count("assistant")
 
 
 RetryHook = Callable[[int, BaseException, float], Awaitable[None]]

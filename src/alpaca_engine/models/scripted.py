@@ -157,6 +157,9 @@ class ScriptedModel(ChunkedStreaming):
         self._script = list(script)
         self._name = name
         self.calls: list[list[Message]] = []
+        self._turns: dict[int, ModelResponse] = {}
+        """Each turn's answer, converted once (a script is fixed; the runner only reads an
+        answer: it redacts it into a copy of its own)."""
         self._stream_options(stream, chunk_size, delay)
 
     @property
@@ -171,9 +174,13 @@ class ScriptedModel(ChunkedStreaming):
         to exercise the budget's overspend check)."""
         self.calls.append(list(messages))
         turn = model_turn_index(messages)
-        if turn >= len(self._script):
-            raise ModelError(f"scripted model {self._name!r} has no response for turn {turn}")
-        response = to_response(self._script[turn], turn)
-        if response.model is None:
-            response = response.model_copy(update={"model": self._name})
+        response = self._turns.get(turn)
+        if response is None:
+            if turn >= len(self._script):
+                raise ModelError(
+                    f"scripted model {self._name!r} has no response for turn {turn}")
+            response = to_response(self._script[turn], turn)
+            if response.model is None:
+                response = response.model_copy(update={"model": self._name})
+            self._turns[turn] = response
         return response
