@@ -65,7 +65,7 @@ from .store.records import (
 from .telemetry import tracing
 from .telemetry.logging import bind, redact_text, redact_value
 from .telemetry.metrics import METRICS, Metrics
-from .tools.base import AbruptExit, Tool, ToolContext, guarded
+from .tools.base import AbruptExit, Tool, ToolContext, bounded, guarded
 from .tools.breaker import Transition
 from .tools.contracts import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -728,10 +728,10 @@ class StepRunner:
             attempts = n
             ctx = ToolContext(run_id=self.run_record.id, step=seq, idempotency_key=key,
                               attempt=n, agent=agent.name, tenant=self.run_record.tenant)
-            # guarded() inside wait_for's task: a SystemExit from the tool never reaches the
-            # event loop (it would stop the worker serving every other run).
+            # guarded() around the tool's own coroutine: a SystemExit from the tool never
+            # reaches the event loop (it would stop the worker serving every other run).
             if tool.timeout is not None:
-                return await asyncio.wait_for(guarded(tool.invoke(args, ctx)), tool.timeout)
+                return await bounded(guarded(tool.invoke(args, ctx)), tool.timeout)
             return await guarded(tool.invoke(args, ctx))
 
         async def on_retry(n: int, exc: BaseException, delay: float) -> None:

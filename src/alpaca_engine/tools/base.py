@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -36,6 +36,51 @@ async def guarded(call: Awaitable[T]) -> T:
         raise
     except BaseException as exc:
         raise AbruptExit(exc) from None
+
+
+async def bounded(call: Coroutine[Any, Any, T], seconds: float) -> T:
+    """``asyncio.wait_for(call, seconds)``, ending every way it ends, for less.
+
+    wait_for (3.11) puts a waiter future and its callbacks between the caller and the task
+    that runs ``call``: one more turn of the event loop for every tool call. Here the caller
+    awaits the task itself and a timer cancels it. The task is kept: ``call`` has a context
+    of its own (what it sets in a context variable stays its own), and what its awaits
+    raise never passes through the caller's frames (a GeneratorExit would close them).
+
+    Its result or exception is the caller's; when ``seconds`` pass first it is cancelled
+    and the caller gets TimeoutError, unless it returns or raises anyway; a cancellation of
+    the caller cancels it, waits for it and ends in CancelledError, whatever it did with
+    it. ``seconds`` of 0 or less is wait_for's own case (the call never starts)."""
+    if seconds <= 0:
+        return await asyncio.wait_for(call, seconds)
+    caller = asyncio.current_task()
+    assert caller is not None, "bounded() runs inside a task"
+    cancelling = caller.cancelling()
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(call)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(seconds, expire)
+    try:
+        result = await task
+    except asyncio.CancelledError:
+        if expired and caller.cancelling() == cancelling:
+            raise TimeoutError from None
+        raise
+    except BaseException:
+        if caller.cancelling() > cancelling:  # the caller was cancelled: the call's answer
+            raise asyncio.CancelledError from None  # to it does not count (as wait_for)
+        raise
+    finally:
+        timer.cancel()
+    if caller.cancelling() > cancelling:
+        raise asyncio.CancelledError
+    return result
 
 
 @dataclass(frozen=True)
