@@ -38,11 +38,12 @@ def told(model: ScriptedModel) -> list[Any]:
     return [json.loads(m.content or "null") for m in model.calls[-1] if m.role == "tool"]
 
 
+@pytest.mark.parametrize("limit", [30.0, None], ids=["timeout", "no_timeout"])
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
 @pytest.mark.parametrize(("exc", "message"), [(e, m) for _, e, m in RAISED],
                          ids=[name for name, _, _ in RAISED])
 async def test_a_base_exception_is_a_tool_error_and_the_run_goes_on(
-        store, exc: BaseException, message: str, sync: bool) -> None:
+        store, exc: BaseException, message: str, sync: bool, limit: float | None) -> None:
     def poison() -> str:
         if isinstance(exc, SystemExit):
             sys.exit(3)
@@ -51,7 +52,7 @@ async def test_a_base_exception_is_a_tool_error_and_the_run_goes_on(
     async def apoison() -> str:
         return poison()
 
-    bad = tool(name="poison")(poison if sync else apoison)
+    bad = tool(name="poison", timeout=limit)(poison if sync else apoison)
     model = ScriptedModel([{"tool": "poison"}, "carried on"])
     wf = workflow(model, [bad])
     run = await engine(store, wf).run(wf, "agent", "go")

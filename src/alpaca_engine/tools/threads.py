@@ -22,6 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from .base import AbruptExit
+
 T = TypeVar("T")
 
 _Work = tuple[Future[Any], Callable[[], Any]]
@@ -67,6 +69,17 @@ _POOL = DaemonThreads()
 
 
 async def run_sync(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """Like ``asyncio.to_thread`` (context variables included), on a daemon thread."""
+    """Like ``asyncio.to_thread`` (context variables included), on a daemon thread.
+
+    A GeneratorExit from ``fn`` comes back as AbruptExit: thrown into the awaiting task as
+    it is, it would close the frames awaiting it (the runner's, for a tool without a
+    timeout) instead of reaching them."""
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.wrap_future(_POOL.submit(call))
+    return await asyncio.wrap_future(_POOL.submit(functools.partial(_no_generator_exit, call)))
+
+
+def _no_generator_exit(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except GeneratorExit as exc:
+        raise AbruptExit(exc) from None
