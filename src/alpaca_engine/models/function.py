@@ -36,7 +36,7 @@ class FunctionModel(ChunkedStreaming):
         result: Any = self._fn(messages, tools)
         if inspect.isawaitable(result):
             result = await result
-        response = to_response(result, model_turn_index(messages))
-        if response.model is None:
+        response = to_response(result, model_turn_index(messages), self._name)
+        if response.model is None:  # a ModelResponse that names none
             response = response.model_copy(update={"model": self._name})
         return response

@@ -32,17 +32,19 @@ EXPECTED = ("a string (the final answer), a mapping with 'tool' (and optional 'a
             "'text', 'usage') or with 'calls': [{'tool': ..., 'args': ...}], or a ModelResponse")
 
 
-def to_response(item: ScriptItem, turn: int) -> ModelResponse:
+def to_response(item: ScriptItem, turn: int, model: str | None = None) -> ModelResponse:
     """Accept shorthand: a string is a final answer; a dict names tool calls.
 
     ``{"tool": "add", "args": {...}}`` or ``{"calls": [{"tool": ..., "args": ...}], "text": ...}``.
     ``args`` may be a string to script malformed JSON on purpose. Anything else raises
     MalformedModelOutput naming what was expected (never a KeyError deep in the runner).
+    A shorthand's response names ``model``; a ModelResponse is returned as it is.
     """
     if isinstance(item, ModelResponse):
         return item
     if isinstance(item, str):
-        return ModelResponse(content=item, usage=Usage(input_tokens=10, output_tokens=5))
+        return ModelResponse(content=item, usage=Usage(input_tokens=10, output_tokens=5),
+                             model=model)
     if not isinstance(item, dict):
         raise MalformedModelOutput(f"turn {turn}: got {_kind(item)}; expected {EXPECTED}")
     if "calls" in item:
@@ -59,7 +61,8 @@ def to_response(item: ScriptItem, turn: int) -> ModelResponse:
     tool_calls = [_call(call, turn, i) for i, call in enumerate(calls)]
     try:
         usage = Usage(**item.get("usage", {"input_tokens": 10, "output_tokens": 5}))
-        return ModelResponse(content=item.get("text"), tool_calls=tool_calls, usage=usage)
+        return ModelResponse(content=item.get("text"), tool_calls=tool_calls, usage=usage,
+                             model=model)
     except (TypeError, ValidationError) as exc:
         detail = str(exc).splitlines()[0]
         raise MalformedModelOutput(
@@ -179,8 +182,8 @@ class ScriptedModel(ChunkedStreaming):
             if turn >= len(self._script):
                 raise ModelError(
                     f"scripted model {self._name!r} has no response for turn {turn}")
-            response = to_response(self._script[turn], turn)
-            if response.model is None:
+            response = to_response(self._script[turn], turn, self._name)
+            if response.model is None:  # a ModelResponse item that names none
                 response = response.model_copy(update={"model": self._name})
             self._turns[turn] = response
         return response
