@@ -140,6 +140,20 @@ class StoreConformance:
         assert (plain.output_type, plain.value) == ("text", "plain")
         assert [r.output_type for r in await store.list_runs()] == ["text", "json"]
 
+    async def test_a_move_returns_the_run_as_stored(self, store):
+        await store.create_run(new_run("r1"), [AuditEvent(kind="run.created")])
+        run = await store.claim_run("r1", "w", 10, 100)
+        paused = await store.transition("r1", RunState.WAITING, 101, epoch=run.epoch,
+                                        usage={"steps": 1})
+        assert paused == await store.get_run("r1")
+        await store.transition("r1", RunState.QUEUED, 102)
+        run = await store.claim_run("r1", "w", 10, 103)
+        done = await store.transition("r1", RunState.SUCCEEDED, 104.25, epoch=run.epoch,
+                                      output='{"a":[1,2]}', output_type="json",
+                                      usage={"steps": 2, "cost": 0.000125})
+        assert done == await store.get_run("r1")
+        assert (done.output_type, done.value) == ("json", {"a": [1, 2]})
+
     async def test_cancel(self, store):
         await store.create_run(new_run("q"))
         await store.create_run(new_run("r"))

@@ -769,6 +769,7 @@ class PostgresStore:
         # The row as this UPDATE leaves it (no RETURNING: the writes go in one batch).
         moved = run.model_copy(update={
             "state": to, "output": run.output if output is None else output,
+            "output_type": run.output_type if output_type is None else output_type,
             "error_code": error_code, "error_message": error_message,
             "usage": run.usage if usage is None else usage, "updated_at": now,
             "epoch": epoch_after, "lease_owner": run.lease_owner if keep_lease else None,
