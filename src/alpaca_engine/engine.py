@@ -199,23 +199,30 @@ class Engine:
 
     async def run(self, workflow: Workflow, agent: str, input: str, **kw: Any) -> RunRecord:
         """Submit and execute the whole tree in this process (the embedded default)."""
-        record = await self.submit(workflow, agent, input, **kw)
-        return await self.run_tree(record.id)
+        record, created = await self.submit_run(workflow, agent, input, **kw)
+        return await self._run_tree(record.id, [record] if created else None)
 
     async def run_tree(self, root_id: str) -> RunRecord:
         """Execute queued runs of one tree, deepest first, until the root is terminal or
         waits on something no run here can finish (an approval). A root that ended here
         without ever delegating is a tree of one: it is returned as its end wrote it (no
         other run can be queued in that tree, nor can it change)."""
+        return await self._run_tree(root_id)
+
+    async def _run_tree(self, root_id: str, queued: list[RunRecord] | None = None) -> RunRecord:
+        """:meth:`run_tree`; ``queued``: the tree's queued runs as a listing would give them
+        now (a root just created: itself alone), so its first listing is not needed."""
         while True:
-            queued = await self.store.list_runs(root_id=root_id, state=RunState.QUEUED,
-                                                limit=1000)
+            if queued is None:
+                queued = await self.store.list_runs(root_id=root_id, state=RunState.QUEUED,
+                                                    limit=1000)
             if not queued:
                 return await self.store.get_run(root_id)
             for run in sorted(queued, key=lambda r: (-r.depth, r.created_at)):
                 record, alone = await self._execute(run.id)
                 if alone and record is not None and record.id == root_id:
                     return record
+            queued = None
 
     async def cancel(self, run_id: str, tenant: str | None = None) -> list[RunRecord]:
         """Cancel a run and its whole subtree (children first)."""
@@ -298,9 +305,9 @@ class Engine:
         """Send one message and run its turn in this process, like :meth:`run`: the turn's
         run, terminal or waiting for an approval. Its ``output`` is the answer (for a typed
         agent, the JSON text of its value: parse it with ``json.loads``)."""
-        record, _created = await self.send_message(thread_id, text, tenant=tenant,
-                                                   budget=budget)
-        return await self.run_tree(record.id)
+        record, created = await self.send_message(thread_id, text, tenant=tenant,
+                                                  budget=budget)
+        return await self._run_tree(record.id, [record] if created else None)
 
     def chat_stream(self, thread_id: str, text: str | None = None, *, tenant: str = "local",
                     budget: dict[str, Any] | None = None, steps: bool = False) -> ChatStream:
