@@ -153,6 +153,15 @@ class StoreConformance:
                                       usage={"steps": 2, "cost": 0.000125})
         assert done == await store.get_run("r1")
         assert (done.output_type, done.value) == ("json", {"a": [1, 2]})
+        await store.create_run(new_run("r2"))
+        cancelled = await store.request_cancel("r2")  # a move without a lease
+        assert cancelled == await store.get_run("r2") and cancelled.state == "cancelled"
+        await store.create_run(new_run("r3"))
+        run = await store.claim_run("r3", "w", 10, 100)
+        failed = await store.transition("r3", RunState.FAILED, 105, epoch=run.epoch,
+                                        error_code="tool_error", error_message="boom")
+        assert failed == await store.get_run("r3")
+        assert isinstance(failed.updated_at, float) and failed.lease_owner is None
 
     async def test_cancel(self, store):
         await store.create_run(new_run("q"))

@@ -836,7 +836,7 @@ class PostgresStore:
             "state": to, "output": run.output if output is None else output,
             "output_type": run.output_type if output_type is None else output_type,
             "error_code": error_code, "error_message": error_message,
-            "usage": run.usage if usage is None else usage, "updated_at": now,
+            "usage": run.usage if usage is None else usage, "updated_at": float(now),
             "epoch": epoch_after, "lease_owner": run.lease_owner if keep_lease else None,
             "lease_expires_at": run.lease_expires_at if keep_lease else None})
         await cur.execute(

@@ -788,20 +788,29 @@ class SQLiteStore:
         event.data.update({"error_code": error_code} if error_code else {})
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        usage_json = json.dumps(usage) if usage is not None else None
         db.execute(
             "UPDATE runs SET state=?, output=COALESCE(?, output), "
             "output_type=COALESCE(?, output_type), error_code=?, "
             "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
             "lease_owner=CASE WHEN ? THEN lease_owner END, "
             "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
-            (str(to), output, output_type, error_code, error_message,
-             json.dumps(usage) if usage is not None else None, now, epoch_after,
-             keep_lease, keep_lease, run.id),
+            (str(to), output, output_type, error_code, error_message, usage_json, now,
+             epoch_after, keep_lease, keep_lease, run.id),
         )
         if to.terminal:
             self._close_started_steps(db, run.id, to, error_code, now)
-        self._audit(db, run.id, [*audit, event], now, run.audit_head)
-        return self._fetch_run(db, run.id)
+        head = self._audit(db, run.id, [*audit, event], now, run.audit_head)
+        # The row as this UPDATE and the append leave it (not read back: it was just read).
+        return run.model_copy(update={
+            "state": to, "output": run.output if output is None else output,
+            "output_type": run.output_type if output_type is None else output_type,
+            "error_code": error_code, "error_message": error_message,
+            "usage": run.usage if usage_json is None else json.loads(usage_json),
+            "updated_at": float(now), "epoch": epoch_after,
+            "lease_owner": run.lease_owner if keep_lease else None,
+            "lease_expires_at": run.lease_expires_at if keep_lease else None,
+            "audit_seq": head[0], "audit_hash": head[1]})
 
     @staticmethod
     def _close_started_steps(db: sqlite3.Connection, run_id: str, to: RunState,
