@@ -12,7 +12,8 @@ only writer of its run's steps, so the store computes the audit records and ledg
 from what it wrote last (:class:`_Known`) and the function checks those values under the row
 locks before writing; when another actor moved them, nothing is written and the locked
 transaction of :meth:`PostgresStore._save_step_locked` does it. Claims and transitions are
-two round trips (:meth:`PostgresStore._two_trips`). See bench/README.md for the numbers.
+two round trips (:meth:`PostgresStore._two_trips`); a run's end or pause makes its last
+journal writes in the first of them. See bench/README.md for the numbers.
 
 Budget reservations lock the run row and then every ledger row of the run ``FOR UPDATE`` in
 ledger-id order, so any number of workers reserving on a shared ledger serialize on it (no
