@@ -199,19 +199,30 @@ class Engine:
 
     async def run(self, workflow: Workflow, agent: str, input: str, **kw: Any) -> RunRecord:
         """Submit and execute the whole tree in this process (the embedded default)."""
-        record = await self.submit(workflow, agent, input, **kw)
-        return await self.run_tree(record.id)
+        record, created = await self.submit_run(workflow, agent, input, **kw)
+        return await self._run_tree(record.id, [record] if created else None)
 
     async def run_tree(self, root_id: str) -> RunRecord:
         """Execute queued runs of one tree, deepest first, until the root is terminal or
-        waits on something no run here can finish (an approval)."""
+        waits on something no run here can finish (an approval). A root that ended here
+        without ever delegating is a tree of one: it is returned as its end wrote it (no
+        other run can be queued in that tree, nor can it change)."""
+        return await self._run_tree(root_id)
+
+    async def _run_tree(self, root_id: str, queued: list[RunRecord] | None = None) -> RunRecord:
+        """:meth:`run_tree`; ``queued``: the tree's queued runs as a listing would give them
+        now (a root just created: itself alone), so its first listing is not needed."""
         while True:
-            queued = await self.store.list_runs(root_id=root_id, state=RunState.QUEUED,
-                                                limit=1000)
+            if queued is None:
+                queued = await self.store.list_runs(root_id=root_id, state=RunState.QUEUED,
+                                                    limit=1000)
             if not queued:
                 return await self.store.get_run(root_id)
             for run in sorted(queued, key=lambda r: (-r.depth, r.created_at)):
-                await self.execute(run.id)
+                record, alone = await self._execute(run.id)
+                if alone and record is not None and record.id == root_id:
+                    return record
+            queued = None
 
     async def cancel(self, run_id: str, tenant: str | None = None) -> list[RunRecord]:
         """Cancel a run and its whole subtree (children first)."""
@@ -248,11 +259,16 @@ class Engine:
         return await self.drive(claimed)
 
     async def execute(self, run_id: str) -> RunRecord | None:
+        return (await self._execute(run_id))[0]
+
+    async def _execute(self, run_id: str) -> tuple[RunRecord | None, bool]:
+        """:meth:`execute`, and whether the run is a root that ended without a child run
+        (see :meth:`_drive`)."""
         claimed = await self.store.claim_run(run_id, self.owner, self.lease_seconds,
                                              self.clock.now(), max_attempts=self.max_run_attempts)
         if claimed is None:
-            return None
-        return await self.drive(claimed)
+            return None, False
+        return await self._drive(claimed)
 
     async def workflow_for(self, run: RunRecord) -> Workflow:
         """The workflow a run was submitted to: a registered version (within the run's
@@ -289,9 +305,9 @@ class Engine:
         """Send one message and run its turn in this process, like :meth:`run`: the turn's
         run, terminal or waiting for an approval. Its ``output`` is the answer (for a typed
         agent, the JSON text of its value: parse it with ``json.loads``)."""
-        record, _created = await self.send_message(thread_id, text, tenant=tenant,
-                                                   budget=budget)
-        return await self.run_tree(record.id)
+        record, created = await self.send_message(thread_id, text, tenant=tenant,
+                                                  budget=budget)
+        return await self._run_tree(record.id, [record] if created else None)
 
     def chat_stream(self, thread_id: str, text: str | None = None, *, tenant: str = "local",
                     budget: dict[str, Any] | None = None, steps: bool = False) -> ChatStream:
@@ -316,6 +332,12 @@ class Engine:
     async def drive(self, run: RunRecord) -> RunRecord:
         """Run the StepRunner under a heartbeat that renews the lease, inside one run span
         that lasts as long as this execution (the runner's task inherits it)."""
+        return (await self._drive(run))[0]
+
+    async def _drive(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        """:meth:`drive`, and whether the run is a root its runner ended, terminal, with no
+        delegation in its journal: then its tree is that one run (a child is created only
+        after its delegation step is journaled)."""
         try:
             workflow = await self.workflow_for(run)
         except (WorkflowError, NotFound) as exc:
@@ -330,7 +352,7 @@ class Engine:
                 error_message=f"workflow {run.workflow} does not load: {exc}")
             if failed.parent_id:
                 await self.wake_parent(failed.parent_id)
-            return failed
+            return failed, False
         runner = StepRunner(run, workflow, self.store, clock=self.clock,
                             breakers=self.breakers, emit=self.emit, on_queued=self.dispatch,
                             tenant_policy=self.tenant_policies.get(run.tenant, OPEN_POLICY))
@@ -344,16 +366,17 @@ class Engine:
                                 record.error_message)
                 if record.parent_id and record.state.terminal:
                     await self.wake_parent(record.parent_id)
-                return record
+                return record, (record.state.terminal and record.parent_id is None
+                                and runner.delegated is False)
             except LeaseLost as exc:
                 log.warning("run %s: lease lost, another worker owns it now", run.id)
                 tracing.mark_error(span, str(exc.code), exc.message)
-                return await self.store.get_run(run.id)
+                return await self.store.get_run(run.id), False
             except asyncio.CancelledError:
                 if task.cancelled() and beat.done() and not beat.cancelled():
                     tracing.mark_error(span, str(ErrorCode.LEASE_LOST),
                                        "the heartbeat lost the lease")
-                    return await self.store.get_run(run.id)
+                    return await self.store.get_run(run.id), False
                 raise
             finally:
                 beat.cancel()

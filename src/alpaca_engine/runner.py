@@ -205,9 +205,13 @@ class StepRunner:
         """Outcomes not yet written: they go with the next step's ``started`` (one commit a
         step instead of two). Nothing is awaited while one waits here (the next journal
         write is the next await), so only CPU time separates it from its commit; every
-        other store call, the pause and the end write them first (:meth:`_journal`)."""
+        other store call writes them first (:meth:`_journal`), the pause and the end with
+        the run's move (``Store.transition``'s ``steps``)."""
         self._history_audit: list[AuditEvent] = []
         """``history.truncated``, written with the first model step (once, even on resume)."""
+        self.delegated: bool | None = None
+        """Whether this run's journal holds a delegation (``None``: not read): without one
+        it has no child run (a child is created after its delegation step is journaled)."""
 
     def emit(self, event: dict[str, Any]) -> None:
         """Progress displays must never break a run."""
@@ -241,26 +245,23 @@ class StepRunner:
                                     AlpacaError(ErrorCode.INTERNAL_ERROR, _describe(exc)))
 
     async def _fail(self, state: RunState, error: AlpacaError) -> RunRecord:
-        """End the run; a step left ``started`` by the exception is closed with it first."""
-        try:
-            await self._journal()
-        except LeaseLost:
-            raise
-        except ledger_logic.BudgetExceeded:
-            pass  # the outcome is written with its usage; the run ends as it was going to
-        except Exception:
-            log.exception("run %s: could not write a step's outcome", self.run_record.id)
-        step, self._open = self._open, None
+        """End the run; a step left ``started`` by the exception is closed with it, and the
+        outcomes pending are written with the end (one commit). When those writes fail, the
+        run ends without them."""
+        step = self._open
         if step is not None:
+            settle = self._unreserve(step) if step.kind == StepKind.MODEL else None
+            await self._save_finished(step, StepStatus.FAILED, None, _err(
+                error.code, error.message), step.attempts, [], settle=settle)
+        if self._pending:
             try:
-                settle = self._unreserve(step) if step.kind == StepKind.MODEL else None
-                await self._save_finished(step, StepStatus.FAILED, None, _err(
-                    error.code, error.message), step.attempts, [], settle=settle)
-                await self._journal()
+                return await self._finish(state, error=error)
             except LeaseLost:
                 raise
-            except Exception:  # the terminal transition closes it anyway (every store does)
-                log.exception("run %s: could not close step %s", step.run_id, step.seq)
+            except ledger_logic.BudgetExceeded:
+                pass  # the outcome is written with its usage; the run ends as it was going to
+            except Exception:  # a step left started is closed by the end (every store does)
+                log.exception("run %s: could not write a step's outcome", self.run_record.id)
         return await self._finish(state, error=error)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -272,6 +273,7 @@ class StepRunner:
     async def _loop(self, agent: Agent) -> RunRecord:
         run = self.run_record
         steps = await self.store.list_steps(run.id)
+        self.delegated = any(s.kind == StepKind.DELEGATION for s in steps)
         journal = Journal(steps)
         self._interrupted = {s.seq for s in steps if s.status == StepStatus.STARTED}
         if steps:
@@ -847,6 +849,7 @@ class StepRunner:
     # -- delegation ----------------------------------------------------------------------------
     async def _delegate(self, agent: Agent, seq: int, call: ToolCall, step: StepRecord,
                         target: str) -> _Outcome:
+        self.delegated = True
         run = self.run_record
         child_agent = self.workflow.agents.get(target)
         problem = delegation.refusal(run, agent, target, self.workflow.max_depth,
@@ -919,11 +922,12 @@ class StepRunner:
 
     # -- ending --------------------------------------------------------------------------------
     async def _pause(self, wait: _Wait) -> RunRecord:
-        await self._journal()
+        writes, self._pending = self._pending, []
         record = await self.store.transition(
             self.run_record.id, RunState.WAITING, self.clock.now(), epoch=self.epoch,
             usage=self.usage.as_dict(), audit=[AuditEvent(kind="run.paused",
-                                                          data={"reason": wait.reason})])
+                                                          data={"reason": wait.reason})],
+            steps=writes)
         self.run_record = record
         self.emit({"type": "run.waiting", "run_id": record.id, "reason": wait.reason})
         if wait.child_id is not None:
@@ -940,13 +944,15 @@ class StepRunner:
                       output_type: str | None = None,
                       error: AlpacaError | None = None) -> RunRecord:
         # ``output`` is the redacted model answer; error text may quote anything: redact it.
-        await self._journal()
+        # The outcomes pending go in the same commit; one that raises (an overspend) keeps
+        # the run going to _fail, as a journal write would.
+        writes, self._pending = self._pending, []
         record = await self.store.transition(
             self.run_record.id, state, self.clock.now(), epoch=self.epoch, output=output,
             output_type=output_type,
             error_code=str(error.code) if error else None,
             error_message=redact_text(error.message) if error else None,
-            usage=self.usage.as_dict())
+            usage=self.usage.as_dict(), steps=writes)
         self.run_record = record
         self.emit({"type": "run.finished", "run_id": record.id, "state": str(record.state),
                    "output": record.value, "output_type": record.output_type,

@@ -140,6 +140,29 @@ class StoreConformance:
         assert (plain.output_type, plain.value) == ("text", "plain")
         assert [r.output_type for r in await store.list_runs()] == ["text", "json"]
 
+    async def test_a_move_returns_the_run_as_stored(self, store):
+        await store.create_run(new_run("r1"), [AuditEvent(kind="run.created")])
+        run = await store.claim_run("r1", "w", 10, 100)
+        paused = await store.transition("r1", RunState.WAITING, 101, epoch=run.epoch,
+                                        usage={"steps": 1})
+        assert paused == await store.get_run("r1")
+        await store.transition("r1", RunState.QUEUED, 102)
+        run = await store.claim_run("r1", "w", 10, 103)
+        done = await store.transition("r1", RunState.SUCCEEDED, 104.25, epoch=run.epoch,
+                                      output='{"a":[1,2]}', output_type="json",
+                                      usage={"steps": 2, "cost": 0.000125})
+        assert done == await store.get_run("r1")
+        assert (done.output_type, done.value) == ("json", {"a": [1, 2]})
+        await store.create_run(new_run("r2"))
+        cancelled = await store.request_cancel("r2")  # a move without a lease
+        assert cancelled == await store.get_run("r2") and cancelled.state == "cancelled"
+        await store.create_run(new_run("r3"))
+        run = await store.claim_run("r3", "w", 10, 100)
+        failed = await store.transition("r3", RunState.FAILED, 105, epoch=run.epoch,
+                                        error_code="tool_error", error_message="boom")
+        assert failed == await store.get_run("r3")
+        assert isinstance(failed.updated_at, float) and failed.lease_owner is None
+
     async def test_cancel(self, store):
         await store.create_run(new_run("q"))
         await store.create_run(new_run("r"))
@@ -472,6 +495,91 @@ class LedgerApprovalKeyConformance:
             await store.save_steps(writes, run.epoch + 1)
         assert [str(s.status) for s in await store.list_steps("r1")] == ["started"]
         assert len(await store.list_audit("r1")) == len(before)
+
+    # -- the last outcomes and the run's move in one commit (Store.transition's steps) ------
+
+    async def _last_outcome(self, store, run, *, settle=None):  # type: ignore[no-untyped-def]
+        """Step 1 (a model turn) started; its outcome as the write to end the run with."""
+        writes = await self._outcome_and_next(store, run, settle=settle)
+        return writes[:1]
+
+    @pytest.mark.parametrize("to", [RunState.SUCCEEDED, RunState.WAITING])
+    async def test_the_last_outcome_and_the_move_are_written_together(self, store, to):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._last_outcome(store, run, settle={"tokens": -4})
+        done = await store.transition(
+            "r1", to, 102, epoch=run.epoch, usage={"steps": 1}, steps=writes,
+            output="x" if to.terminal else None,
+            audit=[] if to.terminal else [AuditEvent(kind="run.paused")])
+        assert done.state == to and done == await store.get_run("r1")
+        [step] = await store.list_steps("r1")
+        assert (str(step.status), step.output) == ("completed", {"content": "x"})
+        assert (await store.get_ledger("r1")).used == {"tokens": 6}
+        records = await store.list_audit("r1")
+        tail = ["model.output", *([] if to.terminal else ["run.paused"]), "state.changed"]
+        assert [r.kind for r in records][-len(tail):] == tail
+        assert records[-1].data["to"] == str(to)
+        assert verify_chain(records, key=store.audit_key, head=done.audit_head,
+                            terminal_state=str(to) if to.terminal else None).ok
+        if to.terminal:  # the chain is closed: nothing more can be written
+            with pytest.raises(LeaseLost):
+                await store.save_steps(writes, run.epoch)
+
+    async def test_the_move_follows_another_actors_append(self, store):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._last_outcome(store, run)
+        await store.append_audit("r1", [AuditEvent(kind="cancel.requested", actor="user")],
+                                 101.5)
+        done = await store.transition("r1", RunState.CANCELLED, 102, epoch=run.epoch,
+                                      error_code="cancelled", error_message="cancelled",
+                                      steps=writes)
+        assert str((await store.list_steps("r1"))[0].status) == "completed"
+        records = await store.list_audit("r1")
+        assert [r.kind for r in records][-3:] == ["cancel.requested", "model.output",
+                                                  "state.changed"]
+        assert verify_chain(records, key=store.audit_key, head=done.audit_head,
+                            terminal_state="cancelled").ok
+
+    @pytest.mark.parametrize(("limits", "change", "resource"), [
+        # the second write's reservation is refused: the outcome before it stays written
+        ({"tokens": 100, "tool_calls": 1}, {"reserve": {"tool_calls": 2}}, "tool_calls"),
+        # the outcome overspends: written with its usage, nothing after it
+        ({"tokens": 100, "tool_calls": 5}, {"settle": {"tokens": 150}}, "tokens"),
+    ], ids=["refused-write", "overspent-outcome"])
+    async def test_a_refused_write_keeps_the_ones_before_and_makes_no_move(
+            self, store, limits, change, resource):  # type: ignore[no-untyped-def]
+        run = await self._leased(store, limits=limits)
+        writes = await self._outcome_and_next(store, run, **change)
+        with pytest.raises(BudgetExceeded) as info:
+            await store.transition("r1", RunState.SUCCEEDED, 102, epoch=run.epoch,
+                                   output="x", steps=writes)
+        assert info.value.resource == resource
+        steps = await store.list_steps("r1")
+        assert [(s.seq, str(s.status)) for s in steps] == [(1, "completed")]
+        assert (await store.get_ledger("r1")).exhausted == resource
+        after = await store.get_run("r1")
+        assert after.state == RunState.RUNNING and after.output is None
+        records = await store.list_audit("r1")
+        assert records[-1].kind == "model.output"
+        assert verify_chain(records, key=store.audit_key, head=after.audit_head).ok
+        # the runner ends the run next, as it does after a refused journal write
+        failed = await store.transition("r1", RunState.FAILED, 103, epoch=run.epoch,
+                                        error_code="budget_exceeded", error_message="over")
+        assert verify_chain(await store.list_audit("r1"), key=store.audit_key,
+                            head=failed.audit_head, terminal_state="failed").ok
+
+    async def test_a_move_with_a_stale_epoch_writes_nothing(self, store):
+        run = await self._leased(store, limits={"tokens": 100, "tool_calls": 5})
+        writes = await self._last_outcome(store, run)
+        before = await store.list_audit("r1")
+        with pytest.raises(LeaseLost):
+            await store.transition("r1", RunState.SUCCEEDED, 102, epoch=run.epoch + 1,
+                                   output="x", steps=writes)
+        assert [str(s.status) for s in await store.list_steps("r1")] == ["started"]
+        assert len(await store.list_audit("r1")) == len(before)
+        after = await store.get_run("r1")
+        assert after.state == RunState.RUNNING and after.output is None
+        assert (await store.get_ledger("r1")).used == {"tokens": 10}
 
     async def test_approval_lifecycle(self, store):
         run = await self._leased(store)

@@ -18,7 +18,7 @@ from alpaca_engine.budget import BudgetExceeded
 from alpaca_engine.errors import LeaseLost
 from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store import observers
-from alpaca_engine.store.base import RunFlags
+from alpaca_engine.store.base import RunFlags, StepWrite
 from alpaca_engine.store.postgres import PostgresStore
 from alpaca_engine.store.records import (
     ApprovalRecord,
@@ -281,3 +281,58 @@ async def test_a_cancel_from_another_process_stops_the_run_at_its_next_turn(sche
     finally:
         await runner_store.close()
         await api.close()
+
+
+async def test_a_runs_end_writes_its_last_outcome_in_the_same_two_round_trips(proxied):
+    s, proxy = proxied
+    heard: list[str] = []
+    unsubscribe = observers.subscribe(lambda rid, events: heard.extend(e.kind for e in events))
+    try:
+        epoch = await _leased(s, "r1", {"steps": 10, "tokens": 1000})
+        step = _step("r1", 1, kind="model", name="m")
+        await s.save_step(step, epoch, [AuditEvent(kind="budget.reserved")],
+                          reserve={"steps": 1, "tokens": 100})
+        step.status, step.output, step.finished_at = StepStatus.COMPLETED, {"content": "hi"}, 102
+        heard.clear()
+        before = proxy.round_trips
+        done = await s.transition("r1", RunState.SUCCEEDED, 103, epoch=epoch, output="hi",
+                                  steps=[StepWrite(step, [AuditEvent(kind="model.output")],
+                                                   settle={"tokens": -40})])
+        assert proxy.round_trips - before == 2
+        assert heard == ["model.output", "state.changed"]  # after the commit, once each
+    finally:
+        unsubscribe()
+    assert done == await s.get_run("r1") and done.state == RunState.SUCCEEDED
+    assert (await s.get_ledger("r1")).used == {"steps": 1, "tokens": 60}
+    assert [st.status for st in await s.list_steps("r1")] == [StepStatus.COMPLETED]
+    assert (await _chain_ok(s, "r1"))[-2:] == ["model.output", "state.changed"]
+
+
+async def test_a_runs_end_after_a_siblings_debit_on_the_shared_ledger_stays_exact(
+        schema: str):
+    a, b = await _open(schema), await _open(schema)
+    heard: list[str] = []
+    unsubscribe = observers.subscribe(lambda rid, events: heard.extend(e.kind for e in events))
+    try:
+        await a.create_run(new_run("root").model_copy(update={"ledgers": ["root"]}),
+                           ledger=LedgerRecord(id="root", limits={"tokens": 100}))
+        e1, e2 = await _leased(a, "c1", {}, ["root"]), await _leased(b, "c2", {}, ["root"])
+        step = _step("c1", 1, kind="model", name="m")
+        await a.save_step(step, e1, [AuditEvent(kind="budget.reserved")], reserve={"tokens": 30})
+        await b.save_step(_step("c2", 1), e2, [AuditEvent(kind="budget.reserved")],
+                          reserve={"tokens": 20})  # the ledger c1's store last saw moved
+        step.status, step.finished_at = StepStatus.COMPLETED, 102
+        heard.clear()
+        done = await a.transition("c1", RunState.SUCCEEDED, 103, epoch=e1, output="x",
+                                  steps=[StepWrite(step, [AuditEvent(kind="model.output")],
+                                                   settle={"tokens": -10})])
+        assert heard == ["model.output", "state.changed"]
+    finally:
+        unsubscribe()
+        await b.close()
+    try:
+        assert done.state == RunState.SUCCEEDED and done == await a.get_run("c1")
+        assert (await a.get_ledger("root")).used == {"tokens": 40}  # 30 - 10 + 20
+        assert (await _chain_ok(a, "c1"))[-2:] == ["model.output", "state.changed"]
+    finally:
+        await a.close()

@@ -237,3 +237,31 @@ async def test_each_delegation_is_audited_allowed_once(store):
     allowed = [r.data["target"] for r in await store.list_audit(run.id)
                if r.kind == "delegation.allowed"]
     assert allowed == ["a", "b"]
+
+
+async def test_a_tree_of_one_is_not_read_again_after_its_end_but_a_delegating_one_is(store):
+    calls: list[str] = []
+    for name in ("list_runs", "get_run", "transition"):
+        real = getattr(store, name)
+
+        async def spy(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return await _real(*args, **kw)
+
+        setattr(store, name, spy)
+    solo = Agent(name="solo", model=ScriptedModel(["hi"]))
+    boss = Agent(name="boss", model=ScriptedModel([delegate("solo"), "done"]),
+                 delegates_to=["solo"])
+    w = wf([boss, solo])
+    eng = Engine(store, lambda r: w)
+    run = await eng.run(w, "solo", "go")
+    # just created, the tree is that run: not listed; it never delegated: its end, as
+    # written, is the tree's answer
+    assert calls == ["transition"]
+    assert run.state == "succeeded" and run == await store.get_run(run.id)
+    calls.clear()
+    run = await eng.run(w, "boss", "go")
+    # a root that delegated may have runs left in its tree: listed again, read again
+    assert calls[-3:] == ["transition", "list_runs", "get_run"]
+    assert run.state == "succeeded" and run.output == "done"
+    assert run == await store.get_run(run.id)

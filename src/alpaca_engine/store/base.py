@@ -114,10 +114,17 @@ class Store(Protocol):
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
         output_type: str | None = None,
+        steps: Sequence[StepWrite] = (),
     ) -> RunRecord:
         """Move a run along the lifecycle table. ``epoch=None`` is an actor without a lease
         (cancel, reaper); it may not touch a running run's journal. ``output_type``
-        (``text``/``json``) is written with ``output`` when given."""
+        (``text``/``json``) is written with ``output`` when given.
+
+        ``steps`` (the lease owner's, ``epoch`` required): journal writes made first, exactly
+        as :meth:`save_steps` makes them, in the same commit as the move, so a run's last
+        outcome and its end (or pause) cost one commit. A write that raises (LeaseLost,
+        BudgetExceeded) keeps the ones before it, as :meth:`save_steps` does, and the move is
+        not made. :func:`save_in_turn` then the move is the plain form a store may use."""
 
     async def request_cancel(self, run_id: str, tenant: str | None = None) -> RunRecord:
         """Cancel a queued or waiting run now; flag a running one for its worker to stop."""
@@ -146,7 +153,8 @@ class Store(Protocol):
         With ``unless_cancelled`` the last write is made only if the run has no cancel
         request, read under the run's lock after the others (``Journaled.skipped``): the
         runner's interrupt check before a model turn, in the same commit.
-        :func:`save_in_turn` is the plain form any store may use."""
+        :func:`save_in_turn` is the plain form any store may use. The writes pending when a
+        run ends or pauses go with the move instead (:meth:`transition`, ``steps``)."""
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord: ...
 

@@ -821,7 +821,15 @@ class MongoStore:
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
         output_type: str | None = None,
+        steps: Sequence[StepWrite] = (),
     ) -> RunRecord:
+        """With ``steps``, the plain form: :meth:`save_steps` (their own transactions), then
+        the move in its own, made only if every write was."""
+        if steps:
+            if epoch is None:
+                raise ValueError("journal writes need the lease's epoch")
+            await self.save_steps(steps, epoch)
+
         async def body(s: Session) -> RunRecord:
             run = await self._lock_run(s, run_id, epoch)
             return await self._transition(

@@ -12,7 +12,8 @@ only writer of its run's steps, so the store computes the audit records and ledg
 from what it wrote last (:class:`_Known`) and the function checks those values under the row
 locks before writing; when another actor moved them, nothing is written and the locked
 transaction of :meth:`PostgresStore._save_step_locked` does it. Claims and transitions are
-two round trips (:meth:`PostgresStore._two_trips`). See bench/README.md for the numbers.
+two round trips (:meth:`PostgresStore._two_trips`); a run's end or pause makes its last
+journal writes in the first of them. See bench/README.md for the numbers.
 
 Budget reservations lock the run row and then every ledger row of the run ``FOR UPDATE`` in
 ledger-id order, so any number of workers reserving on a shared ledger serialize on it (no
@@ -30,7 +31,7 @@ import logging
 import math
 import select
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -112,9 +113,11 @@ class _Batch:
     """The writes of a :meth:`PostgresStore._two_trips` transaction, bound client-side and
     sent with its COMMIT as one simple query: the second (and last) round trip."""
 
-    def __init__(self) -> None:
+    def __init__(self, led: list[DictRow] | None = None) -> None:
         self.queries: list[str] = []
         self.params: list[Any] = []
+        self.led = led or []
+        """The rows of the transaction's lead statement (:meth:`PostgresStore._two_trips`)."""
 
     async def execute(self, query: Any, params: Any = None) -> object:
         self.queries.append(str(query))
@@ -392,19 +395,27 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _two_trips(
-        self, query: str, params: Sequence[Any]
+        self, query: str, params: Sequence[Any], *, lead: str | None = None,
+        lead_params: Sequence[Any] = (),
     ) -> AsyncIterator[tuple[list[DictRow], _Batch]]:
-        """A transaction in two round trips: ``BEGIN`` with its locking read ``query``, then
-        the writes the caller queued on the batch with ``COMMIT`` (each one simple query,
-        parameters bound client-side). An exception rolls it back, as :meth:`_tx` does;
-        what it appended to audit chains reaches the observers only after the COMMIT."""
+        """A transaction in two round trips: ``BEGIN`` with its locking read ``query`` (after
+        ``lead``, a statement whose rows are the batch's ``led``), then the writes the caller
+        queued on the batch with ``COMMIT`` (each one simple query, parameters bound
+        client-side). An exception rolls it back, as :meth:`_tx` does; what it appended to
+        audit chains reaches the observers only after the COMMIT."""
         with observers.transaction():
             async with self._connection() as conn:
                 cur = AsyncClientCursor(conn, row_factory=dict_row)
                 try:
-                    await cur.execute("BEGIN; " + query, params)
-                    cur.nextset()
-                    batch = _Batch()
+                    if lead is None:
+                        await cur.execute("BEGIN; " + query, params)
+                        cur.nextset()
+                        batch = _Batch()
+                    else:
+                        await cur.execute(f"BEGIN; {lead}; {query}", [*lead_params, *params])
+                        cur.nextset()
+                        batch = _Batch(await cur.fetchall())
+                        cur.nextset()
                     yield await cur.fetchall(), batch
                     await cur.execute("; ".join([*batch.queries, "COMMIT"]), batch.params)
                 except BaseException:
@@ -719,29 +730,84 @@ class PostgresStore:
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
         output_type: str | None = None,
+        steps: Sequence[StepWrite] = (),
     ) -> RunRecord:
-        async with self._two_trips(_LOCK_RUN, (run_id,)) as (rows, tx):
-            if not rows:
-                raise NotFound(f"run {run_id} not found")
-            run = self._fenced(self._run(rows[0]), epoch)
-            done = await self._transition(
-                tx,
-                run,
-                to,
-                now,
-                epoch=epoch,
-                output=output,
-                error_code=error_code,
-                error_message=error_message,
-                usage=usage,
-                audit=audit,
-                output_type=output_type,
-            )
+        """Two round trips. With ``steps`` this store planned (see :meth:`save_steps`), the
+        first also makes them (``alpaca_journal_steps``, in this transaction); otherwise, or
+        when one of them could not be made so, they are written by :meth:`save_steps` first
+        (their own commit) and the move follows in its own."""
+        if steps and epoch is None:
+            raise ValueError("journal writes need the lease's epoch")
+
+        async def move(tx: _Writer, row: DictRow) -> RunRecord:
+            return await self._transition(
+                tx, self._fenced(self._run(row), epoch), to, now, epoch=epoch, output=output,
+                error_code=error_code, error_message=error_message, usage=usage, audit=audit,
+                output_type=output_type)
+
+        done: RunRecord | None = None
+        if steps:
+            assert epoch is not None
+            plans = self._plans(steps, epoch)
+            done, written = await self._journal_and_move(plans, run_id, move) if plans else (
+                None, 0)
+            if done is None:
+                await self.save_steps(steps[written:], epoch)
+        if done is None:
+            async with self._two_trips(_LOCK_RUN, (run_id,)) as (rows, tx):
+                if not rows:
+                    raise NotFound(f"run {run_id} not found")
+                done = await move(tx, rows[0])
         if done.state == RunState.RUNNING:
             self._note_head(run_id, epoch, done.audit_head)
         else:
             self._forget(run_id)  # the lease ends: the next owner starts afresh
         return done
+
+    def _plans(self, writes: Sequence[StepWrite], epoch: int) -> list[_Planned]:
+        """The one-statement plans of ``writes`` when this store wrote the run's last entry
+        and every write can be made so (empty otherwise): each after the one before, each
+        moving the chain head (when there are several), none overspending."""
+        known = self._known.get(writes[0].step.run_id)
+        if known is None or known.epoch != epoch:
+            return []
+        plans: list[_Planned] = []
+        for write in writes:
+            plan = self._plan_fast(write, epoch, known)
+            if plan is None or plan.over is not None or (len(writes) > 1 and not write.audit):
+                return []
+            plans.append(plan)
+            known = plan.after
+        return plans
+
+    async def _journal_and_move(
+        self, plans: list[_Planned], run_id: str,
+        move: Callable[[_Writer, DictRow], Awaitable[RunRecord]],
+    ) -> tuple[RunRecord | None, int]:
+        """The planned writes and then ``move`` (on the run row, locked after them) in one
+        transaction: the moved run and how many writes were made. ``None``: the move was not
+        made; the writes made before the first that could not be (a stale head) are
+        committed, and none when a ledger moved (the statement is rolled back)."""
+        payload = json.dumps([plan.payload for plan in plans])
+        try:
+            async with self._two_trips(_LOCK_RUN, (run_id,), lead=_JOURNAL_STEPS,
+                                       lead_params=(payload, False)) as (rows, tx):
+                text = str(tx.led[0]["r"]) if tx.led else "missing"
+                results = [part.split(",")[0] for part in text.split("|")]
+                written = 0
+                for plan, status in zip(plans, results, strict=False):
+                    self._written(plan, status)
+                    if status != "ok":
+                        break
+                    observers.written(run_id, plan.write.audit)
+                    written += 1
+                if written < len(plans) or not rows:
+                    return None, written
+                return await move(tx, rows[0]), written
+        except psycopg.Error as exc:
+            if exc.sqlstate != _STALE_LEDGER:
+                raise
+            return None, 0  # a sibling's debit since this store's: nothing written
 
     async def _transition(
         self,
@@ -769,8 +835,9 @@ class PostgresStore:
         # The row as this UPDATE leaves it (no RETURNING: the writes go in one batch).
         moved = run.model_copy(update={
             "state": to, "output": run.output if output is None else output,
+            "output_type": run.output_type if output_type is None else output_type,
             "error_code": error_code, "error_message": error_message,
-            "usage": run.usage if usage is None else usage, "updated_at": now,
+            "usage": run.usage if usage is None else usage, "updated_at": float(now),
             "epoch": epoch_after, "lease_owner": run.lease_owner if keep_lease else None,
             "lease_expires_at": run.lease_expires_at if keep_lease else None})
         await cur.execute(

@@ -37,6 +37,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -144,6 +145,12 @@ def _unit(fn: Unit[P, R]) -> Unit[P, R]:
     return call
 
 
+def _nested(unit: Unit[P, R]) -> Unit[P, R]:
+    """A unit's body, to call from another unit: in its transaction (see ``_tx``), never
+    retried on its own."""
+    return cast(Unit[P, R], unit.__wrapped__)  # type: ignore[attr-defined]
+
+
 def _composite(fn: Unit[P, R]) -> Unit[P, R]:
     """Mark a public method that awaits units (several transactions): not itself a unit."""
     fn.__dict__["_composite"] = True
@@ -181,6 +188,18 @@ class _JournalTx:
         for ledger in self.read():
             ledger_logic.apply(ledger, amounts)
         self.debited = True
+
+
+@dataclass(frozen=True)
+class _Move:
+    """What :meth:`SQLiteStore.transition` writes on the run row besides its state."""
+
+    output: str | None
+    output_type: str | None
+    error_code: str | None
+    error_message: str | None
+    usage: dict[str, Any] | None
+    audit: Sequence[AuditEvent]
 
 
 def iso(ts: float) -> str:
@@ -250,6 +269,9 @@ class SQLiteStore:
         """How many times it let go of it."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._written: list[asyncio.Future[None]] = []
+        self._in_tx: set[int] = set()
+        """The connections (by id) inside a unit's transaction: a unit called by another
+        (:func:`_nested`) writes in that one."""
 
     # -- connection and schema -------------------------------------------------------------
     def _connect(self, busy_timeout: float, *, wal: bool = True) -> sqlite3.Connection:
@@ -370,7 +392,11 @@ class SQLiteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A unit's one transaction; inside another unit's (see :func:`_nested`), that one."""
         db = self._conn
+        if id(db) in self._in_tx:
+            yield db
+            return
         inline = self._pool is not None and db is self._db
         if inline and self._orphaned:
             raise _Offload  # nothing written yet: behind a cancelled caller's unit it goes
@@ -378,6 +404,7 @@ class SQLiteStore:
             raise _Behind  # back pressure, so the WAL stays bounded
         with observers.transaction():
             db.execute("BEGIN IMMEDIATE")
+            self._in_tx.add(id(db))
             try:
                 with self._writing(not inline):
                     yield db
@@ -388,6 +415,8 @@ class SQLiteStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            finally:
+                self._in_tx.discard(id(db))
         if inline:
             self._inline_commits += 1
             self._since_checkpoint += 1
@@ -707,12 +736,42 @@ class SQLiteStore:
         usage: dict[str, Any] | None = None,
         audit: Sequence[AuditEvent] = (),
         output_type: str | None = None,
+        steps: Sequence[StepWrite] = (),
     ) -> RunRecord:
+        """One transaction: ``steps`` as :meth:`save_steps` writes them, then the move."""
+        if steps and epoch is None:
+            raise ValueError("journal writes need the lease's epoch")
+        moved, refused, over = await self._move(
+            run_id, to, now, epoch, steps, _Move(output, output_type, error_code, error_message,
+                                                 usage, audit))
+        if refused is not None:
+            await self._exhaust(refused)
+            raise refused
+        if over is not None:
+            raise over
+        assert moved is not None
+        return moved
+
+    @_unit
+    async def _move(
+        self, run_id: str, to: RunState, now: float, epoch: int | None,
+        steps: Sequence[StepWrite], move: _Move,
+    ) -> tuple[RunRecord | None, ledger_logic.BudgetExceeded | None,
+               ledger_logic.BudgetExceeded | None]:
+        """The unit of :meth:`transition`: the journal writes (:meth:`_journal_steps`, in
+        this transaction), then, unless one was refused or overspent, the move."""
         with self._tx() as db:
+            if steps:
+                assert epoch is not None
+                journal = _nested(SQLiteStore._journal_steps)
+                _, _, refused, over = await journal(self, steps, epoch, False)
+                if refused is not None or over is not None:
+                    return None, refused, over  # the writes before it are committed
             run = self._fence(db, run_id, epoch)
-            return self._transition(db, run, to, now, epoch=epoch, output=output,
-                                    output_type=output_type, error_code=error_code,
-                                    error_message=error_message, usage=usage, audit=audit)
+            return self._transition(db, run, to, now, epoch=epoch, output=move.output,
+                                    output_type=move.output_type, error_code=move.error_code,
+                                    error_message=move.error_message, usage=move.usage,
+                                    audit=move.audit), None, None
 
     def _transition(
         self, db: sqlite3.Connection, run: RunRecord, to: RunState, now: float, *,
@@ -729,20 +788,29 @@ class SQLiteStore:
         event.data.update({"error_code": error_code} if error_code else {})
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        usage_json = json.dumps(usage) if usage is not None else None
         db.execute(
             "UPDATE runs SET state=?, output=COALESCE(?, output), "
             "output_type=COALESCE(?, output_type), error_code=?, "
             "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
             "lease_owner=CASE WHEN ? THEN lease_owner END, "
             "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
-            (str(to), output, output_type, error_code, error_message,
-             json.dumps(usage) if usage is not None else None, now, epoch_after,
-             keep_lease, keep_lease, run.id),
+            (str(to), output, output_type, error_code, error_message, usage_json, now,
+             epoch_after, keep_lease, keep_lease, run.id),
         )
         if to.terminal:
             self._close_started_steps(db, run.id, to, error_code, now)
-        self._audit(db, run.id, [*audit, event], now, run.audit_head)
-        return self._fetch_run(db, run.id)
+        head = self._audit(db, run.id, [*audit, event], now, run.audit_head)
+        # The row as this UPDATE and the append leave it (not read back: it was just read).
+        return run.model_copy(update={
+            "state": to, "output": run.output if output is None else output,
+            "output_type": run.output_type if output_type is None else output_type,
+            "error_code": error_code, "error_message": error_message,
+            "usage": run.usage if usage_json is None else json.loads(usage_json),
+            "updated_at": float(now), "epoch": epoch_after,
+            "lease_owner": run.lease_owner if keep_lease else None,
+            "lease_expires_at": run.lease_expires_at if keep_lease else None,
+            "audit_seq": head[0], "audit_hash": head[1]})
 
     @staticmethod
     def _close_started_steps(db: sqlite3.Connection, run_id: str, to: RunState,
