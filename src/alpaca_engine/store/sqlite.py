@@ -183,6 +183,24 @@ class _JournalTx:
         self.debited = True
 
 
+def _columns(row: sqlite3.Row) -> dict[str, Any]:
+    """``dict(row)`` without its lookup of every column by name (a scan of the names)."""
+    return dict(zip(row.keys(), row, strict=True))
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _json(text: str) -> Any:
+    """``json.loads`` of a column: the text this store wrote (``json.dumps``: no whitespace
+    around it) skips the wrapper's checks; any other text goes through ``json.loads``."""
+    try:
+        value, end = _raw_decode(text)
+    except (ValueError, TypeError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
+
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -496,22 +514,28 @@ class SQLiteStore:
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
-        data = dict(row)
+        data = _columns(row)
         for f in _JSON_RUN_FIELDS:
-            data[f] = json.loads(data[f])
+            data[f] = _json(data[f])
         data["cancel_requested"] = bool(data["cancel_requested"])
         caps = data.get("capabilities")
-        data["capabilities"] = json.loads(caps) if caps is not None else None
+        data["capabilities"] = _json(caps) if caps is not None else None
         return RunRecord.model_validate(data)
 
     @staticmethod
     def _step(row: sqlite3.Row) -> StepRecord:
-        data = dict(row)
-        data["input"] = json.loads(data["input"])
-        data["output"] = json.loads(data["output"]) if data["output"] is not None else None
-        data["error"] = json.loads(data["error"]) if data["error"] is not None else None
-        data["reserved"] = json.loads(data["reserved"]) if data["reserved"] is not None else None
+        data = _columns(row)
+        data["input"] = _json(data["input"])
+        for f in ("output", "error", "reserved"):
+            if data[f] is not None:
+                data[f] = _json(data[f])
         return StepRecord.model_validate(data)
+
+    @staticmethod
+    def _updated(run: RunRecord, **changes: Any) -> RunRecord:
+        """``run`` (read in this transaction) as its row reads after an UPDATE of
+        ``changes``: validated as a read is, without reading it back."""
+        return RunRecord.model_validate({**run.__dict__, **changes})
 
     def _fetch_run(self, db: sqlite3.Connection, run_id: str) -> RunRecord:
         row = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
@@ -666,14 +690,17 @@ class SQLiteStore:
         if plan.quarantine is not None:
             self._recover(db, run, plan.quarantine, now)
             return None
+        lease_expires_at, epoch = now + lease_seconds, run.epoch + 1
         db.execute(
             "UPDATE runs SET state=?, lease_owner=?, lease_expires_at=?, epoch=?, updated_at=?, "
             "crash_count=? WHERE id=?",
-            (str(RunState.RUNNING), owner, now + lease_seconds, run.epoch + 1, now,
-             plan.crash_count, run.id),
+            (str(RunState.RUNNING), owner, lease_expires_at, epoch, now, plan.crash_count,
+             run.id),
         )
-        self._audit(db, run.id, plan.events, now, run.audit_head)
-        return self._fetch_run(db, run.id)
+        seq, digest = self._audit(db, run.id, plan.events, now, run.audit_head)
+        return self._updated(run, state=RunState.RUNNING, lease_owner=owner,
+                             lease_expires_at=lease_expires_at, epoch=epoch, updated_at=now,
+                             crash_count=plan.crash_count, audit_seq=seq, audit_hash=digest)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
         with self._tx() as db:
@@ -731,20 +758,27 @@ class SQLiteStore:
         event.data.update({"error_code": error_code} if error_code else {})
         keep_lease = to == RunState.RUNNING
         epoch_after = run.epoch if keep_lease or epoch is not None else run.epoch + 1
+        usage_json = json.dumps(usage) if usage is not None else None
         db.execute(
             "UPDATE runs SET state=?, output=COALESCE(?, output), "
             "output_type=COALESCE(?, output_type), error_code=?, "
             "error_message=?, usage=COALESCE(?, usage), updated_at=?, epoch=?, "
             "lease_owner=CASE WHEN ? THEN lease_owner END, "
             "lease_expires_at=CASE WHEN ? THEN lease_expires_at END WHERE id=?",
-            (str(to), output, output_type, error_code, error_message,
-             json.dumps(usage) if usage is not None else None, now, epoch_after,
-             keep_lease, keep_lease, run.id),
+            (str(to), output, output_type, error_code, error_message, usage_json, now,
+             epoch_after, keep_lease, keep_lease, run.id),
         )
         if to.terminal:
             self._close_started_steps(db, run.id, to, error_code, now)
-        self._audit(db, run.id, [*audit, event], now, run.audit_head)
-        return self._fetch_run(db, run.id)
+        seq, digest = self._audit(db, run.id, [*audit, event], now, run.audit_head)
+        return self._updated(
+            run, state=to, output=run.output if output is None else output,
+            output_type=run.output_type if output_type is None else output_type,
+            error_code=error_code, error_message=error_message,
+            usage=run.usage if usage_json is None else _json(usage_json), updated_at=now,
+            epoch=epoch_after, lease_owner=run.lease_owner if keep_lease else None,
+            lease_expires_at=run.lease_expires_at if keep_lease else None,
+            audit_seq=seq, audit_hash=digest)
 
     @staticmethod
     def _close_started_steps(db: sqlite3.Connection, run_id: str, to: RunState,
