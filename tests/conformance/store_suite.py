@@ -393,6 +393,23 @@ class LedgerApprovalKeyConformance:
         [saved] = await store.list_steps("r1")
         assert saved.reserved == {"steps": 1}
 
+    async def test_a_step_reserves_once_whatever_the_steps_around_it(self, store):
+        """A started step saved again (a replay) is not debited again, whether later steps
+        have rows or it was written earlier in the same batch; a new step is."""
+        run = await self._leased(store, limits={"steps": 10})
+
+        def started(seq: int) -> StepWrite:
+            return StepWrite(StepRecord(run_id="r1", seq=seq, kind="tool", name="t"),
+                             reserve={"steps": 1})
+
+        await store.save_steps([started(1), started(2)], run.epoch)
+        await store.save_steps([started(1), started(3)], run.epoch)
+        assert (await store.get_ledger("r1")).used == {"steps": 3}
+        await store.save_steps([started(5), started(5), started(4)], run.epoch)
+        assert (await store.get_ledger("r1")).used == {"steps": 5}
+        steps = await store.list_steps("r1")
+        assert [(s.seq, s.reserved) for s in steps] == [(n, {"steps": 1}) for n in range(1, 6)]
+
     async def test_reservations_debit_every_ledger_of_the_chain(self, store):
         root = await self._leased(store, "root", limits={"steps": 10})
         child = new_run("root.2", parent="root").model_copy(

@@ -79,6 +79,9 @@ from .thread_rules import (
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
 _JSON_THREAD_FIELDS = ("metadata", "budget")
+_AUDIT_INSERT = ("INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
+                 "VALUES (?,?,?,?,?,?,?,?)")
+_MOVE_HEAD = "UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?"
 
 log = logging.getLogger("alpaca.store")
 
@@ -162,12 +165,15 @@ def _units(cls: _C) -> _C:
 
 
 class _JournalTx:
-    """What the writes of one journal transaction left for the next: the chain head, and
-    the run's ledgers, read once and debited in memory (written once, at the end)."""
+    """What the writes of one journal transaction left for the next: the run's chain (the
+    records' rows, inserted at the end), the last step seq that has a row, and the run's
+    ledgers, read once and debited in memory (written once, at the end)."""
 
-    def __init__(self, head: tuple[int, str],
+    def __init__(self, chain: AuditChain, last_seq: int,
                  load: Callable[[], list[ledger_logic.LedgerState]]) -> None:
-        self.head = head
+        self.chain = chain
+        self.audit: list[tuple[object, ...]] = []
+        self.last_seq = last_seq
         self._load = load
         self.ledgers: list[ledger_logic.LedgerState] | None = None
         self.debited = False
@@ -399,9 +405,13 @@ class SQLiteStore:
         with observers.transaction():
             db.execute("BEGIN IMMEDIATE")
             try:
-                with self._writing(not inline):
+                if inline or self._pool is None:
                     yield db
                     db.execute("COMMIT")
+                else:
+                    with self._writing(True):
+                        yield db
+                        db.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full) may leave the transaction open, and SQLite may
                 # already have rolled it back: either way the next BEGIN must find none open.
@@ -555,39 +565,39 @@ class SQLiteStore:
         return run
 
     def _fence_light(self, db: sqlite3.Connection, run_id: str,
-                     epoch: int) -> tuple[list[str], tuple[int, str], RunFlags]:
+                     epoch: int) -> tuple[list[str], tuple[int, str], RunFlags, int]:
         """The journal fence of the hot path, without decoding the whole run: the run's
-        ledgers, audit head and flags."""
+        ledgers, audit head and flags, and the last seq of its steps (0: none)."""
         row = db.execute("SELECT epoch, state, ledgers, audit_seq, audit_hash, "
-                         "cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
+                         "cancel_requested, (SELECT MAX(seq) FROM steps WHERE run_id=runs.id) "
+                         "FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"run {run_id} not found")
         if row[0] != epoch or RunState(row[1]).terminal:
             raise LeaseLost(run_id, epoch)
-        ledgers: list[str] = json.loads(row[2])
-        return ledgers, (row[3], row[4]), RunFlags(row[0], bool(row[5]))
+        ledgers: list[str] = _json(row[2])
+        return ledgers, (row[3], row[4]), RunFlags(row[0], bool(row[5])), row[6] or 0
 
     def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
-               now: float, head: tuple[int, str], *, move_head: bool = True) -> tuple[int, str]:
+               now: float, head: tuple[int, str]) -> tuple[int, str]:
         """Append to the chain after ``head`` (read from the run row in this transaction) and
-        move the head on the run row (``move_head=False``: the caller does, once); returns
-        the new head."""
+        move the head on the run row; returns the new head."""
         if not events:
             return head
-        observers.written(run_id, events)
         chain = AuditChain(run_id, self.audit_key, *head)
-        stamp = iso(now)
-        records = [chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events]
-        db.executemany(
-            "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
-              rec.prev_hash, rec.hash) for rec in records],
-        )
-        if move_head:
-            db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
-                       (chain.last_seq, chain.last_hash, run_id))
+        db.executemany(_AUDIT_INSERT, self._chained(chain, events, now))
+        db.execute(_MOVE_HEAD, (chain.last_seq, chain.last_hash, run_id))
         return chain.last_seq, chain.last_hash
+
+    @staticmethod
+    def _chained(chain: AuditChain, events: Sequence[AuditEvent],
+                 now: float) -> list[tuple[object, ...]]:
+        """``events`` appended to ``chain`` (noted for the observers): their audit rows."""
+        observers.written(chain.run_id, events)
+        stamp = iso(now)
+        return [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
+                 rec.prev_hash, rec.hash)
+                for rec in (chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events)]
 
     def _recover(self, db: sqlite3.Connection, run: RunRecord, rec: Recovery,
                  now: float) -> None:
@@ -871,8 +881,9 @@ class SQLiteStore:
         moved once on the run row, whatever the number of writes."""
         with self._tx() as db:
             run_id = writes[0].step.run_id
-            ledger_ids, head, flags = self._fence_light(db, run_id, epoch)
-            tx = _JournalTx(head, lambda: self._ledgers(db, ledger_ids))
+            ledger_ids, head, flags, last_seq = self._fence_light(db, run_id, epoch)
+            tx = _JournalTx(AuditChain(run_id, self.audit_key, *head), last_seq,
+                            lambda: self._ledgers(db, ledger_ids))
             skipped = False
             refused = over = None
             for index, write in enumerate(writes):
@@ -882,13 +893,19 @@ class SQLiteStore:
                 refused, over = self._journal_one(db, write, tx)
                 if refused is not None or over is not None:
                     break
-            for ledger in tx.read() if tx.debited else ():
-                db.execute("UPDATE ledgers SET used=? WHERE id=?",
-                           (json.dumps(ledger.used), ledger.id))
-            if tx.head != head:
-                db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
-                           (*tx.head, run_id))
+            self._journaled(db, tx)
         return flags, skipped, refused, over
+
+    @staticmethod
+    def _journaled(db: sqlite3.Connection, tx: _JournalTx) -> None:
+        """The end of a journal transaction's writes: the ledgers as debited, the audit
+        records, the chain head on the run row."""
+        for ledger in tx.read() if tx.debited else ():
+            db.execute("UPDATE ledgers SET used=? WHERE id=?",
+                       (json.dumps(ledger.used), ledger.id))
+        if tx.audit:
+            db.executemany(_AUDIT_INSERT, tx.audit)
+            db.execute(_MOVE_HEAD, (tx.chain.last_seq, tx.chain.last_hash, tx.chain.run_id))
 
     def _journal_one(
         self, db: sqlite3.Connection, write: StepWrite, tx: _JournalTx,
@@ -898,10 +915,13 @@ class SQLiteStore:
         step, reserve, settle = write.step, write.reserve, write.settle
         over: ledger_logic.BudgetExceeded | None = None
         if reserve:
+            # A row of this step may hold what it reserved before a crash: not twice. No step
+            # past the last seq with a row (at the fence, or written since) has one.
             row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
-                             (step.run_id, step.seq)).fetchone()
+                             (step.run_id, step.seq)).fetchone() if (
+                step.seq <= tx.last_seq) else None
             if row is not None and row[0] is not None:
-                step.reserved = json.loads(row[0])  # reserved before a crash: not twice
+                step.reserved = _json(row[0])
             else:
                 ledgers = tx.read()
                 try:
@@ -918,8 +938,9 @@ class SQLiteStore:
                 db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
                            "WHERE id=?", (over.resource, over.ledger_id))
         self._write_step(db, step)
-        tx.head = self._audit(db, step.run_id, write.audit,
-                              step.finished_at or step.started_at, tx.head, move_head=False)
+        tx.last_seq = max(tx.last_seq, step.seq)
+        if write.audit:
+            tx.audit += self._chained(tx.chain, write.audit, step.finished_at or step.started_at)
         return None, over
 
     @_unit
@@ -947,11 +968,11 @@ class SQLiteStore:
             ledger_logic.LedgerState]:
         out = []
         for lid in ids:
-            row = db.execute("SELECT * FROM ledgers WHERE id=?", (lid,)).fetchone()
+            row = db.execute("SELECT id, limits, used, exhausted FROM ledgers WHERE id=?",
+                             (lid,)).fetchone()
             if row is not None:
-                out.append(ledger_logic.LedgerState(
-                    id=row["id"], limits=json.loads(row["limits"]), used=json.loads(row["used"]),
-                    exhausted=row["exhausted"]))
+                out.append(ledger_logic.LedgerState(id=row[0], limits=_json(row[1]),
+                                                    used=_json(row[2]), exhausted=row[3]))
         return out
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord:
