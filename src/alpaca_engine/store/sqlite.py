@@ -582,12 +582,20 @@ class SQLiteStore:
                now: float, head: tuple[int, str]) -> tuple[int, str]:
         """Append to the chain after ``head`` (read from the run row in this transaction) and
         move the head on the run row; returns the new head."""
+        rows, moved = self._appended(run_id, events, now, head)
+        if rows:
+            db.executemany(_AUDIT_INSERT, rows)
+            db.execute(_MOVE_HEAD, (*moved, run_id))
+        return moved
+
+    def _appended(self, run_id: str, events: Sequence[AuditEvent], now: float,
+                  head: tuple[int, str]) -> tuple[list[tuple[object, ...]], tuple[int, str]]:
+        """The audit rows of ``events`` after ``head``, and the new head: for a caller that
+        writes the run row itself, the head with it."""
         if not events:
-            return head
+            return [], head
         chain = AuditChain(run_id, self.audit_key, *head)
-        db.executemany(_AUDIT_INSERT, self._chained(chain, events, now))
-        db.execute(_MOVE_HEAD, (chain.last_seq, chain.last_hash, run_id))
-        return chain.last_seq, chain.last_hash
+        return self._chained(chain, events, now), (chain.last_seq, chain.last_hash)
 
     @staticmethod
     def _chained(chain: AuditChain, events: Sequence[AuditEvent],
@@ -633,7 +641,8 @@ class SQLiteStore:
     def _insert_run(self, db: sqlite3.Connection, run: RunRecord, audit: Sequence[AuditEvent],
                     ledger: LedgerRecord | None) -> RunRecord:
         """Insert a new run (and its ledger) and start its chain; returns it with its head."""
-        run = run.with_head((0, GENESIS))
+        rows, head = self._appended(run.id, audit, run.created_at, (0, GENESIS))
+        run = run.with_head(head)
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
             data[f] = json.dumps(data[f])
@@ -646,7 +655,9 @@ class SQLiteStore:
                    tuple(data.values()))
         if ledger is not None:
             self._insert_ledger(db, ledger, run.created_at)
-        return run.with_head(self._audit(db, run.id, audit, run.created_at, (0, GENESIS)))
+        if rows:
+            db.executemany(_AUDIT_INSERT, rows)
+        return run
 
     @staticmethod
     def _insert_ledger(db: sqlite3.Connection, ledger: LedgerRecord, now: float) -> None:
@@ -701,13 +712,15 @@ class SQLiteStore:
             self._recover(db, run, plan.quarantine, now)
             return None
         lease_expires_at, epoch = now + lease_seconds, run.epoch + 1
+        rows, (seq, digest) = self._appended(run.id, plan.events, now, run.audit_head)
         db.execute(
             "UPDATE runs SET state=?, lease_owner=?, lease_expires_at=?, epoch=?, updated_at=?, "
-            "crash_count=? WHERE id=?",
+            "crash_count=?, audit_seq=?, audit_hash=? WHERE id=?",
             (str(RunState.RUNNING), owner, lease_expires_at, epoch, now, plan.crash_count,
-             run.id),
+             seq, digest, run.id),
         )
-        seq, digest = self._audit(db, run.id, plan.events, now, run.audit_head)
+        if rows:
+            db.executemany(_AUDIT_INSERT, rows)
         return self._updated(run, state=RunState.RUNNING, lease_owner=owner,
                              lease_expires_at=lease_expires_at, epoch=epoch, updated_at=now,
                              crash_count=plan.crash_count, audit_seq=seq, audit_hash=digest)
