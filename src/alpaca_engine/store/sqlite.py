@@ -82,6 +82,9 @@ _JSON_THREAD_FIELDS = ("metadata", "budget")
 _AUDIT_INSERT = ("INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
                  "VALUES (?,?,?,?,?,?,?,?)")
 _MOVE_HEAD = "UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?"
+_NARROW = frozenset({"root_id", "parent_id", "run_id"})
+"""Filters of :meth:`SQLiteStore._newest` naming a few rows: a run tree, a run's children,
+a run's approvals."""
 
 log = logging.getLogger("alpaca.store")
 
@@ -685,9 +688,14 @@ class SQLiteStore:
         return [self._run(r) for r in rows]
 
     def _newest(self, table: str, filters: dict[str, object], limit: int) -> list[sqlite3.Row]:
-        """Rows of ``table`` matching the non-None filters, newest first."""
-        where = [f"{col}=?" for col, val in filters.items() if val is not None]
-        args = [str(val) for val in filters.values() if val is not None]
+        """Rows of ``table`` matching the non-None filters, newest first. With a run's or a
+        tree's id, only its index is searched (``+col``: no index for the other terms);
+        without statistics the planner would pick a state's or tenant's, and read every
+        queued run to find a tree's."""
+        given = {col: str(val) for col, val in filters.items() if val is not None}
+        narrow = not _NARROW.isdisjoint(given)
+        where = [f"+{col}=?" if narrow and col not in _NARROW else f"{col}=?" for col in given]
+        args = list(given.values())
         sql = f"SELECT * FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
