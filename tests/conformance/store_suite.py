@@ -34,6 +34,11 @@ def new_run(rid: str, *, tenant: str = "t1", key: str | None = None, parent: str
 
 
 class StoreConformance:
+    @staticmethod
+    def same_record(returned: RunRecord, stored: RunRecord) -> None:
+        """Equal fields; a backend's suite may ask for more (the same types, JSON text)."""
+        assert returned.model_dump() == stored.model_dump()
+
     async def test_create_and_get_round_trip(self, store):
         run, created = await store.create_run(new_run("r1"), [AuditEvent(kind="run.created")])
         assert created
@@ -74,6 +79,31 @@ class StoreConformance:
         assert await store.claim_run("r1", "w2", 10, 105) is None
         stolen = await store.claim_run("r1", "w2", 10, 111)  # lease expired
         assert stolen and stolen.epoch == 2 and stolen.lease_owner == "w2"
+
+    async def test_a_claim_and_a_transition_return_the_run_as_stored(self, store):
+        """What a claim or a transition returns is what a read of the run gives (see
+        :meth:`same_record`)."""
+        await store.create_run(new_run("r1"))
+        await store.create_run(new_run("r2"))
+
+        async def same(returned: RunRecord | None) -> RunRecord:
+            assert returned is not None
+            self.same_record(returned, await store.get_run(returned.id))
+            return returned
+
+        run = await same(await store.claim_run("r1", "w1", 10, 100))
+        run = await same(await store.claim_run("r1", "w2", 10, 111))  # lease expired
+        run = await same(await store.transition("r1", RunState.WAITING, 112, epoch=run.epoch,
+                                                usage={"steps": 2, "cost": 0.5}))
+        await same(await store.transition("r1", RunState.QUEUED, 113))
+        run = await same(await store.claim_run("r1", "w1", 10.5, 114.25))
+        run = await same(await store.transition("r1", RunState.QUEUED, 115, epoch=run.epoch))
+        run = await same(await store.transition("r1", RunState.RUNNING, 116, epoch=run.epoch))
+        await same(await store.transition("r1", RunState.SUCCEEDED, 117, epoch=run.epoch,
+                                          output='{"a": 1}', usage={"nested": {"k": [1, 2]}}))
+        run = await same(await store.claim_run("r2", "w1", 10, 100))
+        await same(await store.transition("r2", RunState.FAILED, 101, epoch=run.epoch,
+                                          error_code="tool_error", error_message="boom"))
 
     async def test_claim_next_takes_oldest_queued(self, store):
         await store.create_run(new_run("new", at=2))
@@ -385,6 +415,23 @@ class LedgerApprovalKeyConformance:
         assert (await store.get_ledger("r1")).used == {"steps": 1}
         [saved] = await store.list_steps("r1")
         assert saved.reserved == {"steps": 1}
+
+    async def test_a_step_reserves_once_whatever_the_steps_around_it(self, store):
+        """A started step saved again (a replay) is not debited again, whether later steps
+        have rows or it was written earlier in the same batch; a new step is."""
+        run = await self._leased(store, limits={"steps": 10})
+
+        def started(seq: int) -> StepWrite:
+            return StepWrite(StepRecord(run_id="r1", seq=seq, kind="tool", name="t"),
+                             reserve={"steps": 1})
+
+        await store.save_steps([started(1), started(2)], run.epoch)
+        await store.save_steps([started(1), started(3)], run.epoch)
+        assert (await store.get_ledger("r1")).used == {"steps": 3}
+        await store.save_steps([started(5), started(5), started(4)], run.epoch)
+        assert (await store.get_ledger("r1")).used == {"steps": 5}
+        steps = await store.list_steps("r1")
+        assert [(s.seq, s.reserved) for s in steps] == [(n, {"steps": 1}) for n in range(1, 6)]
 
     async def test_reservations_debit_every_ledger_of_the_chain(self, store):
         root = await self._leased(store, "root", limits={"steps": 10})

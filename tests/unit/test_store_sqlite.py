@@ -7,23 +7,34 @@ from pathlib import Path
 
 import pytest
 
+from alpaca_engine.lifecycle import RunState
 from alpaca_engine.store.factory import make_store
 from alpaca_engine.store.migrations import SQLITE
+from alpaca_engine.store.records import RunRecord
 from alpaca_engine.store.sqlite import SQLiteStore
 from tests.conformance.store_suite import (
     LedgerApprovalKeyConformance,
     StoreConformance,
     ThreadConformance,
     WorkflowConformance,
+    new_run,
 )
 
 
-class TestSQLiteMemory(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
-                       ThreadConformance):
+class Exact:
+    @staticmethod
+    def same_record(returned: RunRecord, stored: RunRecord) -> None:
+        """The record a claim or a transition returns without reading the row back is the
+        row, to the type (a whole-number time reads back a float) and the JSON text."""
+        assert returned.model_dump_json() == stored.model_dump_json()
+
+
+class TestSQLiteMemory(Exact, StoreConformance, LedgerApprovalKeyConformance,
+                       WorkflowConformance, ThreadConformance):
     pass  # uses the in-memory ``store`` fixture of tests/unit/conftest.py
 
 
-class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
+class TestSQLiteFile(Exact, StoreConformance, LedgerApprovalKeyConformance, WorkflowConformance,
                      ThreadConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
@@ -33,7 +44,7 @@ class TestSQLiteFile(StoreConformance, LedgerApprovalKeyConformance, WorkflowCon
         await s.close()
 
 
-class TestSQLiteFileOnTheWriterThread(StoreConformance, LedgerApprovalKeyConformance,
+class TestSQLiteFileOnTheWriterThread(Exact, StoreConformance, LedgerApprovalKeyConformance,
                                       WorkflowConformance, ThreadConformance):
     """Every write as it runs when the file is locked by another process: on the writer
     thread's connection (the loop's connection only reads)."""
@@ -57,6 +68,21 @@ async def test_file_is_wal_and_migrations_are_versioned(tmp_path: Path):
     assert mode == "wal"
     assert s.upgrade() == []  # nothing pending the second time
     await s.close()
+
+
+async def test_a_transitions_output_is_kept_by_the_next_one_and_returned(store: SQLiteStore):
+    """Output given before the end (COALESCE keeps it) is in what each transition returns."""
+    await store.create_run(new_run("r1"))
+    run = await store.claim_run("r1", "w", 10, 100)
+    assert run is not None
+    first = await store.transition("r1", RunState.QUEUED, 101, epoch=run.epoch, output="part",
+                                   output_type="json", usage={"b": 1, "a": [2.5]})
+    second = await store.transition("r1", RunState.RUNNING, 102, epoch=run.epoch)
+    assert (second.output, second.output_type, second.usage) == ("part", "json",
+                                                                 {"b": 1, "a": [2.5]})
+    for returned in (first, second):
+        assert returned.output == "part"
+    Exact.same_record(second, await store.get_run("r1"))
 
 
 def test_factory_rejects_unknown_schemes():

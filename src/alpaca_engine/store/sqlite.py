@@ -80,6 +80,12 @@ from .thread_rules import (
 
 _JSON_RUN_FIELDS = ("ancestry", "budget", "usage", "ledgers")
 _JSON_THREAD_FIELDS = ("metadata", "budget")
+_AUDIT_INSERT = ("INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
+                 "VALUES (?,?,?,?,?,?,?,?)")
+_MOVE_HEAD = "UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?"
+_NARROW = frozenset({"root_id", "parent_id", "run_id"})
+"""Filters of :meth:`SQLiteStore._newest` naming a few rows: a run tree, a run's children,
+a run's approvals."""
 
 log = logging.getLogger("alpaca.store")
 
@@ -169,12 +175,15 @@ def _units(cls: _C) -> _C:
 
 
 class _JournalTx:
-    """What the writes of one journal transaction left for the next: the chain head, and
-    the run's ledgers, read once and debited in memory (written once, at the end)."""
+    """What the writes of one journal transaction left for the next: the run's chain (the
+    records' rows, inserted at the end), the last step seq that has a row, and the run's
+    ledgers, read once and debited in memory (written once, at the end)."""
 
-    def __init__(self, head: tuple[int, str],
+    def __init__(self, chain: AuditChain, last_seq: int,
                  load: Callable[[], list[ledger_logic.LedgerState]]) -> None:
-        self.head = head
+        self.chain = chain
+        self.audit: list[tuple[object, ...]] = []
+        self.last_seq = last_seq
         self._load = load
         self.ledgers: list[ledger_logic.LedgerState] | None = None
         self.debited = False
@@ -200,6 +209,24 @@ class _Move:
     error_message: str | None
     usage: dict[str, Any] | None
     audit: Sequence[AuditEvent]
+
+
+def _columns(row: sqlite3.Row) -> dict[str, Any]:
+    """``dict(row)`` without its lookup of every column by name (a scan of the names)."""
+    return dict(zip(row.keys(), row, strict=True))
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _json(text: str) -> Any:
+    """``json.loads`` of a column: the text this store wrote (``json.dumps``: no whitespace
+    around it) skips the wrapper's checks; any other text goes through ``json.loads``."""
+    try:
+        value, end = _raw_decode(text)
+    except (ValueError, TypeError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 def iso(ts: float) -> str:
@@ -406,9 +433,13 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             self._in_tx.add(id(db))
             try:
-                with self._writing(not inline):
+                if inline or self._pool is None:
                     yield db
                     db.execute("COMMIT")
+                else:
+                    with self._writing(True):
+                        yield db
+                        db.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full) may leave the transaction open, and SQLite may
                 # already have rolled it back: either way the next BEGIN must find none open.
@@ -523,22 +554,28 @@ class SQLiteStore:
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     def _run(row: sqlite3.Row) -> RunRecord:
-        data = dict(row)
+        data = _columns(row)
         for f in _JSON_RUN_FIELDS:
-            data[f] = json.loads(data[f])
+            data[f] = _json(data[f])
         data["cancel_requested"] = bool(data["cancel_requested"])
         caps = data.get("capabilities")
-        data["capabilities"] = json.loads(caps) if caps is not None else None
+        data["capabilities"] = _json(caps) if caps is not None else None
         return RunRecord.model_validate(data)
 
     @staticmethod
     def _step(row: sqlite3.Row) -> StepRecord:
-        data = dict(row)
-        data["input"] = json.loads(data["input"])
-        data["output"] = json.loads(data["output"]) if data["output"] is not None else None
-        data["error"] = json.loads(data["error"]) if data["error"] is not None else None
-        data["reserved"] = json.loads(data["reserved"]) if data["reserved"] is not None else None
+        data = _columns(row)
+        data["input"] = _json(data["input"])
+        for f in ("output", "error", "reserved"):
+            if data[f] is not None:
+                data[f] = _json(data[f])
         return StepRecord.model_validate(data)
+
+    @staticmethod
+    def _updated(run: RunRecord, **changes: Any) -> RunRecord:
+        """``run`` (read in this transaction) as its row reads after an UPDATE of
+        ``changes``: validated as a read is, without reading it back."""
+        return RunRecord.model_validate({**run.__dict__, **changes})
 
     def _fetch_run(self, db: sqlite3.Connection, run_id: str) -> RunRecord:
         row = db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
@@ -558,39 +595,47 @@ class SQLiteStore:
         return run
 
     def _fence_light(self, db: sqlite3.Connection, run_id: str,
-                     epoch: int) -> tuple[list[str], tuple[int, str], RunFlags]:
+                     epoch: int) -> tuple[list[str], tuple[int, str], RunFlags, int]:
         """The journal fence of the hot path, without decoding the whole run: the run's
-        ledgers, audit head and flags."""
+        ledgers, audit head and flags, and the last seq of its steps (0: none)."""
         row = db.execute("SELECT epoch, state, ledgers, audit_seq, audit_hash, "
-                         "cancel_requested FROM runs WHERE id=?", (run_id,)).fetchone()
+                         "cancel_requested, (SELECT MAX(seq) FROM steps WHERE run_id=runs.id) "
+                         "FROM runs WHERE id=?", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"run {run_id} not found")
         if row[0] != epoch or RunState(row[1]).terminal:
             raise LeaseLost(run_id, epoch)
-        ledgers: list[str] = json.loads(row[2])
-        return ledgers, (row[3], row[4]), RunFlags(row[0], bool(row[5]))
+        ledgers: list[str] = _json(row[2])
+        return ledgers, (row[3], row[4]), RunFlags(row[0], bool(row[5])), row[6] or 0
 
     def _audit(self, db: sqlite3.Connection, run_id: str, events: Sequence[AuditEvent],
-               now: float, head: tuple[int, str], *, move_head: bool = True) -> tuple[int, str]:
+               now: float, head: tuple[int, str]) -> tuple[int, str]:
         """Append to the chain after ``head`` (read from the run row in this transaction) and
-        move the head on the run row (``move_head=False``: the caller does, once); returns
-        the new head."""
+        move the head on the run row; returns the new head."""
+        rows, moved = self._appended(run_id, events, now, head)
+        if rows:
+            db.executemany(_AUDIT_INSERT, rows)
+            db.execute(_MOVE_HEAD, (*moved, run_id))
+        return moved
+
+    def _appended(self, run_id: str, events: Sequence[AuditEvent], now: float,
+                  head: tuple[int, str]) -> tuple[list[tuple[object, ...]], tuple[int, str]]:
+        """The audit rows of ``events`` after ``head``, and the new head: for a caller that
+        writes the run row itself, the head with it."""
         if not events:
-            return head
-        observers.written(run_id, events)
+            return [], head
         chain = AuditChain(run_id, self.audit_key, *head)
+        return self._chained(chain, events, now), (chain.last_seq, chain.last_hash)
+
+    @staticmethod
+    def _chained(chain: AuditChain, events: Sequence[AuditEvent],
+                 now: float) -> list[tuple[object, ...]]:
+        """``events`` appended to ``chain`` (noted for the observers): their audit rows."""
+        observers.written(chain.run_id, events)
         stamp = iso(now)
-        records = [chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events]
-        db.executemany(
-            "INSERT INTO audit(run_id, seq, time, actor, kind, data, prev_hash, hash) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
-              rec.prev_hash, rec.hash) for rec in records],
-        )
-        if move_head:
-            db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
-                       (chain.last_seq, chain.last_hash, run_id))
-        return chain.last_seq, chain.last_hash
+        return [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
+                 rec.prev_hash, rec.hash)
+                for rec in (chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events)]
 
     def _recover(self, db: sqlite3.Connection, run: RunRecord, rec: Recovery,
                  now: float) -> None:
@@ -626,7 +671,8 @@ class SQLiteStore:
     def _insert_run(self, db: sqlite3.Connection, run: RunRecord, audit: Sequence[AuditEvent],
                     ledger: LedgerRecord | None) -> RunRecord:
         """Insert a new run (and its ledger) and start its chain; returns it with its head."""
-        run = run.with_head((0, GENESIS))
+        rows, head = self._appended(run.id, audit, run.created_at, (0, GENESIS))
+        run = run.with_head(head)
         data = run.model_dump()
         for f in _JSON_RUN_FIELDS:
             data[f] = json.dumps(data[f])
@@ -639,7 +685,9 @@ class SQLiteStore:
                    tuple(data.values()))
         if ledger is not None:
             self._insert_ledger(db, ledger, run.created_at)
-        return run.with_head(self._audit(db, run.id, audit, run.created_at, (0, GENESIS)))
+        if rows:
+            db.executemany(_AUDIT_INSERT, rows)
+        return run
 
     @staticmethod
     def _insert_ledger(db: sqlite3.Connection, ledger: LedgerRecord, now: float) -> None:
@@ -667,9 +715,14 @@ class SQLiteStore:
         return [self._run(r) for r in rows]
 
     def _newest(self, table: str, filters: dict[str, object], limit: int) -> list[sqlite3.Row]:
-        """Rows of ``table`` matching the non-None filters, newest first."""
-        where = [f"{col}=?" for col, val in filters.items() if val is not None]
-        args = [str(val) for val in filters.values() if val is not None]
+        """Rows of ``table`` matching the non-None filters, newest first. With a run's or a
+        tree's id, only its index is searched (``+col``: no index for the other terms);
+        without statistics the planner would pick a state's or tenant's, and read every
+        queued run to find a tree's."""
+        given = {col: str(val) for col, val in filters.items() if val is not None}
+        narrow = not _NARROW.isdisjoint(given)
+        where = [f"+{col}=?" if narrow and col not in _NARROW else f"{col}=?" for col in given]
+        args = list(given.values())
         sql = f"SELECT * FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -693,14 +746,19 @@ class SQLiteStore:
         if plan.quarantine is not None:
             self._recover(db, run, plan.quarantine, now)
             return None
+        lease_expires_at, epoch = now + lease_seconds, run.epoch + 1
+        rows, (seq, digest) = self._appended(run.id, plan.events, now, run.audit_head)
         db.execute(
             "UPDATE runs SET state=?, lease_owner=?, lease_expires_at=?, epoch=?, updated_at=?, "
-            "crash_count=? WHERE id=?",
-            (str(RunState.RUNNING), owner, now + lease_seconds, run.epoch + 1, now,
-             plan.crash_count, run.id),
+            "crash_count=?, audit_seq=?, audit_hash=? WHERE id=?",
+            (str(RunState.RUNNING), owner, lease_expires_at, epoch, now, plan.crash_count,
+             seq, digest, run.id),
         )
-        self._audit(db, run.id, plan.events, now, run.audit_head)
-        return self._fetch_run(db, run.id)
+        if rows:
+            db.executemany(_AUDIT_INSERT, rows)
+        return self._updated(run, state=RunState.RUNNING, lease_owner=owner,
+                             lease_expires_at=lease_expires_at, epoch=epoch, updated_at=now,
+                             crash_count=plan.crash_count, audit_seq=seq, audit_hash=digest)
 
     async def claim_next(self, owner: str, lease_seconds: float, now: float) -> RunRecord | None:
         with self._tx() as db:
@@ -800,17 +858,15 @@ class SQLiteStore:
         )
         if to.terminal:
             self._close_started_steps(db, run.id, to, error_code, now)
-        head = self._audit(db, run.id, [*audit, event], now, run.audit_head)
-        # The row as this UPDATE and the append leave it (not read back: it was just read).
-        return run.model_copy(update={
-            "state": to, "output": run.output if output is None else output,
-            "output_type": run.output_type if output_type is None else output_type,
-            "error_code": error_code, "error_message": error_message,
-            "usage": run.usage if usage_json is None else json.loads(usage_json),
-            "updated_at": float(now), "epoch": epoch_after,
-            "lease_owner": run.lease_owner if keep_lease else None,
-            "lease_expires_at": run.lease_expires_at if keep_lease else None,
-            "audit_seq": head[0], "audit_hash": head[1]})
+        seq, digest = self._audit(db, run.id, [*audit, event], now, run.audit_head)
+        return self._updated(
+            run, state=to, output=run.output if output is None else output,
+            output_type=run.output_type if output_type is None else output_type,
+            error_code=error_code, error_message=error_message,
+            usage=run.usage if usage_json is None else _json(usage_json), updated_at=float(now),
+            epoch=epoch_after, lease_owner=run.lease_owner if keep_lease else None,
+            lease_expires_at=run.lease_expires_at if keep_lease else None,
+            audit_seq=seq, audit_hash=digest)
 
     @staticmethod
     def _close_started_steps(db: sqlite3.Connection, run_id: str, to: RunState,
@@ -903,8 +959,9 @@ class SQLiteStore:
         moved once on the run row, whatever the number of writes."""
         with self._tx() as db:
             run_id = writes[0].step.run_id
-            ledger_ids, head, flags = self._fence_light(db, run_id, epoch)
-            tx = _JournalTx(head, lambda: self._ledgers(db, ledger_ids))
+            ledger_ids, head, flags, last_seq = self._fence_light(db, run_id, epoch)
+            tx = _JournalTx(AuditChain(run_id, self.audit_key, *head), last_seq,
+                            lambda: self._ledgers(db, ledger_ids))
             skipped = False
             refused = over = None
             for index, write in enumerate(writes):
@@ -914,13 +971,19 @@ class SQLiteStore:
                 refused, over = self._journal_one(db, write, tx)
                 if refused is not None or over is not None:
                     break
-            for ledger in tx.read() if tx.debited else ():
-                db.execute("UPDATE ledgers SET used=? WHERE id=?",
-                           (json.dumps(ledger.used), ledger.id))
-            if tx.head != head:
-                db.execute("UPDATE runs SET audit_seq=?, audit_hash=? WHERE id=?",
-                           (*tx.head, run_id))
+            self._journaled(db, tx)
         return flags, skipped, refused, over
+
+    @staticmethod
+    def _journaled(db: sqlite3.Connection, tx: _JournalTx) -> None:
+        """The end of a journal transaction's writes: the ledgers as debited, the audit
+        records, the chain head on the run row."""
+        for ledger in tx.read() if tx.debited else ():
+            db.execute("UPDATE ledgers SET used=? WHERE id=?",
+                       (json.dumps(ledger.used), ledger.id))
+        if tx.audit:
+            db.executemany(_AUDIT_INSERT, tx.audit)
+            db.execute(_MOVE_HEAD, (tx.chain.last_seq, tx.chain.last_hash, tx.chain.run_id))
 
     def _journal_one(
         self, db: sqlite3.Connection, write: StepWrite, tx: _JournalTx,
@@ -930,10 +993,13 @@ class SQLiteStore:
         step, reserve, settle = write.step, write.reserve, write.settle
         over: ledger_logic.BudgetExceeded | None = None
         if reserve:
+            # A row of this step may hold what it reserved before a crash: not twice. No step
+            # past the last seq with a row (at the fence, or written since) has one.
             row = db.execute("SELECT reserved FROM steps WHERE run_id=? AND seq=?",
-                             (step.run_id, step.seq)).fetchone()
+                             (step.run_id, step.seq)).fetchone() if (
+                step.seq <= tx.last_seq) else None
             if row is not None and row[0] is not None:
-                step.reserved = json.loads(row[0])  # reserved before a crash: not twice
+                step.reserved = _json(row[0])
             else:
                 ledgers = tx.read()
                 try:
@@ -950,8 +1016,9 @@ class SQLiteStore:
                 db.execute("UPDATE ledgers SET exhausted=COALESCE(exhausted, ?) "
                            "WHERE id=?", (over.resource, over.ledger_id))
         self._write_step(db, step)
-        tx.head = self._audit(db, step.run_id, write.audit,
-                              step.finished_at or step.started_at, tx.head, move_head=False)
+        tx.last_seq = max(tx.last_seq, step.seq)
+        if write.audit:
+            tx.audit += self._chained(tx.chain, write.audit, step.finished_at or step.started_at)
         return None, over
 
     @_unit
@@ -979,11 +1046,11 @@ class SQLiteStore:
             ledger_logic.LedgerState]:
         out = []
         for lid in ids:
-            row = db.execute("SELECT * FROM ledgers WHERE id=?", (lid,)).fetchone()
+            row = db.execute("SELECT id, limits, used, exhausted FROM ledgers WHERE id=?",
+                             (lid,)).fetchone()
             if row is not None:
-                out.append(ledger_logic.LedgerState(
-                    id=row["id"], limits=json.loads(row["limits"]), used=json.loads(row["used"]),
-                    exhausted=row["exhausted"]))
+                out.append(ledger_logic.LedgerState(id=row[0], limits=_json(row[1]),
+                                                    used=_json(row[2]), exhausted=row[3]))
         return out
 
     async def get_ledger(self, ledger_id: str) -> LedgerRecord:
