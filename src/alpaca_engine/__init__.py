@@ -2,6 +2,7 @@
 
 from .agents import Agent, HistoryPolicy
 from .chat_stream import ChatDelta, ChatStep, ChatStream
+from .collector import tune_collector
 from .engine import Engine
 from .errors import AlpacaError, ErrorCode, TurnInProgress
 from .lifecycle import RunState
@@ -33,5 +34,5 @@ __all__ = [
     "ModelResponse", "RetryPolicy",
     "RunRecord", "RunState", "SQLiteStore", "ScriptedModel", "StepRecord", "StreamingModel",
     "ThreadRecord", "Tool", "ToolCall", "ToolCallDelta", "ToolContext", "ToolRegistry",
-    "ToolSpec", "TransientError", "TurnInProgress", "Usage", "Workflow", "tool",
+    "ToolSpec", "TransientError", "TurnInProgress", "Usage", "Workflow", "tool", "tune_collector",
 ]
