@@ -109,6 +109,14 @@ class _Writer(Protocol):
     async def execute(self, query: Any, params: Any = None) -> object: ...
 
 
+def _results(row: DictRow | None) -> list[list[str]]:
+    """What ``alpaca_journal_steps`` answered, a write each: its status (``ok``, or why it
+    was not made: ``missing``, ``lease_lost``, ``closed``, ``stale_head``; ``skipped`` for a
+    last write held back by a cancel request), then the run's epoch and cancel flag as the
+    write saw them. No row reads as a missing run."""
+    return [part.split(",") for part in str(row["r"] if row else "missing").split("|")]
+
+
 class _Batch:
     """The writes of a :meth:`PostgresStore._two_trips` transaction, bound client-side and
     sent with its COMMIT as one simple query: the second (and last) round trip."""
@@ -774,6 +782,9 @@ class PostgresStore:
         plans: list[_Planned] = []
         for write in writes:
             plan = self._plan_fast(write, epoch, known)
+            # With several, every write must move the chain head, so a write that fails its
+            # check stops the ones after it (theirs no longer match); an overspend stops the
+            # tree.
             if plan is None or plan.over is not None or (len(writes) > 1 and not write.audit):
                 return []
             plans.append(plan)
@@ -792,10 +803,9 @@ class PostgresStore:
         try:
             async with self._two_trips(_LOCK_RUN, (run_id,), lead=_JOURNAL_STEPS,
                                        lead_params=(payload, False)) as (rows, tx):
-                text = str(tx.led[0]["r"]) if tx.led else "missing"
-                results = [part.split(",")[0] for part in text.split("|")]
+                statuses = [result[0] for result in _results(tx.led[0] if tx.led else None)]
                 written = 0
-                for plan, status in zip(plans, results, strict=False):
+                for plan, status in zip(plans, statuses, strict=False):
                     self._written(plan, status)
                     if status != "ok":
                         break
@@ -1055,18 +1065,7 @@ class PostgresStore:
                                                   settle=w.settle))
         flags: RunFlags | None = None
         done = 0
-        known = self._known.get(writes[0].step.run_id)
-        plans: list[_Planned] = []
-        if len(writes) > 1 and known is not None and known.epoch == epoch:
-            for write in writes:
-                plan = self._plan_fast(write, epoch, known)
-                # Every write must move the chain head, so a write that fails its check stops
-                # the ones after it (theirs no longer match); an overspend stops the tree.
-                if plan is None or not write.audit or plan.over is not None:
-                    plans = []
-                    break
-                plans.append(plan)
-                known = plan.after
+        plans = self._plans(writes, epoch) if len(writes) > 1 else []
         if plans:
             try:
                 flags, done, skipped = await self._journal_steps(plans, unless_cancelled)
@@ -1094,8 +1093,7 @@ class PostgresStore:
                         raise
                     raise _StaleLedger from None  # the statement wrote nothing
                 row = await cur.fetchone()
-            results = [part.split(",") for part in str(row["r"] if row else "missing")
-                       .split("|")]
+            results = _results(row)
             done = 0
             for plan, result in zip(plans, results, strict=False):
                 if result[0] != "ok":
