@@ -160,8 +160,6 @@ class Metrics:
         self._children: dict[tuple[int, str], Any] = {}
         """Label children of the per-step series, by metric and label value: a journaled
         step records several, and prometheus_client's ``labels()`` validates and locks."""
-        self._budget_children: dict[str, Any] = {}
-        """``budget_used``'s children by resource (made on first use: a child is a series)."""
 
     def _child(self, metric: Counter | Histogram, value: str) -> Any:
         key = (id(metric), value)
@@ -270,13 +268,9 @@ class Metrics:
 
     def _spend(self, resource: str, value: object) -> None:
         """``budget(resource, _number(value))`` for a resource known valid."""
-        if isinstance(value, (int, float)) and value > 0:  # a tuple: faster than int | float
-            amount = float(value)
-            if amount:
-                child = self._budget_children.get(resource)
-                if child is None:
-                    child = self._budget_children[resource] = self.budget_used.labels(resource)
-                child.inc(amount)
+        amount = _number(value)
+        if amount:
+            self._child(self.budget_used, resource).inc(amount)
 
     # ------------------------------------------------------------------ exposition
 
@@ -286,7 +280,8 @@ class Metrics:
 
 
 def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
+    # A tuple: isinstance checks it faster than the union int | float.
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
 
 
 class _WithoutCreated(Collector):
