@@ -234,8 +234,6 @@ def iso(ts: float) -> str:
     return iso_utc(ts)
 
 
-
-
 def check_length(url: str, path: str) -> None:
     """Refuse a file shorter than its header says (truncated): SQLite itself would only
     notice when a query reaches a missing page. Skipped while a WAL holds pages not yet

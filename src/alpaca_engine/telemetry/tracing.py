@@ -294,13 +294,10 @@ def end_run(span: Span, state: str, error_code: str | None = None,
 
 def step_span(step: int, *, kind: str) -> AbstractContextManager[Span]:
     """Optional span around one journal step (``step {n} {kind}``) to group its retries."""
-    if not recording():
-        return _NOT_RECORDING
-    return _recording_span(
+    return _span(
         f"step {step} {kind}",
         SpanKind.INTERNAL,
         {"alpaca.step": step, "alpaca.step.kind": str(kind)},
-        None,
     )
 
 
@@ -311,9 +308,7 @@ def model_span(model_name: str, *, provider: str,
     Both ``gen_ai.provider.name`` (current conventions) and ``gen_ai.system`` (older, still
     read by many backends) are set.
     """
-    if not recording():
-        return _NOT_RECORDING
-    return _recording_span(
+    return _span(
         f"chat {model_name}",
         SpanKind.CLIENT,
         {
@@ -323,7 +318,6 @@ def model_span(model_name: str, *, provider: str,
             "gen_ai.system": provider,
             "alpaca.step": step,
         },
-        None,
     )
 
 
@@ -353,9 +347,7 @@ def record_model_response(
 def tool_span(tool_name: str, *, call_id: str | None,
               step: int | None = None) -> AbstractContextManager[Span]:
     """Span for one tool execution (``execute_tool {tool}``)."""
-    if not recording():
-        return _NOT_RECORDING
-    return _recording_span(
+    return _span(
         f"execute_tool {tool_name}",
         SpanKind.INTERNAL,
         {
@@ -364,7 +356,6 @@ def tool_span(tool_name: str, *, call_id: str | None,
             "gen_ai.tool.call.id": call_id,
             "alpaca.step": step,
         },
-        None,
     )
 
 
@@ -374,9 +365,7 @@ def delegation_span(child_agent: str, *,
 
     Call :func:`current_traceparent` inside it and store the value with the child run.
     """
-    if not recording():
-        return _NOT_RECORDING
-    return _recording_span(
+    return _span(
         f"invoke_agent {child_agent}",
         SpanKind.INTERNAL,
         {
@@ -385,7 +374,6 @@ def delegation_span(child_agent: str, *,
             "alpaca.delegation": True,
             "alpaca.step": step,
         },
-        None,
     )
 
 
