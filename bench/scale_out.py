@@ -20,6 +20,8 @@ Reported per worker count:
   (PostgreSQL and Redis server CPU not included);
 * **pg CPU/run**: CPU of the PostgreSQL backends serving the bench database / runs (server on
   this machine only);
+* **redis/run**: commands the Redis server executed during the timed batch / runs (INFO
+  commandstats), and **pub/run** the PUBLISH among them (progress events);
 * **busy %**: how busy the whole machine was during the timed batch (all cores; Linux), and
   **others %**: the part of that no process of the benchmark accounts for (other load).
 
@@ -51,6 +53,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import redis
 from psycopg import sql
 
 from alpaca_engine.coord.factory import make_coordination
@@ -128,6 +131,10 @@ class Result:
     postgres_cpu_ms_per_run: float
     machine_busy_pct: float
     others_busy_pct: float
+    redis_commands_per_run: float
+    """Commands the Redis server executed during the timed batch / runs (INFO commandstats:
+    dispatch, claims, acks, event publishes; from the workers and this script's submits)."""
+    redis_publishes_per_run: float
     child_start_ms_p50: float | None = None
     child_start_ms_max: float | None = None
     parent_wake_ms_p50: float | None = None
@@ -149,6 +156,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def redis_calls(port: int) -> dict[str, int]:
+    """Calls per command the server has executed since it started (INFO commandstats)."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
 def redis_command(port: int, *words: str) -> bytes:
@@ -348,8 +365,10 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis
             cpu0, (busy0, total0) = process_cpu(pids), machine_cpu()
             ours0 = process_cpu([os.getpid(), redis_pid])
             pg0 = backend_cpu(args.postgres_url, db_url)
+            calls0 = redis_calls(redis_port)
             ids = await submit(db_url, redis_url, workflow_file, args.runs, "run")
             await wait_terminal(db_url, len(warm) + len(ids), args.timeout)
+            calls1 = redis_calls(redis_port)
             cpu, (busy1, total1) = process_cpu(pids) - cpu0, machine_cpu()
             ours = process_cpu([os.getpid(), redis_pid]) - ours0
             pg1 = backend_cpu(args.postgres_url, db_url)
@@ -387,6 +406,10 @@ async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis
         worker_cpu_ms_per_run=round(cpu_per_run, 2),
         postgres_cpu_ms_per_run=round(pg_cpu / len(ids) * 1e3, 2),
         machine_busy_pct=round(busy * 100, 1), others_busy_pct=round(others * 100, 1),
+        redis_commands_per_run=round(
+            sum(n - calls0.get(k, 0) for k, n in calls1.items() if k != "info") / len(ids), 1),
+        redis_publishes_per_run=round(
+            (calls1.get("publish", 0) - calls0.get("publish", 0)) / len(ids), 1),
         **latency_fields(child_start, parent_wake))
 
 
@@ -405,7 +428,8 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
           f"{args.concurrency} per worker, PostgreSQL + Redis dispatch")
     header = (f"{'workers':>7} {'ok':>5} {'wall s':>7} {'runs/s':>7} {'steps/s':>8} "
               f"{'lat p50':>8} {'p95':>7} {'svc p50':>8} {'p95':>7} {'cpu ms/run':>10} "
-              f"{'pg ms/run':>9} {'busy %':>6} {'others %':>8}")
+              f"{'pg ms/run':>9} {'redis/run':>9} {'pub/run':>7} {'busy %':>6} "
+              f"{'others %':>8}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -413,10 +437,13 @@ def print_table(results: list[Result], args: argparse.Namespace) -> None:
               f"{r.steps_per_s:>8.0f} {r.latency_ms_p50:>8.0f} {r.latency_ms_p95:>7.0f} "
               f"{r.service_ms_p50:>8.0f} {r.service_ms_p95:>7.0f} "
               f"{r.worker_cpu_ms_per_run:>10.1f} {r.postgres_cpu_ms_per_run:>9.1f} "
+              f"{r.redis_commands_per_run:>9.1f} {r.redis_publishes_per_run:>7.1f} "
               f"{r.machine_busy_pct:>6.0f} {r.others_busy_pct:>8.0f}")
     print("lat = finish - submit (queueing included); svc = finish - first step start; "
           "times in ms;\ncpu ms/run = worker processes' CPU / runs; pg ms/run = CPU of the "
-          "PostgreSQL backends serving the bench database / runs;\nbusy % = whole machine "
+          "PostgreSQL backends serving the bench database / runs;\nredis/run = commands the "
+          "Redis server executed / runs (pub/run: of them PUBLISH, the progress events);\n"
+          "busy % = whole machine "
           "(all processes, all cores) during the timed batch; others % = the part of it not "
           "used by the workers,\ntheir PostgreSQL backends, Redis or this script (other "
           "load on the machine)")

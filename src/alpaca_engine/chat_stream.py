@@ -194,7 +194,7 @@ class ChatStream:
 
     async def _listen(self, bus: Any) -> None:
         root = str(self.run_id)
-        stream: AsyncIterator[dict[str, Any]] = bus.subscribe("*")
+        stream: AsyncIterator[dict[str, Any]] = bus.subscribe(root, tree=True)
         async for event in stream:
             run_id = str(event.get("run_id", ""))
             if run_id != root and not run_id.startswith(root + "."):

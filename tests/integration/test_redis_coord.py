@@ -197,6 +197,20 @@ async def _wait_subscribed(client: aioredis.Redis, channel: str, count: int = 1)
         await asyncio.sleep(0.01)
 
 
+async def _patterns(client: aioredis.Redis, name: str) -> int:
+    """Pattern subscriptions held by the connections named ``name`` (PUBSUB NUMPAT counts
+    every client of the server, other tests' included)."""
+    return sum(int(info.get("psub", 0)) for info in await client.client_list()
+               if info.get("name") == name)
+
+
+async def _wait_psubscribed(client: aioredis.Redis, name: str, count: int = 1) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while await _patterns(client, name) < count:
+        assert time.monotonic() < deadline, f"{name} holds no pattern subscription"
+        await asyncio.sleep(0.01)
+
+
 Stream = AsyncGenerator[dict[str, Any], None]
 
 
@@ -205,14 +219,15 @@ async def _subscribed(connect: Connect, prefix: str) -> tuple[
         asyncio.Task[dict[str, Any]]]:
     """A listener client subscribed to ``run-1`` and to ``*``, each already reading its
     first event (a task)."""
-    listener_client = connect()
+    name = f"listener-{uuid.uuid4().hex[:8]}"
+    listener_client = connect(client_name=name)
     listener = RedisEventBus(listener_client, prefix)
     one_run = listener.subscribe("run-1")
     every_run = listener.subscribe("*")
     first = asyncio.create_task(anext(one_run))
     first_any = asyncio.create_task(anext(every_run))
     await _wait_subscribed(listener_client, listener.channel("run-1"))
-    await _wait_subscribed(listener_client, listener.channel("*"))
+    await _wait_psubscribed(listener_client, name)
     return listener_client, one_run, every_run, first, first_any
 
 
@@ -232,9 +247,49 @@ async def test_events_published_on_one_client_reach_subscribers_on_another(
 
     await one_run.aclose()
     await every_run.aclose()
-    for run in ("run-1", "*"):
-        [(_, n)] = await listener_client.pubsub_numsub(listener.channel(run))
-        assert n == 0  # closing the generator unsubscribed
+    [(_, n)] = await listener_client.pubsub_numsub(listener.channel("run-1"))
+    assert n == 0  # closing the generator unsubscribed
+    name = str(listener_client.get_connection_kwargs()["client_name"])
+    assert await _patterns(listener_client, name) == 0
+
+
+async def _bus_for(kind: str, connect: Connect, prefix: str) -> tuple[
+        LocalEventBus | RedisEventBus, LocalEventBus | RedisEventBus, str]:
+    """A publishing bus and a listening bus (for Redis, on separate clients; the listener's
+    connections named, to see its subscriptions)."""
+    if kind == "local":
+        bus = LocalEventBus()
+        return bus, bus, ""
+    name = f"tree-{uuid.uuid4().hex[:8]}"
+    return (RedisEventBus(connect(), prefix),
+            RedisEventBus(connect(client_name=name), prefix), name)
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_a_tree_subscriber_hears_its_tree_once_and_nothing_else(
+        kind: str, connect: Connect, prefix: str) -> None:
+    """A run tree's stream (an SSE ``?tree=true`` stream, a chat turn) gets the root's and
+    every descendant's events, each once and in order, and never another run's, even one
+    whose id starts with the root's."""
+    publisher, listener, name = await _bus_for(kind, connect, prefix)
+    tree = listener.subscribe("run-1", tree=True)
+    first = asyncio.create_task(anext(tree))
+    if isinstance(listener, RedisEventBus):
+        client = connect()
+        await _wait_subscribed(client, listener.channel("run-1"))
+        await _wait_psubscribed(client, name)
+    else:
+        await asyncio.sleep(0)
+    order = ["run-2", "run-1", "run-10", "run-1.1", "run-1x.1", "run-1.1.2", "run-2.1",
+             "run-1.3", "run-1"]
+    for n, run_id in enumerate(order):
+        await publisher.publish(run_id, {"run_id": run_id, "n": n})
+    heard = [await asyncio.wait_for(first, PATIENCE)]
+    while heard[-1]["n"] < len(order) - 1:
+        heard.append(await asyncio.wait_for(anext(tree), PATIENCE))
+    assert [(e["run_id"], e["n"]) for e in heard] == [
+        ("run-1", 1), ("run-1.1", 3), ("run-1.1.2", 5), ("run-1.3", 7), ("run-1", 8)]
+    await tree.aclose()
 
 
 async def test_an_outbox_of_deltas_reaches_a_subscriber_in_order(

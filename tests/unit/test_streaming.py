@@ -225,7 +225,7 @@ class SlowBus:
         await self.gate.wait()
         self.got.append(event)
 
-    def subscribe(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self, run_id: str, *, tree: bool = False) -> AsyncIterator[dict[str, Any]]:
         raise NotImplementedError
 
 

@@ -158,7 +158,7 @@ class Waker:
         assert self.engine.events is not None
         with contextlib.suppress(Exception):
             stream: AsyncIterator[dict[str, Any]] = self.engine.events.subscribe(
-                "*" if self.tree else self.run_id)
+                self.run_id, tree=self.tree)
             async for event in stream:
                 if not self._concerns(event):
                     continue

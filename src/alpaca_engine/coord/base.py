@@ -35,7 +35,11 @@ class EventBus(Protocol):
 
     async def publish(self, run_id: str, event: dict[str, Any]) -> None: ...
 
-    def subscribe(self, run_id: str) -> AsyncIterator[dict[str, Any]]: ...
+    def subscribe(self, run_id: str, *, tree: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Events of ``run_id`` (``"*"``: of every run); with ``tree``, of its descendants
+        too (ids ``run_id.…``): what a tree's SSE stream or a chat turn listens to, without
+        receiving every other run's events to drop them."""
+        ...
 
 
 class Dispatcher(Protocol):

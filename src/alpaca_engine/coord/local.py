@@ -47,17 +47,28 @@ class LocalBreakerBoard:
 class LocalEventBus:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
+        self._trees: dict[str, set[asyncio.Queue[dict[str, Any]]]] = defaultdict(set)
 
     async def publish(self, run_id: str, event: dict[str, Any]) -> None:
-        for queue in list(self._subscribers.get(run_id, ())) + list(
-                self._subscribers.get("*", ())):
+        queues = [*self._subscribers.get(run_id, ()), *self._subscribers.get("*", ())]
+        if self._trees:  # the run's own tree and each ancestor's: "a", "a.1" for "a.1.2"
+            at = run_id.find(".")
+            while at != -1:
+                queues += self._trees.get(run_id[:at], ())
+                at = run_id.find(".", at + 1)
+            queues += self._trees.get(run_id, ())
+        for queue in queues:
             queue.put_nowait(event)
 
-    async def subscribe(self, run_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def subscribe(self, run_id: str, *,
+                        tree: bool = False) -> AsyncIterator[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._subscribers[run_id].add(queue)
+        table = self._trees if tree and run_id != "*" else self._subscribers
+        table[run_id].add(queue)
         try:
             while True:
                 yield await queue.get()
         finally:
-            self._subscribers[run_id].discard(queue)
+            table[run_id].discard(queue)
+            if not table[run_id]:
+                del table[run_id]

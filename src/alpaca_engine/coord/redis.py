@@ -153,8 +153,12 @@ class RedisBreakerBoard:
 class RedisEventBus:
     """Run events over Redis pub/sub, so an SSE stream on any replica sees every worker's events.
 
-    Each event goes to ``{prefix}events:{run_id}`` and to ``{prefix}events`` (what ``"*"``
-    subscribes to). Pub/sub is fire-and-forget: events published while a subscriber is
+    Each event is published once, on ``{prefix}events:{run_id}``. A subscriber to one run
+    subscribes to that channel; to a run tree, also to the pattern
+    ``{prefix}events:{run_id}.*`` (its descendants); to ``"*"``, to ``{prefix}events:*``. So a
+    tree's stream receives its tree's events only, and a worker sends one command per event
+    (it used to send a second copy to an every-run channel, which each tree stream then
+    filtered). Pub/sub is fire-and-forget: events published while a subscriber is
     disconnected are lost, which is fine: most only wake readers of the store, and the
     ephemeral ``message.delta`` ones are never replayed anyway (the completed turn is a
     durable record). The Engine publishes through an ``Outbox`` (ordered, batched with
@@ -166,27 +170,34 @@ class RedisEventBus:
         self._prefix = prefix
 
     def channel(self, run_id: str) -> str:
-        """The channel a subscriber to ``run_id`` listens on (``"*"`` means every run)."""
-        return f"{self._prefix}events" if run_id == "*" else f"{self._prefix}events:{run_id}"
+        """The channel ``run_id``'s events are published on."""
+        return f"{self._prefix}events:{run_id}"
+
+    def topics(self, run_id: str, *, tree: bool = False) -> tuple[list[str], list[str]]:
+        """What a subscriber to ``run_id`` (``"*"``: every run) listens to: channels and
+        patterns."""
+        if run_id == "*":
+            return [], [_glob_escape(f"{self._prefix}events:") + "*"]
+        channel = self.channel(run_id)
+        patterns = [_glob_escape(channel) + ".*"] if tree else []
+        return [channel], patterns
 
     async def publish(self, run_id: str, event: dict[str, Any]) -> None:
-        payload = json.dumps(event, separators=(",", ":"), default=str)
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.publish(self.channel(run_id), payload)
-            pipe.publish(self.channel("*"), payload)
-            await pipe.execute()
+        await self._client.publish(self.channel(run_id),
+                                   json.dumps(event, separators=(",", ":"), default=str))
 
     async def publish_many(self, events: list[dict[str, Any]]) -> None:
         """Several events (each with its ``run_id``) in one round trip, in order."""
         async with self._client.pipeline(transaction=False) as pipe:
             for event in events:
-                payload = json.dumps(event, separators=(",", ":"), default=str)
-                pipe.publish(self.channel(str(event["run_id"])), payload)
-                pipe.publish(self.channel("*"), payload)
+                pipe.publish(self.channel(str(event["run_id"])),
+                             json.dumps(event, separators=(",", ":"), default=str))
             await pipe.execute()
 
-    async def subscribe(self, run_id: str) -> AsyncGenerator[dict[str, Any], None]:
-        """Events on ``run_id`` until the consumer stops.
+    async def subscribe(self, run_id: str, *,
+                        tree: bool = False) -> AsyncGenerator[dict[str, Any], None]:
+        """Events of ``run_id`` (with ``tree``, of its descendants too) until the consumer
+        stops.
 
         Python 3.11's ``asyncio.wait_for`` (which redis-py uses for socket writes) swallows a
         cancellation that lands just as the write completes; a subscriber cancelled then would
@@ -196,7 +207,11 @@ class RedisEventBus:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         delay = 0.05
         try:
-            await pubsub.subscribe(self.channel(run_id))
+            channels, patterns = self.topics(run_id, tree=tree)
+            if channels:
+                await pubsub.subscribe(*channels)
+            if patterns:
+                await pubsub.psubscribe(*patterns)
             while True:
                 _raise_if_cancelling()
                 try:
@@ -210,7 +225,7 @@ class RedisEventBus:
                     delay = min(delay * 2, 2.0)
                     continue
                 delay = 0.05
-                if message is None or message.get("type") != "message":
+                if message is None or message.get("type") not in _DELIVERIES:
                     continue
                 try:
                     event = json.loads(message["data"])
@@ -223,6 +238,9 @@ class RedisEventBus:
             # Closing drops the connection, which also ends the subscription server-side.
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+
+_DELIVERIES = ("message", "pmessage")
+"""A published message, received through a channel or a pattern subscription."""
 
 _READ_SECONDS = 1.0
 """How long one pub/sub read blocks before the subscriber checks it was not cancelled."""
