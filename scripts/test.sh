@@ -20,4 +20,10 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# Bytecode compiled once, here: where PYTHONDONTWRITEBYTECODE is set (CI images and this
+# machine set it) Python writes no .pyc of its own, so each `alpaca` process the end-to-end
+# tests start compiled every module again: 1.2 s to import the CLI instead of 0.6 s.
+uv sync --compile-bytecode --quiet
+uv run python -m compileall -q src >/dev/null
+
 exec uv run pytest -n "${ALPACA_TEST_JOBS:-3}" --dist worksteal "$@"
