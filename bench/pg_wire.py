@@ -62,6 +62,7 @@ class RoundTripProxy:
         self.count = count
         self.counting = False
         self._server: asyncio.AbstractServer | None = None
+        self._serving: set[asyncio.Task[Any]] = set()
         self.url = url
 
     async def __aenter__(self) -> RoundTripProxy:
@@ -77,8 +78,21 @@ class RoundTripProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        # Python 3.11's wait_closed does not wait for the connections' handlers: let them
+        # end (the store closed its connections) so none is cancelled at the loop's close.
+        if self._serving:
+            _, stuck = await asyncio.wait(self._serving, timeout=5)
+            for task in stuck:
+                task.cancel()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+        await self._relay(client_r, client_w)
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection(
             self.target.hostname or "127.0.0.1", self.target.port or 5432)
         replied = [True]  # a new connection's first burst counts as a round trip

@@ -9,6 +9,9 @@ conversation digest, governance checks, argument/output validation and the store
 Each repetition uses a fresh store and a fresh agent; opening the store (schema migrations) and
 creating the temp file are outside the timed region. The timed region is one
 ``await engine.run(...)`` call: submit, claim, the whole loop and the final transition.
+The rows are interleaved: each round runs every row once (in an order rotated by one row per
+round), and a ratio of two rows is the median of the rounds' ratios, so a machine whose speed
+drifts during the bench weighs on both sides of a ratio alike.
 
 ``--stream`` adds two rows for the first backend, both with an in-process event bus (as
 ``alpaca serve`` has): the same scripted model plain, and streaming its turns in pieces of
@@ -39,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from alpaca_engine.agents import Agent
 from alpaca_engine.coord.local import LocalEventBus
@@ -53,6 +57,7 @@ from alpaca_engine.tools.registry import ToolRegistry
 from alpaca_engine.workflow import Workflow
 
 BACKENDS = ("memory", "sqlite", "sqlite-full")
+"""What --backend takes; --postgres-url adds sqlite-full, postgresql and postgresql-async."""
 
 
 @tool
@@ -159,27 +164,58 @@ async def one_run(make: StoreFactory, steps: int, trivial: Tool, workdir: Path,
         await store.close()
 
 
-async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
-                  steps: int, repeat: int, warmup: int, kind: ModelKind = PLAIN) -> Row:
-    times: list[float] = []
-    cpus: list[float] = []
-    journaled = 0
+@dataclass
+class Samples:
+    """One row's timed repetitions, gathered round by round (see :func:`interleaved`)."""
+
+    name: str
+    make: StoreFactory
+    trivial: Tool
+    tool_kind: str
+    kind: ModelKind
+    times: list[float]
+    cpus: list[float]
+    journaled: int = 0
+
+
+async def interleaved(plan: list[Samples], steps: int, repeat: int, warmup: int,
+                      missing: list[Unavailable]) -> None:
+    """``warmup + repeat`` rounds; each round runs every row once, in an order rotated by one
+    row per round, so a machine that speeds up or slows down during the bench (this one is
+    shared) weighs on every row alike, and a ratio of two rows compares runs made close in
+    time. A PostgreSQL row that fails is reported unavailable and leaves the rounds."""
     with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
         for i in range(warmup + repeat):
-            workdir = Path(tmp) / f"rep{i}"
-            elapsed, cpu, journaled = await one_run(make, steps, trivial, workdir, kind)
-            if i >= warmup:
-                times.append(elapsed)
-                cpus.append(cpu)
+            turn = plan[i % len(plan):] + plan[:i % len(plan)] if plan else []
+            for row in turn:
+                if row not in plan:
+                    continue
+                workdir = Path(tmp) / f"{row.name}-{row.tool_kind}-{row.kind.name}-{i}"
+                try:
+                    elapsed, cpu, row.journaled = await one_run(row.make, steps, row.trivial,
+                                                                workdir, row.kind)
+                except Exception as exc:
+                    if not row.name.startswith("postgresql"):
+                        raise
+                    missing.append(Unavailable(row.name, f"{type(exc).__name__}: {exc}"))
+                    plan.remove(row)
+                    continue
+                if i >= warmup:
+                    row.times.append(elapsed)
+                    row.cpus.append(cpu)
+
+
+def summarize(row: Samples, steps: int) -> Row:
+    journaled, times, cpus = row.journaled, row.times, row.cpus
     expected = 2 * steps - 1
     if journaled != expected:
-        print(f"warning: {name}: expected {expected} journaled steps, found {journaled}",
+        print(f"warning: {row.name}: expected {expected} journaled steps, found {journaled}",
               file=sys.stderr)
     per_step = [t / journaled * 1e6 for t in times]
     per_iter = [t / steps * 1e6 for t in times]
     return Row(
-        backend=name, tool=tool_kind, model=kind.name, repeat=repeat, model_turns=steps,
-        tool_calls=steps - 1, journaled_steps=journaled,
+        backend=row.name, tool=row.tool_kind, model=row.kind.name, repeat=len(times),
+        model_turns=steps, tool_calls=steps - 1, journaled_steps=journaled,
         run_ms_median=statistics.median(times) * 1e3,
         run_ms_p90=percentile(times, 90) * 1e3,
         run_ms_min=min(times) * 1e3,
@@ -192,6 +228,16 @@ async def measure(name: str, make: StoreFactory, trivial: Tool, tool_kind: str,
         cpu_us_per_step_median=statistics.median(cpus) / journaled * 1e6,
         cpu_us_per_step_min=min(cpus) / journaled * 1e6,
     )
+
+
+def paired_ratio(plan: list[Samples], over: str, under: str) -> float | None:
+    """The median over rounds of (``over``'s run time / ``under``'s, same round): async
+    tool rows, plain model. Runs of one round were made back to back."""
+    by = {r.name: r.times for r in plan if r.tool_kind == "async" and r.kind == PLAIN}
+    a, b = by.get(over), by.get(under)
+    if not a or not b:
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=False) if y)
 
 
 @dataclass
@@ -270,7 +316,20 @@ def store_factory(backend: str, postgres_url: str | None) -> StoreFactory:
     if backend == "postgresql":
         assert postgres_url is not None
         return PostgresSchemas(postgres_url)
+    if backend == "postgresql-async":
+        assert postgres_url is not None
+        return PostgresSchemas(without_commit_sync(postgres_url))
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def without_commit_sync(url: str) -> str:
+    """``url`` with ``synchronous_commit=off`` for its sessions (libpq's ``options``): a
+    commit returns before its WAL reaches the disk, as a SQLite WAL file's with
+    ``synchronous=NORMAL`` does."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "options"]
+    query.append(("options", "-c synchronous_commit=off"))
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
 
 
 async def probe_postgres(url: str) -> str | None:
@@ -289,23 +348,29 @@ async def probe_postgres(url: str) -> str | None:
     return None
 
 
-def ratio(rows: list[Row], over: str, under: str) -> float | None:
-    """Median us/step of backend ``over`` / that of ``under`` (async tool rows)."""
-    by = {r.backend: r.us_per_step_median for r in rows if r.tool == "async"}
-    return by[over] / by[under] if over in by and under in by and by[under] else None
+RATIOS = (
+    ("postgresql", "sqlite", "postgresql / sqlite file"),
+    ("postgresql", "sqlite-full", "postgresql / sqlite file with synchronous=full (equal "
+     "durability: both sync to disk at every commit)"),
+    ("postgresql-async", "sqlite", "postgresql with synchronous_commit=off / sqlite file "
+     "(equal durability: neither syncs at a commit; a crash loses the last commits, never "
+     "what was synced)"),
+)
+"""The PostgreSQL ratios printed: (row, row it is compared with, label)."""
 
 
 def print_table(rows: list[Row], missing: list[Unavailable], steps: int,
-                wire: WireRow | None = None) -> None:
+                wire: WireRow | None = None,
+                ratios: dict[str, float | None] | None = None) -> None:
     print(f"step overhead: {steps} model turns + {steps - 1} tool calls per run "
           f"({2 * steps - 1} journaled steps); times are per run")
-    header = (f"{'backend':<11} {'tool':<5} {'model':<11} {'n':>3} {'run ms':>8} "
+    header = (f"{'backend':<16} {'tool':<5} {'model':<11} {'n':>3} {'run ms':>8} "
               f"{'us/step med':>11} {'p90':>7} {'min':>7} "
               f"{'us/iter med':>11} {'p90':>7} {'min':>7} {'cpu us/step':>11} {'min':>5}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.backend:<11} {r.tool:<5} {r.model:<11} {r.repeat:>3} "
+        print(f"{r.backend:<16} {r.tool:<5} {r.model:<11} {r.repeat:>3} "
               f"{r.run_ms_median:>8.1f} "
               f"{r.us_per_step_median:>11.0f} {r.us_per_step_p90:>7.0f} "
               f"{r.us_per_step_min:>7.0f} "
@@ -316,13 +381,10 @@ def print_table(rows: list[Row], missing: list[Unavailable], steps: int,
         print(f"{m.backend}: not available ({m.reason})")
     print("us/step = run time / journaled steps; us/iter = run time / model turns "
           "(one iteration = model turn + tool call); cpu = this process's CPU time / step")
-    pg_sqlite = ratio(rows, "postgresql", "sqlite")
-    if pg_sqlite is not None:
-        print(f"postgresql / sqlite file, median us/step: {pg_sqlite:.2f}x")
-    pg_full = ratio(rows, "postgresql", "sqlite-full")
-    if pg_full is not None:
-        print(f"postgresql / sqlite file with synchronous=full, median us/step: {pg_full:.2f}x"
-              " (both sync to disk at every commit; the plain file syncs at checkpoints)")
+    for over, under, label in RATIOS:
+        value = (ratios or {}).get(f"{over}/{under}")
+        if value is not None:
+            print(f"{label}: {value:.2f}x (median of the rounds' ratios)")
     if wire is not None:
         print(f"postgresql wire, one untimed run: {wire.statements} statements, "
               f"{wire.round_trips} round trips for {wire.journaled_steps} steps = "
@@ -339,42 +401,42 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.steps < 2:
         print("--steps must be at least 2", file=sys.stderr)
         return 2
-    plan: list[tuple[str, Tool, str, ModelKind]] = [(b, noop, "async", PLAIN) for b in backends]
+    specs: list[tuple[str, Tool, str, ModelKind]] = [(b, noop, "async", PLAIN)
+                                                     for b in backends]
     if args.sync_tool == "all":
-        plan += [(b, noop_sync, "sync", PLAIN) for b in backends]
+        specs += [(b, noop_sync, "sync", PLAIN) for b in backends]
     elif args.sync_tool == "first" and backends:
-        plan.append((backends[0], noop_sync, "sync", PLAIN))
+        specs.append((backends[0], noop_sync, "sync", PLAIN))
     if args.stream and backends:
-        plan += [(backends[0], noop, "async", ModelKind("bus", bus=True)),
-                 (backends[0], noop, "async", ModelKind("bus+stream", bus=True, stream=True,
-                                                        chunk_size=args.chunk_size))]
+        specs += [(backends[0], noop, "async", ModelKind("bus", bus=True)),
+                  (backends[0], noop, "async", ModelKind("bus+stream", bus=True, stream=True,
+                                                         chunk_size=args.chunk_size))]
     missing: list[Unavailable] = []
     if args.postgres_url:
         reason = await probe_postgres(args.postgres_url)
         if reason is None:
             if "sqlite-full" not in backends:  # PostgreSQL's durability, on the SQLite file
-                plan.append(("sqlite-full", noop, "async", PLAIN))
-            plan.append(("postgresql", noop, "async", PLAIN))
+                specs.append(("sqlite-full", noop, "async", PLAIN))
+            specs.append(("postgresql", noop, "async", PLAIN))
+            specs.append(("postgresql-async", noop, "async", PLAIN))
         else:
             missing.append(Unavailable("postgresql", reason))
 
-    rows: list[Row] = []
+    plan = [Samples(name, store_factory(name, args.postgres_url), trivial, tool_kind, kind,
+                    [], []) for name, trivial, tool_kind, kind in specs]
+    everything = list(plan)
+    try:
+        await interleaved(plan, args.steps, args.repeat, args.warmup, missing)
+    finally:
+        for row in everything:
+            if isinstance(row.make, PostgresSchemas):
+                await row.make.drop()
+    rows = [summarize(row, args.steps) for row in plan]
+    ratios = {f"{over}/{under}": paired_ratio(plan, over, under)
+              for over, under, _ in RATIOS}
     wire: WireRow | None = None
-    for backend, trivial, tool_kind, model_kind in plan:
-        make = store_factory(backend, args.postgres_url)
-        try:
-            rows.append(await measure(backend, make, trivial, tool_kind, args.steps,
-                                      args.repeat, args.warmup, model_kind))
-        except Exception as exc:
-            if backend != "postgresql":
-                raise
-            missing.append(Unavailable(backend, f"{type(exc).__name__}: {exc}"))
-        else:
-            if backend == "postgresql" and args.postgres_url:
-                wire = await count_wire(args.postgres_url, args.steps)
-        finally:
-            if isinstance(make, PostgresSchemas):
-                await make.drop()
+    if args.postgres_url and any(r.name == "postgresql" for r in plan):
+        wire = await count_wire(args.postgres_url, args.steps)
 
     if args.json:
         out: dict[str, Any] = {
@@ -383,13 +445,14 @@ async def main_async(args: argparse.Namespace) -> int:
             "steps": args.steps, "repeat": args.repeat, "warmup": args.warmup,
             "rows": [asdict(r) for r in rows],
             "unavailable": [asdict(m) for m in missing],
-            "postgresql_over_sqlite": ratio(rows, "postgresql", "sqlite"),
-            "postgresql_over_sqlite_full": ratio(rows, "postgresql", "sqlite-full"),
+            "postgresql_over_sqlite": ratios["postgresql/sqlite"],
+            "postgresql_over_sqlite_full": ratios["postgresql/sqlite-full"],
+            "postgresql_async_over_sqlite": ratios["postgresql-async/sqlite"],
             "postgresql_wire": asdict(wire) if wire is not None else None,
         }
         print(json.dumps(out, indent=2))
     else:
-        print_table(rows, missing, args.steps, wire)
+        print_table(rows, missing, args.steps, wire, ratios)
     return 0
 
 
