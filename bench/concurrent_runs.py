@@ -1,10 +1,17 @@
 """Many concurrent runs on one event loop with simulated model latency.
 
 Each run is: model turn (``await asyncio.sleep(latency)``) -> one trivial async tool call ->
-model turn (sleep again) -> final answer, i.e. 3 journaled steps. ``--runs`` runs are started
-at once with ``asyncio.gather`` over ``engine.run(...)`` on a single Engine and a single store.
-With 50 ms latency the ideal wall time is ~100 ms; everything above that is engine, store and
-event-loop overhead (the SQLite store's calls are synchronous and run on the loop thread).
+model turn (sleep again) -> final answer, i.e. 3 journaled steps; with ``--turns N``, N model
+turns and N-1 tool calls (``--turns 5``: the issue's "1,000 concurrent 5-turn runs").
+``--runs`` runs are started at once with ``asyncio.gather`` over ``engine.run(...)`` on a
+single Engine and a single store. The ideal wall time is turns x latency (100 ms with the
+defaults); everything above that is engine, store and event-loop overhead (the SQLite store's
+calls run on the loop thread). The timed pass also reports this process's CPU time and the
+part of it spent in the garbage collector (``gc.callbacks``), by generation: with many runs in
+flight the pass is CPU-bound, and the collector's share says how much of that is walking live
+objects. ``--tune-collector`` applies ``alpaca_engine.tune_collector()`` first, as ``alpaca
+worker`` and ``alpaca serve`` do; without it the interpreter's defaults stay, as in any
+library host.
 
 Per backend, two passes are made on fresh stores:
 
@@ -21,6 +28,7 @@ Run::
 
     uv run python bench/concurrent_runs.py
     uv run python bench/concurrent_runs.py --runs 2000 --latency 0.02 --json
+    uv run python bench/concurrent_runs.py --turns 5 --backend sqlite --tune-collector
 """
 
 from __future__ import annotations
@@ -77,16 +85,45 @@ class Result:
     traced_peak_mib: float
     traced_kib_per_run: float
     traced_wall_s: float
+    turns: int
+    cpu_s: float
+    """This process's CPU time during the timed pass."""
+    gc_s: float
+    """Time spent in garbage collections during the timed pass."""
+    gc_collections: dict[str, int]
+    """Collections during the timed pass, by generation."""
+    tuned_collector: bool
 
 
-def make_workflow(latency: float) -> Workflow:
+class CollectorClock:
+    """Time spent in the garbage collector while :attr:`on` (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds = 0.0
+        self.collections: Counter[str] = Counter()
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[str(info["generation"])] += 1
+
+
+def make_workflow(latency: float, turns: int = 2) -> Workflow:
     async def model_fn(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> ScriptItem:
         await asyncio.sleep(latency)
-        if model_turn_index(messages) == 0:
-            return {"tool": "noop", "args": {"x": 1}}
+        turn = model_turn_index(messages)
+        if turn < turns - 1:
+            return {"tool": "noop", "args": {"x": turn}}
         return "done"
 
-    agent = Agent(name="worker", model=FunctionModel(model_fn), tools=["noop"], max_steps=5)
+    agent = Agent(name="worker", model=FunctionModel(model_fn), tools=["noop"],
+                  max_steps=turns + 3)
     return Workflow(ref="bench:concurrent_runs", agents={"worker": agent},
                     tools=ToolRegistry([noop]))
 
@@ -105,21 +142,27 @@ def maxrss_mib() -> float:
 
 
 async def one_pass(backend: str, runs: int, latency: float, workdir: Path,
-                   trace: bool) -> tuple[float, int, float]:
-    """Run ``runs`` concurrent runs; return (wall seconds, succeeded, traced peak bytes)."""
+                   trace: bool, turns: int = 2,
+                   clock: CollectorClock | None = None) -> tuple[float, int, float, float]:
+    """Run ``runs`` concurrent runs; return (wall seconds, succeeded, traced peak bytes,
+    CPU seconds); ``clock`` times the collector during the pass."""
     store = make_store(backend, workdir)
     await store.open()
     try:
-        workflow = make_workflow(latency)
+        workflow = make_workflow(latency, turns)
         engine = Engine(store, lambda ref: workflow)
         gc.collect()
         if trace:
             tracemalloc.start()
             tracemalloc.reset_peak()
-        t0 = time.perf_counter()
+        if clock is not None:
+            clock.on = True
+        t0, c0 = time.perf_counter(), time.process_time()
         records = await asyncio.gather(
             *(engine.run(workflow, "worker", f"job {i}") for i in range(runs)))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if clock is not None:
+            clock.on = False
         peak = 0.0
         if trace:
             _current, peak_bytes = tracemalloc.get_traced_memory()
@@ -130,35 +173,51 @@ async def one_pass(backend: str, runs: int, latency: float, workdir: Path,
             sample = next(r for r in records if r.state != RunState.SUCCEEDED)
             print(f"warning: {backend}: states {dict(states)}; e.g. {sample.error_code} "
                   f"{sample.error_message}", file=sys.stderr)
-        return wall, states[RunState.SUCCEEDED], peak
+        return wall, states[RunState.SUCCEEDED], peak, cpu
     finally:
         await store.close()
 
 
-async def measure(backend: str, runs: int, latency: float) -> Result:
-    with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
-        # a tiny warm-up so imports, pydantic schema caches etc. are not in the timed pass
-        await one_pass(backend, min(runs, 10), 0.0, Path(tmp) / "warm", trace=False)
-        before = maxrss_mib()
-        wall, ok, _ = await one_pass(backend, runs, latency, Path(tmp) / "timed", trace=False)
-        after = maxrss_mib()
-        traced_wall, _, peak = await one_pass(backend, runs, latency, Path(tmp) / "traced",
-                                              trace=True)
-    ideal = 2 * latency
+async def measure(backend: str, runs: int, latency: float, turns: int = 2,
+                  tune: bool = False) -> Result:
+    if tune:
+        from alpaca_engine import tune_collector
+
+        tune_collector()
+    clock = CollectorClock()
+    gc.callbacks.append(clock)
+    try:
+        with tempfile.TemporaryDirectory(prefix="alpaca-bench-") as tmp:
+            # a tiny warm-up so imports, pydantic schema caches etc. are not in the timed pass
+            await one_pass(backend, min(runs, 10), 0.0, Path(tmp) / "warm", trace=False,
+                           turns=turns)
+            before = maxrss_mib()
+            wall, ok, _, cpu = await one_pass(backend, runs, latency, Path(tmp) / "timed",
+                                              trace=False, turns=turns, clock=clock)
+            after = maxrss_mib()
+            traced_wall, _, peak, _ = await one_pass(backend, runs, latency,
+                                                     Path(tmp) / "traced", trace=True,
+                                                     turns=turns)
+    finally:
+        gc.callbacks.remove(clock)
+    ideal = turns * latency
     return Result(
         backend=backend, runs=runs, latency_s=latency, succeeded=ok,
         wall_s=wall, runs_per_s=runs / wall, ideal_wall_s=ideal,
         overhead_ms_per_run=max(wall - ideal, 0.0) / runs * 1e3,
         maxrss_before_mib=before, maxrss_after_mib=after, maxrss_delta_mib=after - before,
         traced_peak_mib=peak / 2**20, traced_kib_per_run=peak / runs / 1024,
-        traced_wall_s=traced_wall,
+        traced_wall_s=traced_wall, turns=turns, cpu_s=cpu, gc_s=clock.seconds,
+        gc_collections=dict(sorted(clock.collections.items())), tuned_collector=tune,
     )
 
 
-def run_isolated(backend: str, runs: int, latency: float) -> Result:
+def run_isolated(backend: str, runs: int, latency: float, turns: int = 2,
+                 tune: bool = False) -> Result:
     """Measure one backend in a fresh interpreter so ru_maxrss is not shared."""
     cmd = [sys.executable, __file__, "--child", backend, "--runs", str(runs),
-           "--latency", str(latency)]
+           "--latency", str(latency), "--turns", str(turns),
+           *(["--tune-collector"] if tune else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{backend} child failed ({proc.returncode}):\n{proc.stderr}")
@@ -172,19 +231,27 @@ def print_table(results: list[Result]) -> None:
         return
     r0 = results[0]
     print(f"concurrent runs: {r0.runs} runs at once, model latency {r0.latency_s * 1e3:.0f} ms "
-          f"x 2 turns + 1 async tool call each (ideal wall {r0.ideal_wall_s * 1e3:.0f} ms)")
-    header = (f"{'backend':<8} {'ok':>6} {'wall s':>7} {'runs/s':>8} {'ovh ms/run':>10} "
+          f"x {r0.turns} turns + {r0.turns - 1} async tool call(s) each (ideal wall "
+          f"{r0.ideal_wall_s * 1e3:.0f} ms); collector: "
+          f"{'tune_collector()' if r0.tuned_collector else 'interpreter defaults'}")
+    header = (f"{'backend':<8} {'ok':>6} {'wall s':>7} {'x ideal':>7} {'runs/s':>8} "
+              f"{'ovh ms/run':>10} {'cpu s':>6} {'gc s':>5} {'gc n (0/1/2)':>12} "
               f"{'RSS before':>10} {'RSS after':>9} {'RSS delta':>9} "
               f"{'traced peak':>11} {'KiB/run':>8}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.backend:<8} {r.succeeded:>6} {r.wall_s:>7.2f} {r.runs_per_s:>8.0f} "
-              f"{r.overhead_ms_per_run:>10.2f} {r.maxrss_before_mib:>8.1f}Mi "
+        n = "/".join(str(r.gc_collections.get(g, 0)) for g in ("0", "1", "2"))
+        print(f"{r.backend:<8} {r.succeeded:>6} {r.wall_s:>7.2f} "
+              f"{r.wall_s / r.ideal_wall_s:>7.1f} {r.runs_per_s:>8.0f} "
+              f"{r.overhead_ms_per_run:>10.2f} {r.cpu_s:>6.2f} {r.gc_s:>5.2f} {n:>12} "
+              f"{r.maxrss_before_mib:>8.1f}Mi "
               f"{r.maxrss_after_mib:>7.1f}Mi {r.maxrss_delta_mib:>7.1f}Mi "
               f"{r.traced_peak_mib:>9.1f}Mi {r.traced_kib_per_run:>8.1f}")
-    print("RSS = ru_maxrss high-water mark around the timed pass; traced peak = tracemalloc "
-          "peak during a second (traced) pass; KiB/run = traced peak / runs")
+    print("cpu = this process's CPU time during the timed pass, gc = the part of it in the "
+          "garbage collector (collections by generation);\nRSS = ru_maxrss high-water mark "
+          "around the timed pass; traced peak = tracemalloc peak during a second (traced) "
+          "pass; KiB/run = traced peak / runs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,6 +259,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=1000, help="concurrent runs (default 1000)")
     p.add_argument("--latency", type=float, default=0.05,
                    help="simulated model latency in seconds per turn (default 0.05)")
+    p.add_argument("--turns", type=int, default=2,
+                   help="model turns per run, a tool call between two (default 2)")
+    p.add_argument("--tune-collector", action="store_true",
+                   help="apply alpaca_engine.tune_collector() first, as alpaca worker does")
     p.add_argument("--backend", default="memory,sqlite",
                    help="comma-separated: memory,sqlite (default both)")
     p.add_argument("--no-isolate", action="store_true",
@@ -201,13 +272,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    if args.turns < 1:
+        p.error("--turns must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        result = asyncio.run(measure(args.child, args.runs, args.latency))
+        result = asyncio.run(measure(args.child, args.runs, args.latency, args.turns,
+                                     args.tune_collector))
         print(json.dumps(asdict(result)))
         return 0
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
@@ -218,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for b in backends:
         if args.no_isolate:
-            results.append(asyncio.run(measure(b, args.runs, args.latency)))
+            results.append(asyncio.run(measure(b, args.runs, args.latency, args.turns,
+                                               args.tune_collector)))
         else:
-            results.append(run_isolated(b, args.runs, args.latency))
+            results.append(run_isolated(b, args.runs, args.latency, args.turns,
+                                        args.tune_collector))
     if args.json:
         out: dict[str, Any] = {
             "benchmark": "concurrent_runs",
