@@ -22,8 +22,7 @@ from typing import Any
 
 from alpaca_engine.store import observers
 from alpaca_engine.store.records import AuditEvent
-from alpaca_engine.store.sqlite import iso
-from alpaca_engine.telemetry.audit import AuditChain
+from alpaca_engine.telemetry.audit import AuditChain, iso_utc
 from alpaca_engine.telemetry.logging import redact_text, redact_value
 from alpaca_engine.telemetry.metrics import Metrics
 
@@ -72,7 +71,7 @@ def redact_texts() -> int:
 def timestamps() -> int:
     start = 1780000000.123456
     for index in range(200):
-        iso(start + index * 1e-4)
+        iso_utc(start + index * 1e-4)
     return 200
 
 
@@ -96,7 +95,7 @@ CASES: dict[str, tuple[Callable[[], int], str]] = {
     "redact_value": (redact_values, "redact_value of one event's data"),
     "audit_event": (audit_events, "AuditEvent(kind, data): redacted on construction"),
     "redact_text": (redact_texts, "redact_text of a short clean string"),
-    "iso": (timestamps, "sqlite.iso(epoch) (iso_utc)"),
+    "iso": (timestamps, "iso_utc(epoch)"),
     "transaction": (transactions, "observers.transaction + written + delivery"),
     "committed": (committed, "Metrics.committed of the four events"),
 }

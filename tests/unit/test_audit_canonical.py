@@ -394,7 +394,7 @@ def test_good_times_are_kept_as_given() -> None:
 
 
 def reference_iso(ts: float) -> str:
-    """sqlite.iso / iso_utc(float) as they were."""
+    """iso_utc(float) as it was (strftime)."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -408,13 +408,11 @@ ISO_EDGES = [
 
 @pytest.mark.parametrize("order", ["as-listed", "each-twice", "reversed"])
 def test_timestamps_format_as_strftime_did(order: str) -> None:
-    from alpaca_engine.store.sqlite import iso
     from alpaca_engine.telemetry.audit import iso_utc
 
     values = {"as-listed": ISO_EDGES, "each-twice": [v for v in ISO_EDGES for _ in (0, 1)],
               "reversed": ISO_EDGES[::-1]}[order]
     for ts in values:
-        assert iso(ts) == reference_iso(ts), ts
         assert iso_utc(ts) == reference_iso(ts), ts
 
 
@@ -426,11 +424,9 @@ def test_timestamps_format_as_strftime_did(order: str) -> None:
         lambda s: st.floats(min_value=s - 1e-6, max_value=s + 1e-6)),
 ), min_size=1, max_size=20))
 def test_generated_timestamps_format_as_strftime_did(stamps: list[float]) -> None:
-    from alpaca_engine.store.sqlite import iso
     from alpaca_engine.telemetry.audit import iso_utc
 
     for ts in stamps:
-        assert iso(ts) == reference_iso(ts)
         assert iso_utc(ts) == reference_iso(ts)
 
 

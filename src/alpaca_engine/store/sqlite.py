@@ -229,11 +229,6 @@ def _json(text: str) -> Any:
     return value if end == len(text) else json.loads(text)
 
 
-def iso(ts: float) -> str:
-    """``datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")``, faster."""
-    return iso_utc(ts)
-
-
 def check_length(url: str, path: str) -> None:
     """Refuse a file shorter than its header says (truncated): SQLite itself would only
     notice when a query reaches a missing page. Skipped while a WAL holds pages not yet
@@ -630,7 +625,7 @@ class SQLiteStore:
                  now: float) -> list[tuple[object, ...]]:
         """``events`` appended to ``chain`` (noted for the observers): their audit rows."""
         observers.written(chain.run_id, events)
-        stamp = iso(now)
+        stamp = iso_utc(now)
         return [(rec.run_id, rec.seq, rec.time, rec.actor, rec.kind, rec.data_json,
                  rec.prev_hash, rec.hash)
                 for rec in (chain.append(ev.kind, ev.data, ev.actor, stamp) for ev in events)]
@@ -1142,7 +1137,7 @@ class SQLiteStore:
                        "WHERE id=?", (str(status), by, now, comment, approval_id))
             events = [AuditEvent(kind="approval.decided", actor=f"user:{by}", data={
                 "approval_id": approval_id, "step": approval.step, "action": approval.action,
-                "decision": str(status), "comment": comment, "decided_at": iso(now)})]
+                "decision": str(status), "comment": comment, "decided_at": iso_utc(now)})]
             self._wake(db, run, now, events, "approval decided")
             return approval.model_copy(update={"status": status, "decided_by": by,
                                                "decided_at": now, "comment": comment})
@@ -1278,7 +1273,7 @@ class SQLiteStore:
                          "ORDER BY seq DESC LIMIT 1", (thread_id,)).fetchone()
         chain = AuditChain(thread_id, self.audit_key, *((row[0], row[1]) if row else
                                                         (0, GENESIS)))
-        stamp = iso(now)
+        stamp = iso_utc(now)
         db.executemany(
             "INSERT INTO thread_audit(thread_id, seq, time, actor, kind, data, prev_hash, hash) "
             "VALUES (?,?,?,?,?,?,?,?)",
