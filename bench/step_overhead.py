@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -173,8 +173,8 @@ class Samples:
     trivial: Tool
     tool_kind: str
     kind: ModelKind
-    times: list[float]
-    cpus: list[float]
+    times: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
     journaled: int = 0
 
 
@@ -422,8 +422,8 @@ async def main_async(args: argparse.Namespace) -> int:
         else:
             missing.append(Unavailable("postgresql", reason))
 
-    plan = [Samples(name, store_factory(name, args.postgres_url), trivial, tool_kind, kind,
-                    [], []) for name, trivial, tool_kind, kind in specs]
+    plan = [Samples(name, store_factory(name, args.postgres_url), trivial, tool_kind, kind)
+            for name, trivial, tool_kind, kind in specs]
     everything = list(plan)
     try:
         await interleaved(plan, args.steps, args.repeat, args.warmup, missing)

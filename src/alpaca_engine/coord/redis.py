@@ -183,15 +183,13 @@ class RedisEventBus:
         return [channel], patterns
 
     async def publish(self, run_id: str, event: dict[str, Any]) -> None:
-        await self._client.publish(self.channel(run_id),
-                                   json.dumps(event, separators=(",", ":"), default=str))
+        await self._client.publish(self.channel(run_id), _encoded(event))
 
     async def publish_many(self, events: list[dict[str, Any]]) -> None:
         """Several events (each with its ``run_id``) in one round trip, in order."""
         async with self._client.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.publish(self.channel(str(event["run_id"])),
-                             json.dumps(event, separators=(",", ":"), default=str))
+                pipe.publish(self.channel(str(event["run_id"])), _encoded(event))
             await pipe.execute()
 
     async def subscribe(self, run_id: str, *,
@@ -237,6 +235,11 @@ class RedisEventBus:
         finally:
             # Closing drops the connection, which also ends the subscription server-side.
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _encoded(event: dict[str, Any]) -> str:
+    """An event as it travels: compact JSON (what :meth:`RedisEventBus.subscribe` decodes)."""
+    return json.dumps(event, separators=(",", ":"), default=str)
 
 
 _DELIVERIES = ("message", "pmessage")
