@@ -158,22 +158,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def redis_client(port: int) -> redis.Redis:
+    """A short-lived client of the private server (PING, FLUSHALL, INFO)."""
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, socket_connect_timeout=2)
+
+
 def redis_calls(port: int) -> dict[str, int]:
     """Calls per command the server has executed since it started (INFO commandstats)."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
-    try:
+    with redis_client(port) as client:
         stats = client.info("commandstats")
-    finally:
-        client.close()
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
-def redis_command(port: int, *words: str) -> bytes:
-    payload = f"*{len(words)}\r\n".encode() + b"".join(
-        f"${len(w.encode())}\r\n{w}\r\n".encode() for w in words)
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-        s.sendall(payload)
-        return s.recv(64)
 
 
 @contextlib.contextmanager
@@ -186,8 +180,8 @@ def private_redis(binary: str, workdir: Path) -> Any:
     try:
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError):
-                if redis_command(port, "PING").startswith(b"+PONG"):
+            with contextlib.suppress(redis.RedisError), redis_client(port) as client:
+                if client.ping():
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
@@ -347,7 +341,8 @@ async def delegation_latency(db_url: str, redis_url: str, workflow_file: Path, r
 
 async def measure(workers: int, args: argparse.Namespace, redis_port: int, redis_pid: int,
                   workdir: Path) -> Result:
-    redis_command(redis_port, "FLUSHALL")
+    with redis_client(redis_port) as client:
+        client.flushall()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     workflow_file = workdir / "workflow.yaml"
     with fresh_database(args.postgres_url) as db_url:
